@@ -1,0 +1,51 @@
+# gpt1-ds: one command each for setup, the demo, the tests and the benchmarks.
+#
+#   make demo     set up, then run the main job on the CPU
+#   make test     set up, then lint and run the test suite
+#   make bench    set up, then run every benchmark in benchmarks/
+#
+# Setup makes a virtual environment in $(VENV): torch first ($(TORCH_SPEC)), then
+# DeepSpeed built against it, then this package with its extras. A second run does
+# no work. On a cluster, keep your own CUDA build of torch with e.g.
+#   make setup TORCH_SPEC='torch==2.5.1 --index-url https://download.pytorch.org/whl/cu124'
+# or reuse the torch already installed in the system Python:
+#   make setup TORCH_SPEC= VENV_ARGS=--system-site-packages
+# EXTRAS: `mpi` brings Open MPI from PyPI for mpirun; drop it to use the cluster's MPI.
+
+PYTHON ?= python3
+VENV ?= .venv
+VENV_ARGS ?=
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= dev,mpi
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.gpt1-ds-setup
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV_ARGS) $(VENV)
+	$(PIP) install --quiet --upgrade pip setuptools wheel
+	if [ -n "$(TORCH_SPEC)" ]; then $(PIP) install --quiet $(TORCH_SPEC); fi
+	$(PY) -c "import torch; print('torch', torch.__version__)"
+	$(PY) -c "import deepspeed" 2>/dev/null || $(PIP) install --quiet --no-build-isolation deepspeed
+	$(PIP) install --quiet --no-build-isolation -e '.[$(EXTRAS)]'
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m gpt1_ds.model
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: setup lint
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) benchmarks/bench_model.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

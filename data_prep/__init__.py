@@ -1,0 +1,1 @@
+"""Offline data preparation: raw books → clean text → BPE tokenizer → WebDataset shards."""

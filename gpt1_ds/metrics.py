@@ -1,0 +1,40 @@
+"""Training-efficiency arithmetic: FLOPs per token and model FLOPs utilisation (MFU).
+
+FLOPs per token follow PaLM (Chowdhery et al., 2022), appendix B:
+``6 N + 12 L T d`` for a forward and backward pass, where N counts the parameters
+without the position table (a lookup does no matmul), L is the number of layers,
+T the sequence length and d the model width. The first term is the matmuls with
+the weights (2 FLOPs per multiply-add, ×3 for forward + backward); the second is
+attention's QKᵀ and AV. The tied LM head is counted once, as a matmul (its table
+lookup costs nothing). MFU divides achieved FLOPs/s by the device's dense peak.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gpt1_ds.model import GPT, GPTConfig
+
+PEAK_FLOPS = {
+    # Dense bf16 tensor-core peaks from the vendors' data sheets.
+    "h100-sxm": 989e12,
+    "h100-pcie": 756e12,
+    "h200": 989e12,
+    "a100": 312e12,
+}
+
+
+def num_matmul_params(config: GPTConfig) -> int:
+    """N of the formula: every parameter but the position table, tied table once."""
+    with torch.device("meta"):  # shapes only, no memory
+        return GPT(config).num_parameters(exclude_positions=True)
+
+
+def flops_per_token(config: GPTConfig, seq_len: int) -> float:
+    """Training FLOPs (forward + backward) per token at sequence length ``seq_len``."""
+    return 6 * num_matmul_params(config) + 12 * config.n_layer * seq_len * config.n_embd
+
+
+def mfu(tokens_per_sec: float, config: GPTConfig, seq_len: int, peak_flops: float) -> float:
+    """Model FLOPs utilisation: achieved training FLOPs/s over ``peak_flops``."""
+    return tokens_per_sec * flops_per_token(config, seq_len) / peak_flops

@@ -1,0 +1,284 @@
+"""GPT-1 (Radford et al., 2018), exactly as openai/finetune-transformer-lm built it.
+
+Post-LayerNorm blocks, learned token and position tables, tanh GELU, no final
+LayerNorm, LM head tied to the token table, N(0, 0.02) init. With the ``gpt1``
+preset the model has 116,534,784 parameters and gives the same logits as
+``transformers.OpenAIGPTLMHeadModel`` holding the same weights (see ``gpt1_ds.hf``).
+
+Shapes: B batch, T sequence length, C = n_embd, H = n_head, D = C // H, V = vocab.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+IGNORE_INDEX = -100
+"""Target value that the loss skips (padding, prompt tokens in fine-tuning)."""
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """Sizes and regularisation of a GPT-1-style model."""
+
+    vocab_size: int = 40478
+    """Rows of the token table (and columns of the tied LM head)."""
+    n_positions: int = 512
+    """Rows of the learned position table: the longest sequence the model takes."""
+    n_embd: int = 768
+    """Width of the residual stream."""
+    n_layer: int = 12
+    """Number of transformer blocks."""
+    n_head: int = 12
+    """Attention heads per block; must divide ``n_embd``."""
+    n_inner: int = 3072
+    """Hidden width of the MLP (4 × n_embd in GPT-1)."""
+    embd_pdrop: float = 0.1
+    """Dropout on the summed token + position embeddings."""
+    attn_pdrop: float = 0.1
+    """Dropout on the attention probabilities."""
+    resid_pdrop: float = 0.1
+    """Dropout on the attention and MLP outputs, before each residual sum."""
+    layer_norm_epsilon: float = 1e-5
+    """Epsilon of every LayerNorm."""
+    initializer_range: float = 0.02
+    """Standard deviation of the normal init of every weight matrix and table."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass (training only)."""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"GPTConfig.n_embd ({self.n_embd}) must be divisible by GPTConfig.n_head ({self.n_head})"
+            )
+        for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"GPTConfig.{name} must lie in [0, 1), got {value!r}")
+        if self.layer_norm_epsilon <= 0 or self.initializer_range <= 0:
+            raise ValueError("GPTConfig.layer_norm_epsilon and initializer_range must be > 0")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> GPTConfig:
+        """A preset (``gpt1`` or ``tiny``) with optional field overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        return replace(PRESETS[name], **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GPTConfig:
+        """Build from a dict, refusing keys that are not fields."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown GPTConfig keys {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+PRESETS: dict[str, GPTConfig] = {
+    # The paper's model: 12 × 768, 12 heads, FFN 3072, 512 positions, 40,478 BPE tokens.
+    "gpt1": GPTConfig(),
+    # A few small layers for tests and the CPU demo; vocab sized for a small tokenizer.
+    "tiny": GPTConfig(vocab_size=8192, n_positions=128, n_embd=128, n_layer=4, n_head=4, n_inner=512),
+}
+
+
+def _causal_attention_math(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float
+) -> torch.Tensor:
+    """Causal attention with dropout on the probabilities, written out.
+
+    SDPA has no fused CPU kernel that takes dropout; its fallback runs in fp32 and is
+    slower than these four ops in the autocast dtype. The softmax runs in fp32.
+    """
+    T = q.size(-2)
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # [B, H, T, T]
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    att = att.float().masked_fill(future, float("-inf")).softmax(dim=-1).to(v.dtype)
+    return F.dropout(att, dropout_p, training=True) @ v  # [B, H, T, D]
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention: one c_attn projection split into q, k, v."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.attn_pdrop = config.attn_pdrop
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 × [B, T, C]
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        # [B, H, T, D]; scale 1/sqrt(D) is SDPA's default
+        dropout_p = self.attn_pdrop if self.training else 0.0
+        if dropout_p > 0 and q.device.type == "cpu":
+            y = _causal_attention_math(q, k, v, dropout_p)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # [B, T, C]
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: C → n_inner → C with the tanh GELU."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.n_inner)
+        self.c_proj = nn.Linear(config.n_inner, config.n_embd)
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Post-LN transformer block: n = ln_1(x + attn(x)); h = ln_2(n + mlp(n))."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.attn = CausalSelfAttention(config)
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.ln_1(x + self.attn(x))
+        return self.ln_2(n + self.mlp(n))
+
+
+def _checkpoint_fn() -> Callable[..., torch.Tensor]:
+    """DeepSpeed's checkpoint when its activation checkpointing is configured, else torch's."""
+    try:
+        from deepspeed import checkpointing as ds_ckpt
+    except ImportError:  # DeepSpeed is a dependency, but the model runs without it
+        ds_ckpt = None
+    if ds_ckpt is not None and ds_ckpt.is_configured():
+        return ds_ckpt.checkpoint
+    return lambda block, x: torch_checkpoint(block, x, use_reentrant=False)
+
+
+class GPT(nn.Module):
+    """GPT-1 language model; the LM head shares its weight with the token table."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tokens_embed = nn.Embedding(config.vocab_size, config.n_embd)
+        self.positions_embed = nn.Embedding(config.n_positions, config.n_embd)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.tokens_embed.weight  # tied
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def num_parameters(self, exclude_positions: bool = False) -> int:
+        """Distinct parameters (the tied table once); optionally without the position table."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.positions_embed.weight.numel() if exclude_positions else n
+
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Last block's output [B, T, C] for token ids [B, T]."""
+        _, T = input_ids.shape
+        if self.config.n_positions < T:
+            raise ValueError(f"sequence length {T} exceeds GPTConfig.n_positions ({self.config.n_positions})")
+        pos = torch.arange(T, device=input_ids.device)  # [T]
+        x = self.drop(self.tokens_embed(input_ids) + self.positions_embed(pos))  # [B, T, C]
+        use_ckpt = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
+        ckpt = _checkpoint_fn() if use_ckpt else None
+        for block in self.h:
+            x = ckpt(block, x) if ckpt is not None else block(x)
+        return x
+
+    def forward(
+        self, input_ids: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, T, V]; with ``targets`` [B, T] (next tokens, IGNORE_INDEX to skip),
+        returns ``(logits, loss)`` where loss is the mean cross-entropy over counted targets."""
+        logits = self.lm_head(self.hidden_states(input_ids))  # [B, T, V]
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(
+            logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX
+        )
+        return logits, loss
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Optimiser groups: decay on tensors with more than one dimension (matrices and
+    embedding tables), none on biases and LayerNorm gains. A tied tensor appears once."""
+    decay, no_decay = [], []
+    for p in model.parameters():  # .parameters() yields each shared tensor once
+        if p.requires_grad:
+            (decay if p.dim() > 1 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def describe(model: GPT) -> str:
+    """One line: the model's shape and parameter count."""
+    config, n = model.config, model.num_parameters()
+    return (
+        f"{config.n_layer} layers × {config.n_embd} wide, {config.n_head} heads, FFN {config.n_inner}, "
+        f"vocab {config.vocab_size:,}, context {config.n_positions}: {n:,} parameters"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Build each preset, print its size and run one forward pass."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=64)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    for name in args.presets:
+        config = GPTConfig.from_preset(name)
+        model = GPT(config).eval()
+        T = min(args.seq_len, config.n_positions)
+        ids = torch.randint(0, config.vocab_size, (args.batch, T + 1))
+        x, y = ids[:, :-1], ids[:, 1:]  # next-token targets
+        with torch.no_grad():
+            logits, loss = model(x, y)
+        print(f"{name:>5}: {describe(model)}")
+        print(
+            f"       forward {tuple(x.shape)} → logits {tuple(logits.shape)}, loss {loss.item():.3f} "
+            f"(uniform: ln V = {math.log(config.vocab_size):.3f})"
+        )
+
+
+if __name__ == "__main__":
+    main()

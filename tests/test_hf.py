@@ -1,0 +1,114 @@
+"""Parity with Hugging Face's OpenAIGPTLMHeadModel: import, export, logits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from gpt1_ds.hf import export_hf, import_hf, to_hf_state_dict
+from gpt1_ds.model import GPT, GPTConfig
+
+transformers = pytest.importorskip("transformers")
+OpenAIGPTConfig = transformers.OpenAIGPTConfig
+OpenAIGPTLMHeadModel = transformers.OpenAIGPTLMHeadModel
+
+SMALL = dict(vocab_size=211, n_positions=48, n_embd=64, n_layer=3, n_head=4)
+GPT1 = dict(vocab_size=40478, n_positions=512, n_embd=768, n_layer=12, n_head=12)
+
+
+def random_hf(seed: int = 0, **sizes) -> OpenAIGPTLMHeadModel:
+    """A randomly initialised HF model whose biases and LayerNorms are not trivial either."""
+    torch.manual_seed(seed)
+    model = OpenAIGPTLMHeadModel(OpenAIGPTConfig(**sizes)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def assert_same_logits(hf: OpenAIGPTLMHeadModel, ours: GPT, T: int, seed: int = 1) -> None:
+    torch.manual_seed(seed)
+    ids = torch.randint(0, ours.config.vocab_size, (2, T))
+    with torch.no_grad():
+        expected = hf(ids).logits
+        got = ours.eval()(ids)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_import_from_hf_object_gives_same_logits():
+    hf = random_hf(**SMALL)
+    assert_same_logits(hf, import_hf(hf), T=SMALL["n_positions"])
+
+
+def test_export_back_is_bitwise_equal():
+    hf = random_hf(**SMALL)
+    ours = to_hf_state_dict(import_hf(hf))
+    theirs = hf.state_dict()
+    assert set(ours) == set(theirs)
+    for key, value in theirs.items():
+        assert ours[key].shape == value.shape, key
+        assert torch.equal(ours[key], value), key
+
+
+def test_hf_loads_our_exported_directory(tmp_path):
+    torch.manual_seed(3)
+    ours = GPT(GPTConfig(**SMALL, n_inner=4 * SMALL["n_embd"])).eval()
+    export_hf(ours, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    hf = OpenAIGPTLMHeadModel.from_pretrained(tmp_path).eval()
+    assert hf.lm_head.weight.data_ptr() == hf.transformer.tokens_embed.weight.data_ptr()
+    assert_same_logits(hf, ours, T=20)
+    # And our importer reads the directory back to the same weights.
+    again = import_hf(tmp_path)
+    for (k, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_import_ignores_legacy_mask_buffers(tmp_path):
+    hf = random_hf(**SMALL)
+    hf.save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    n = SMALL["n_positions"]
+    for i in range(SMALL["n_layer"]):  # what old checkpoints carry
+        state[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(n, n)).view(1, 1, n, n)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    assert_same_logits(hf, import_hf(tmp_path), T=n)
+
+
+def test_import_errors_name_the_problem(tmp_path):
+    hf = random_hf(**SMALL)
+    hf.save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    del state["transformer.h.1.mlp.c_fc.weight"]
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"h\.1\.mlp\.c_fc\.weight"):
+        import_hf(tmp_path)
+
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "afn": "relu"}))
+    with pytest.raises(ValueError, match="afn"):
+        import_hf(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
+        import_hf(tmp_path / "nowhere")
+
+
+def test_export_refuses_a_shape_openaigpt_cannot_hold(tmp_path):
+    with pytest.raises(ValueError, match="n_inner"):
+        export_hf(GPT(GPTConfig.from_preset("tiny", n_inner=300)), tmp_path)
+
+
+@pytest.mark.slow
+def test_full_gpt1_parity_both_ways(tmp_path):
+    """The paper's configuration once: HF → ours → logits; ours → directory → HF → logits."""
+    hf = random_hf(**GPT1)
+    ours = import_hf(hf)
+    assert ours.num_parameters() == 116_534_784
+    assert_same_logits(hf, ours, T=128)
+    del hf
+    export_hf(ours, tmp_path)
+    assert_same_logits(OpenAIGPTLMHeadModel.from_pretrained(tmp_path), ours, T=128, seed=2)
