@@ -1,0 +1,88 @@
+"""The shard format and its manifest: the contract between data prep and the loader.
+
+A split directory holds ``shard-%06d.tar`` files and one ``manifest.json``. Each
+tar member (``<shard>-<block>.tokens``) is a block of up to
+``sequences_per_sample`` sequences of ``seq_len + 1`` tokens, raw little-endian
+``uint16``: a sequence gives ``seq_len`` inputs and their ``seq_len`` next-token
+targets. Within a shard, consecutive sequences overlap by one token, so every
+token of the shard's stream but the first is a target exactly once; the stream's
+tail is padded with ``pad_id`` (targets equal to ``pad_id`` are padding).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SAMPLE_EXT = "tokens"
+DTYPE = "uint16"
+REQUIRED = ("format_version", "tokenizer_sha256", "vocab_size", "seq_len", "dtype", "total_tokens", "shards")
+SHARD_REQUIRED = ("name", "samples", "tokens", "bytes", "sha256")
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def encode_block(sequences: np.ndarray) -> bytes:
+    """[n, seq_len + 1] token ids → the bytes of one sample."""
+    return np.ascontiguousarray(sequences, dtype="<u2").tobytes()
+
+
+def decode_block(data: bytes, seq_len: int) -> np.ndarray:
+    """The bytes of one sample → [n, seq_len + 1] uint16; a size that is not whole sequences is an error."""
+    row = 2 * (seq_len + 1)
+    if len(data) == 0 or len(data) % row:
+        raise ValueError(
+            f"sample of {len(data)} bytes is not a whole number of {seq_len + 1}-token sequences"
+        )
+    return np.frombuffer(data, dtype="<u2").reshape(-1, seq_len + 1)
+
+
+def read_manifest(split_dir: str | Path) -> dict[str, Any]:
+    """Load and check the manifest of a split directory; errors name the file and key."""
+    path = Path(split_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no manifest (is the dataset prepared and complete?)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON: {e}") from None
+    missing = [k for k in REQUIRED if k not in manifest]
+    if missing:
+        raise ValueError(f"{path}: missing keys {missing}")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: format_version {manifest['format_version']}, this code reads {FORMAT_VERSION}"
+        )
+    if manifest["dtype"] != DTYPE:
+        raise ValueError(f"{path}: dtype {manifest['dtype']!r}, expected {DTYPE!r}")
+    for i, shard in enumerate(manifest["shards"]):
+        lacking = [k for k in SHARD_REQUIRED if k not in shard]
+        if lacking:
+            raise ValueError(f"{path}: shards[{i}] lacks keys {lacking}")
+    return manifest
+
+
+def check_compatible(
+    manifest: dict[str, Any],
+    where: str,
+    tokenizer_sha256: str | None = None,
+    vocab_size: int | None = None,
+    seq_len: int | None = None,
+) -> None:
+    """Refuse a dataset that does not fit the tokenizer or the model, naming both values."""
+    if tokenizer_sha256 is not None and manifest["tokenizer_sha256"] != tokenizer_sha256:
+        raise ValueError(
+            f"{where}: tokenizer_sha256 {manifest['tokenizer_sha256'][:16]}… does not match "
+            f"the tokenizer's {tokenizer_sha256[:16]}…"
+        )
+    if vocab_size is not None and manifest["vocab_size"] > vocab_size:
+        raise ValueError(f"{where}: vocab_size {manifest['vocab_size']} exceeds the model's {vocab_size}")
+    if seq_len is not None and manifest["seq_len"] < seq_len:
+        raise ValueError(f"{where}: seq_len {manifest['seq_len']} is shorter than the model's {seq_len}")

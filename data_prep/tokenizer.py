@@ -1,0 +1,309 @@
+"""Step 2: a sentencepiece BPE tokenizer trained on the train split; and its runtime wrapper.
+
+GPT-1 used spaCy tokenisation plus 40,000 BPE merges (40,478 tokens in all);
+here one sentencepiece BPE model of ``--vocab-size`` pieces (default 40,478)
+replaces both. ``byte_fallback`` spells any character the vocabulary lacks as
+bytes, so no input is ever unknown. The text is not normalised (identity rule,
+whitespace kept) so that decoding gives back the cleaned text exactly.
+
+Reserved ids: ``<pad>`` 0, ``<unk>`` 1, ``<eod>`` 2 (end of document), then the
+fine-tuning control tokens ``<start>``, ``<delim>``, ``<extract>`` (never produced
+from text), then ``\\n`` as a piece of its own (the paragraph separator).
+
+Training reads paragraphs of the train documents: a deterministic sample
+(``--seed``) bounded by ``--max-sentences`` and ``--sample-bytes``, so memory
+and time stay bounded whatever the corpus size. Output: ``OUT/tokenizer.model``
+and ``OUT/tokenizer.json`` (sha256, vocab size, special ids, settings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+
+from data_prep.common import atomic_write_bytes, atomic_write_text, get_comm, setup_logging
+
+log = logging.getLogger("data_prep.tokenizer")
+
+FORMAT_VERSION = 1
+MODEL_NAME = "tokenizer.model"
+INFO_NAME = "tokenizer.json"
+PAD, UNK, EOD = "<pad>", "<unk>", "<eod>"
+CONTROL = ("<start>", "<delim>", "<extract>")
+NEWLINE = "\n"
+MAX_SENTENCE_BYTES = 4096  # sentencepiece skips longer training sentences; longer paragraphs are cut
+
+
+class Tokenizer:
+    """A trained tokenizer: encode/decode with exact round trips, and its special ids."""
+
+    def __init__(self, model_path: str | Path) -> None:
+        self.path = Path(model_path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: no tokenizer model")
+        data = self.path.read_bytes()
+        self.sp = spm.SentencePieceProcessor(model_proto=data)
+        self.sha256 = hashlib.sha256(data).hexdigest()
+        self.vocab_size = self.sp.get_piece_size()
+        ids = {p: self.sp.piece_to_id(p) for p in (PAD, EOD, *CONTROL, NEWLINE)}
+        if ids[PAD] != 0 or ids[EOD] != 2 or ids[NEWLINE] == self.sp.unk_id():
+            raise ValueError(f"{self.path}: not a gpt1-ds tokenizer (special pieces missing)")
+        self.pad_id, self.eod_id, self.newline_id = ids[PAD], ids[EOD], ids[NEWLINE]
+        self.start_id, self.delim_id, self.extract_id = (ids[c] for c in CONTROL)
+
+    def special_ids(self) -> dict[str, int]:
+        return {
+            "pad": self.pad_id,
+            "unk": self.sp.unk_id(),
+            "eod": self.eod_id,
+            "start": self.start_id,
+            "delim": self.delim_id,
+            "extract": self.extract_id,
+            "newline": self.newline_id,
+        }
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; each line is encoded on its own, joined by the newline id."""
+        return self.encode_batch([text])[0].tolist()
+
+    def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[np.ndarray]:
+        """Ids of each text as a uint32 array (newline-joined lines, as ``encode``)."""
+        lines, counts = [], []
+        for text in texts:
+            parts = text.split("\n")
+            lines.extend(parts)
+            counts.append(len(parts))
+        encoded = self.sp.encode(lines, num_threads=num_threads)
+        out, i = [], 0
+        for n in counts:
+            pieces = encoded[i : i + n]
+            i += n
+            total = sum(len(p) for p in pieces) + n - 1
+            arr = np.empty(total, dtype=np.uint32)
+            pos = 0
+            for j, p in enumerate(pieces):
+                if j:
+                    arr[pos] = self.newline_id
+                    pos += 1
+                arr[pos : pos + len(p)] = p
+                pos += len(p)
+            out.append(arr)
+        return out
+
+    def decode(self, ids: list[int] | np.ndarray) -> str:
+        """Text of ``ids``; special ids other than newline are dropped."""
+        ids = [int(i) for i in ids]
+        lines, current = [], []
+        for i in ids:
+            if i == self.newline_id:
+                lines.append(current)
+                current = []
+            else:
+                current.append(i)
+        lines.append(current)
+        return "\n".join(self.sp.decode(line) for line in lines)
+
+
+def _chunks(paragraph: str, limit: int = MAX_SENTENCE_BYTES // 4) -> list[str]:
+    """The paragraph cut at spaces into pieces of at most ``limit`` characters (≤ 4 bytes each)."""
+    out = []
+    while len(paragraph) > limit:
+        cut = paragraph.rfind(" ", 0, limit)
+        cut = cut if cut > 0 else limit
+        out.append(paragraph[:cut])
+        paragraph = paragraph[cut:].lstrip(" ")
+    return [*out, paragraph] if paragraph else out
+
+
+def training_sentences(docs: list[Path], max_sentences: int, sample_bytes: int, seed: int) -> list[str]:
+    """A deterministic sample of paragraphs of the given documents, in a seeded order of documents."""
+    order = sorted(docs)
+    random.Random(seed).shuffle(order)
+    sentences: list[str] = []
+    total = 0
+    for path in order:
+        for para in path.read_text(encoding="utf-8").split("\n"):
+            for chunk in _chunks(para):
+                sentences.append(chunk)
+                total += len(chunk)
+        if len(sentences) >= max_sentences or total >= sample_bytes:
+            break
+    return sentences[:max_sentences]
+
+
+def train(
+    docs: list[Path],
+    out_dir: Path,
+    vocab_size: int = 40478,
+    max_sentences: int = 2_000_000,
+    sample_bytes: int = 200_000_000,
+    seed: int = 0,
+    num_threads: int = 1,
+    fingerprint: str = "",
+) -> Tokenizer:
+    """Train the BPE model on ``docs``; writes tokenizer.model and tokenizer.json atomically."""
+    start = time.perf_counter()
+    sentences = training_sentences(docs, max_sentences, sample_bytes, seed)
+    if not sentences:
+        raise ValueError("no training text: the train split is empty")
+    model = _train_bytes(sentences, vocab_size, seed, num_threads)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out_dir / MODEL_NAME, model)
+    tok = Tokenizer(out_dir / MODEL_NAME)
+    settings = {
+        "vocab_size": vocab_size,
+        "max_sentences": max_sentences,
+        "sample_bytes": sample_bytes,
+        "seed": seed,
+        "sentences": len(sentences),
+        "model_type": "bpe",
+        "byte_fallback": True,
+    }
+    info = {
+        "format_version": FORMAT_VERSION,
+        "sha256": tok.sha256,
+        "train_fingerprint": fingerprint,
+        "vocab_size": tok.vocab_size,
+        "special_ids": tok.special_ids(),
+        "settings": settings,
+        "train_seconds": round(time.perf_counter() - start, 2),
+    }
+    atomic_write_text(out_dir / INFO_NAME, json.dumps(info, indent=1))
+    log.info(
+        "tokenizer: %d pieces from %d paragraphs (%.1f MB) in %.1f s, sha256 %s",
+        tok.vocab_size,
+        len(sentences),
+        sum(len(s) for s in sentences) / 1e6,
+        info["train_seconds"],
+        tok.sha256[:12],
+    )
+    return tok
+
+
+def _train_bytes(sentences: list[str], vocab_size: int, seed: int, num_threads: int) -> bytes:
+    spm.set_random_generator_seed(seed)
+    writer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_writer=writer,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        byte_fallback=True,
+        character_coverage=0.9995,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=False,
+        pad_id=0,
+        pad_piece=PAD,
+        unk_id=1,
+        unk_piece=UNK,
+        eos_id=2,
+        eos_piece=EOD,
+        bos_id=-1,
+        control_symbols=list(CONTROL),
+        user_defined_symbols=[NEWLINE],
+        input_sentence_size=0,  # sampling is ours (deterministic and bounded)
+        shuffle_input_sentence=False,
+        max_sentence_length=MAX_SENTENCE_BYTES,
+        num_threads=num_threads,
+        minloglevel=2,
+    )
+    return writer.getvalue()
+
+
+def load_info(dataset_dir: str | Path) -> dict:
+    """``tokenizer.json`` of a dataset directory."""
+    path = Path(dataset_dir) / INFO_NAME
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no tokenizer info (run data_prep.tokenizer)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON: {e}") from None
+
+
+def train_docs(dataset_dir: Path) -> tuple[list[Path], str]:
+    """The cleaned train documents listed in ``clean/splits.json``, and a fingerprint of them."""
+    splits_file = dataset_dir / "clean" / "splits.json"
+    if not splits_file.is_file():
+        raise FileNotFoundError(f"{splits_file}: run data_prep.clean first")
+    splits = json.loads(splits_file.read_text())
+    train_ids = splits["splits"]["train"]
+    fingerprint = json.dumps([splits["settings"], [(d, splits["docs"][d]["bytes"]) for d in train_ids]])
+    docs = [dataset_dir / "clean" / "docs" / f"{d}.txt" for d in train_ids]
+    return docs, hashlib.sha256(fingerprint.encode()).hexdigest()
+
+
+def ensure_tokenizer(dataset_dir: str | Path, force: bool = False, **settings) -> Tokenizer:
+    """The dataset's tokenizer: the one on disk when it was trained on the same train split
+    with the same settings, else a newly trained one."""
+    dataset_dir = Path(dataset_dir)
+    docs, fingerprint = train_docs(dataset_dir)
+    if not force and (dataset_dir / MODEL_NAME).is_file():
+        try:
+            info = load_info(dataset_dir)
+            tok = Tokenizer(dataset_dir / MODEL_NAME)
+        except (OSError, ValueError):
+            info, tok = {}, None
+        wanted = {k: v for k, v in settings.items() if k != "num_threads"}
+        have = info.get("settings", {})
+        if (
+            tok is not None
+            and info.get("sha256") == tok.sha256
+            and info.get("train_fingerprint") == fingerprint
+            and all(have.get(k) == v for k, v in wanted.items())
+        ):
+            log.info("tokenizer: %s is up to date (sha256 %s)", tok.path, tok.sha256[:12])
+            return tok
+    return train(docs, dataset_dir, fingerprint=fingerprint, **settings)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--vocab-size", type=int, default=40478)
+    parser.add_argument("--max-sentences", type=int, default=2_000_000, help="most paragraphs to train on")
+    parser.add_argument(
+        "--sample-bytes", type=int, default=200_000_000, help="most bytes of text to train on"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-threads", type=int, default=1, help="sentencepiece training threads")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep.tokenizer",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--out", required=True, help="dataset directory (holds clean/)")
+    parser.add_argument("--force", action="store_true", help="train even if an up-to-date model exists")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    comm = get_comm()
+    setup_logging(comm)
+    if comm.is_root:  # one process trains; other ranks (if any) have nothing to do
+        ensure_tokenizer(args.out, force=args.force, **tokenizer_settings(args))
+    comm.barrier()
+
+
+def tokenizer_settings(args: argparse.Namespace) -> dict:
+    """The keyword arguments of ``train`` from parsed command-line flags."""
+    return {
+        "vocab_size": args.vocab_size,
+        "max_sentences": args.max_sentences,
+        "sample_bytes": args.sample_bytes,
+        "seed": args.seed,
+        "num_threads": args.train_threads,
+    }
+
+
+if __name__ == "__main__":
+    main()

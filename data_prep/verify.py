@@ -1,0 +1,124 @@
+"""Step 4: check a prepared dataset against its manifests.
+
+    python -m data_prep.verify DIR [--splits train val test]
+
+For each split: the manifest's tokenizer hash and vocab size against
+``DIR/tokenizer.model``; every shard's size and sha256; every sample decoded
+(whole sequences, token ids inside the vocabulary, padding only at the end of a
+shard) and the counts of samples, sequences and tokens against the manifest.
+Exits non-zero, naming the shard, on any mismatch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.common import sha256_file
+from data_prep.manifest import SAMPLE_EXT, decode_block, read_manifest
+from data_prep.tokenizer import MODEL_NAME, Tokenizer
+
+
+def verify_shard(path: Path, entry: dict, manifest: dict) -> list[str]:
+    """Problems found in one shard (empty when it is whole and matches its entry)."""
+    if not path.is_file():
+        return [f"{path}: missing"]
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        return [f"{path}: {size} bytes, manifest says {entry['bytes']}"]
+    if sha256_file(path) != entry["sha256"]:
+        return [f"{path}: sha256 differs from the manifest"]
+    seq_len, pad = manifest["seq_len"], manifest.get("pad_id", 0)
+    samples = sequences = tokens = 0
+    tail_seen = False
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if not member.name.endswith("." + SAMPLE_EXT):
+                    return [f"{path}: unexpected member {member.name}"]
+                block = decode_block(tar.extractfile(member).read(), seq_len)
+                if tail_seen:
+                    return [f"{path}: {member.name} follows a padded (final) sequence"]
+                if int(block.max()) >= manifest["vocab_size"]:
+                    return [
+                        f"{path}: {member.name} holds token {int(block.max())}, "
+                        f"vocab_size is {manifest['vocab_size']}"
+                    ]
+                stream = (
+                    np.concatenate([block[0], block[1:, 1:].ravel()])
+                    if samples == 0
+                    else block[:, 1:].ravel()
+                )
+                real = int(np.count_nonzero(stream != pad))
+                if real != len(stream):
+                    tail_seen = True
+                    if np.any(stream[real:] != pad):
+                        return [f"{path}: {member.name} has padding inside the stream"]
+                samples += 1
+                sequences += len(block)
+                tokens += real
+    except (tarfile.TarError, ValueError, OSError) as e:
+        return [f"{path}: unreadable: {e}"]
+    got = {"samples": samples, "sequences": sequences, "tokens": tokens}
+    return [
+        f"{path}: {k} {v}, manifest says {entry[k]}" for k, v in got.items() if k in entry and entry[k] != v
+    ]
+
+
+def verify(data_dir: str | Path, splits: list[str] | None = None) -> list[str]:
+    """All problems found in the dataset (an empty list when it verifies)."""
+    data_dir = Path(data_dir)
+    problems: list[str] = []
+    try:
+        tok = Tokenizer(data_dir / MODEL_NAME)
+    except (OSError, ValueError) as e:
+        return [str(e)]
+    names = splits or sorted(p.parent.name for p in data_dir.glob("*/manifest.json"))
+    if not names:
+        return [f"{data_dir}: no split directory with a manifest.json"]
+    for split in names:
+        split_dir = data_dir / split
+        try:
+            manifest = read_manifest(split_dir)
+        except (OSError, ValueError) as e:
+            problems.append(str(e))
+            continue
+        where = split_dir / "manifest.json"
+        if manifest["tokenizer_sha256"] != tok.sha256:
+            problems.append(
+                f"{where}: tokenizer_sha256 differs from {tok.path} "
+                "(the data was made with another tokenizer)"
+            )
+        if manifest["vocab_size"] != tok.vocab_size:
+            problems.append(f"{where}: vocab_size {manifest['vocab_size']}, tokenizer has {tok.vocab_size}")
+        for entry in manifest["shards"]:
+            problems.extend(verify_shard(split_dir / entry["name"], entry, manifest))
+        total = sum(s["tokens"] for s in manifest["shards"])
+        if total != manifest["total_tokens"]:
+            problems.append(f"{where}: total_tokens {manifest['total_tokens']}, shards add up to {total}")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep.verify",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("data", help="dataset directory (holds tokenizer.model and split directories)")
+    parser.add_argument("--splits", nargs="+", help="default: every split with a manifest")
+    args = parser.parse_args(argv)
+    problems = verify(args.data, args.splits)
+    for p in problems:
+        print(f"FAIL {p}", file=sys.stderr)
+    if problems:
+        sys.exit(1)
+    print(f"OK {args.data}: every shard matches its manifest")
+
+
+if __name__ == "__main__":
+    main()
