@@ -65,7 +65,7 @@ _SPACES = re.compile(r"[ \t]+")
 _PG_START = re.compile(r"^\*\*\* ?START OF (?:THE|THIS) PROJECT GUTENBERG.*$", re.M | re.I)
 _PG_END = re.compile(r"^\*\*\* ?END OF (?:THE|THIS) PROJECT GUTENBERG.*$", re.M | re.I)
 _PG_TRAILER = re.compile(r"end of (?:the )?project gutenberg", re.I)
-_TEXT_BYTES = set(range(0x20, 0x7F)) | {0x09, 0x0A, 0x0C, 0x0D} | set(range(0x80, 0x100))
+_TEXT_BYTES = bytes(sorted({*range(0x20, 0x7F), 0x09, 0x0A, 0x0C, 0x0D, *range(0x80, 0x100)}))
 
 
 @dataclass
@@ -122,12 +122,11 @@ def read_raw(path: Path) -> bytes:
 
 
 def looks_binary(raw: bytes) -> bool:
-    """More than 10% of the first 64 KiB are NUL or control bytes that text never holds."""
+    """Many NUL or control bytes that text never holds in the first 64 KiB: more than 5%
+    (random bytes have about 11%), or 30% of a file shorter than 256 bytes."""
     head = raw[:65536]
-    if not head:
-        return False
-    bad = sum(1 for b in head if b not in _TEXT_BYTES)
-    return bad > 0.10 * len(head)
+    bad = len(head.translate(None, _TEXT_BYTES))  # what is left once text bytes are deleted
+    return bad > (0.05 if len(head) >= 256 else 0.30) * len(head)
 
 
 def decode(raw: bytes, repairs: list[str]) -> str:
@@ -261,18 +260,21 @@ def assign_splits(doc_ids: list[str], val_fraction: float, test_fraction: float,
         p = position[d]
         split = "test" if p < test_fraction else "val" if p < test_fraction + val_fraction else "train"
         splits[split].append(d)
-    wanted = [s for s, f in (("test", test_fraction), ("val", val_fraction)) if f > 0]
-    for split in wanted:
-        if not splits[split]:
-            if len(splits["train"]) < 2:
-                raise ValueError(
-                    f"{len(doc_ids)} documents cannot fill train, {', '.join(wanted)} with one each"
-                )
-            moved = min(splits["train"], key=lambda d: position[d])  # nearest to the split's range
-            splits["train"].remove(moved)
+    ranges = {
+        "test": (0, test_fraction),
+        "val": (test_fraction, test_fraction + val_fraction),
+        "train": (test_fraction + val_fraction, 1.0),
+    }
+    required = ["train"] + [s for s, f in (("val", val_fraction), ("test", test_fraction)) if f > 0]
+    if len(doc_ids) < len(required):
+        raise ValueError(f"{len(doc_ids)} documents cannot fill {', '.join(required)} with one each")
+    for split in required:
+        if not splits[split]:  # take the nearest document from the largest split that can spare one
+            donor = max((s for s in SPLITS if len(splits[s]) >= 2), key=lambda s: (len(splits[s]), s))
+            middle = sum(ranges[split]) / 2
+            moved = min(splits[donor], key=lambda d: (abs(position[d] - middle), d))
+            splits[donor].remove(moved)
             splits[split].append(moved)
-    if not splits["train"]:
-        raise ValueError("no document left for the train split")
     return {s: sorted(v) for s, v in splits.items()}
 
 

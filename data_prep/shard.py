@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,9 +60,19 @@ EST_TOKEN_BYTES_PER_TEXT_BYTE = 0.55  # ≈ 2 bytes per token over ≈ 3.6 chara
 
 
 @dataclass(frozen=True)
+class Piece:
+    """Lines [start, end) of one cleaned document."""
+
+    doc: str
+    start: int
+    end: int
+    last: bool  # the document's final piece: ends with <eod>
+
+
+@dataclass(frozen=True)
 class ShardPlan:
     index: int
-    docs: tuple[str, ...]
+    pieces: tuple[Piece, ...]
     text_bytes: int
     key: str  # hash of everything the shard's bytes depend on
 
@@ -71,22 +81,34 @@ class ShardPlan:
         return shard_name(self.index)
 
 
-def plan_shards(docs: list[tuple[str, int]], shard_bytes: int, fingerprint: str) -> list[ShardPlan]:
-    """Cut (doc_id, text bytes) in order into shards of about ``shard_bytes`` tokens bytes."""
+def plan_shards(docs: list[tuple[str, list[int]]], shard_bytes: int, fingerprint: str) -> list[ShardPlan]:
+    """Cut the documents (id, byte size of each line), in order, into shards of about
+    ``shard_bytes`` of tokens; a document larger than that is cut between lines."""
     target = max(1, int(shard_bytes / EST_TOKEN_BYTES_PER_TEXT_BYTE))
-    groups: list[list[tuple[str, int]]] = [[]]
+    groups: list[list[tuple[Piece, int]]] = [[]]
     size = 0
-    for doc in docs:
-        if groups[-1] and size + doc[1] > target:
-            groups.append([])
-            size = 0
-        groups[-1].append(doc)
-        size += doc[1]
+    for doc, lines in docs:
+        start, piece_bytes = 0, 0
+        for i, n in enumerate(lines):
+            if size > 0 and size + n > target:  # this line opens the next shard
+                if i > start:
+                    groups[-1].append((Piece(doc, start, i, False), piece_bytes))
+                groups.append([])
+                size, start, piece_bytes = 0, i, 0
+            size += n + 1
+            piece_bytes += n + 1
+        groups[-1].append((Piece(doc, start, len(lines), True), piece_bytes))
     plans = []
     for i, group in enumerate(g for g in groups if g):
-        key = hashlib.sha256(json.dumps([fingerprint, group]).encode()).hexdigest()
-        plans.append(ShardPlan(i, tuple(d for d, _ in group), sum(b for _, b in group), key))
+        pieces = tuple(p for p, _ in group)
+        key = hashlib.sha256(json.dumps([fingerprint, [list(asdict(p).values()) for p in pieces]]).encode())
+        plans.append(ShardPlan(i, pieces, sum(b for _, b in group), key.hexdigest()))
     return plans
+
+
+def line_sizes(path: Path) -> list[int]:
+    """UTF-8 byte size of each line of a cleaned document."""
+    return [len(line) for line in path.read_bytes().split(b"\n")]
 
 
 def pack(stream: np.ndarray, seq_len: int, pad_id: int) -> np.ndarray:
@@ -102,14 +124,22 @@ def build_shard(
     plan: ShardPlan, docs_dir: Path, out_dir: Path, tok: Tokenizer, args: argparse.Namespace, bar: tqdm
 ) -> dict:
     """Tokenize, pack and write one shard (temporary name, renamed when complete)."""
-    pieces = []
-    for doc_id in plan.docs:
-        text = (docs_dir / f"{doc_id}.txt").read_text(encoding="utf-8")
+    parts = []
+    lines: list[str] = []
+    loaded = None
+    for piece in plan.pieces:
+        if loaded != piece.doc:
+            lines = (docs_dir / f"{piece.doc}.txt").read_text(encoding="utf-8").split("\n")
+            loaded = piece.doc
+        text = "\n".join(lines[piece.start : piece.end])
+        if piece.start > 0:  # the document goes on from the previous shard, after a newline
+            parts.append(np.array([tok.newline_id], dtype=np.uint32))
         (ids,) = tok.encode_batch([text], num_threads=args.threads)
-        pieces.append(ids)
-        pieces.append(np.array([tok.eod_id], dtype=np.uint32))
-        bar.update(len(text.encode("utf-8")))
-    stream = np.concatenate(pieces)
+        parts.append(ids)
+        if piece.last:
+            parts.append(np.array([tok.eod_id], dtype=np.uint32))
+        bar.update(len(text.encode("utf-8")) + 1)
+    stream = np.concatenate(parts)
     if stream.max(initial=0) >= 2**16:
         raise ValueError(f"token id {int(stream.max())} does not fit {DTYPE}")
     sequences = pack(stream.astype(np.uint16), args.seq_len, tok.pad_id)
@@ -137,7 +167,7 @@ def build_shard(
         "tokens": len(stream),
         "bytes": final.stat().st_size,
         "sha256": sha256_file(final),
-        "documents": len(plan.docs),
+        "documents": sum(p.last for p in plan.pieces),
         "plan": plan.key,
     }
     atomic_write_text(out_dir / PROGRESS_DIR / f"{plan.name}.json", json.dumps(entry))
@@ -184,12 +214,14 @@ def shard_split(
         },
         sort_keys=True,
     )
-    plans = plan_shards([(d, splits["docs"][d]["bytes"]) for d in doc_ids], args.shard_bytes, fingerprint)
-
-    # Rank 0 finds what is already done, and takes the manifest away while anything is redone.
-    todo = None
+    # Rank 0 plans the shards and finds what is already done; while anything is redone,
+    # the manifest is taken away so that the split never looks complete.
+    plans = todo = None
     done: dict[str, dict] = {}
     if comm.is_root:
+        plans = plan_shards(
+            [(d, line_sizes(docs_dir / f"{d}.txt")) for d in doc_ids], args.shard_bytes, fingerprint
+        )
         (out_dir / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
         previous = {}
         manifest_path = out_dir / MANIFEST_NAME
@@ -212,7 +244,7 @@ def shard_split(
                 len(todo),
                 comm.size,
             )
-    todo = comm.bcast(todo)
+    plans, todo = comm.bcast((plans, todo))
     work = [plans[i] for i in todo]
     mine = [work[i] for i in balance([p.text_bytes for p in work], comm.size)[comm.rank]]
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,3 +16,60 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE_DIR = REPO / "data" / "sample"
+# Three of the embedded books: prose with curly quotes, a short poem, a long novel.
+SAMPLE_BOOKS = [
+    SAMPLE_DIR / "pg00105_Jane-Austen_Persuasion.txt.gz",
+    SAMPLE_DIR / "pg00013_Lewis-Carroll_The-Hunting-of-the-Snark.txt.gz",
+    SAMPLE_DIR / "pg00083_Jules-Verne_From-the-Earth-to-the-Moon.txt.gz",
+]
+# Small settings so that the whole chain takes about a second.
+PREP_ARGS = [
+    "--vocab-size",
+    "2000",
+    "--seq-len",
+    "64",
+    "--shard-bytes",
+    "60000",
+    "--sequences-per-sample",
+    "16",
+    "--val-fraction",
+    "0.3",
+    "--test-fraction",
+    "0.3",
+    "--quiet",
+]
+
+
+def run_prepare(
+    out: Path, books: list[Path] | None = None, extra: list[str] | None = None, mpi_ranks: int = 0
+) -> subprocess.CompletedProcess:
+    """`python -m data_prep.prepare` as a user runs it (optionally under mpirun)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "data_prep.prepare",
+        "--input",
+        *map(str, books or SAMPLE_BOOKS),
+        "--out",
+        str(out),
+        *PREP_ARGS,
+        *(extra or []),
+    ]
+    if mpi_ranks:
+        mpirun = Path(sys.executable).parent / "mpirun"
+        cmd = [str(mpirun), "--allow-run-as-root", "--oversubscribe", "-np", str(mpi_ranks), *cmd]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory) -> Path:
+    """A dataset prepared once from three real books (read-only for the tests)."""
+    out = tmp_path_factory.mktemp("prepared")
+    run_prepare(out)
+    return out

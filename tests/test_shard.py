@@ -1,0 +1,214 @@
+"""data_prep.shard and verify: real books end to end, determinism, MPI, kill and rerun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, SAMPLE_BOOKS, run_prepare
+
+from data_prep.manifest import decode_block, read_manifest
+from data_prep.shard import pack
+from data_prep.tokenizer import MODEL_NAME, Tokenizer
+from data_prep.verify import verify
+
+
+def dataset_files(root: Path) -> dict[str, bytes]:
+    """Every shard, manifest and the tokenizer: relative path → bytes."""
+    files = [*root.glob("*/shard-*.tar"), *root.glob("*/manifest.json"), root / MODEL_NAME]
+    return {str(f.relative_to(root)): f.read_bytes() for f in sorted(files)}
+
+
+def shard_stream(path: Path, seq_len: int, pad_id: int) -> np.ndarray:
+    """The token stream a shard holds (overlaps undone, padding dropped)."""
+    with tarfile.open(path) as tar:
+        blocks = [decode_block(tar.extractfile(m).read(), seq_len) for m in tar]
+    seqs = np.concatenate(blocks)
+    stream = np.concatenate([seqs[0], seqs[1:, 1:].ravel()])
+    return stream[stream != pad_id]
+
+
+def test_pack_makes_every_token_but_the_first_a_target_once():
+    stream = np.arange(1, 24, dtype=np.uint16)  # 23 tokens, pad 0
+    seqs = pack(stream, seq_len=5, pad_id=0)
+    assert seqs.shape == (5, 6)  # ceil(22 / 5) sequences of 5 + 1
+    targets = seqs[:, 1:].ravel()
+    assert list(targets[targets != 0]) == list(stream[1:])
+    inputs = seqs[:, :-1].ravel()
+    assert list(inputs[:22]) == list(stream[:-1])
+    assert np.all(seqs[-1, 3:] == 0)
+
+
+def test_manifest_totals_add_up_and_dataset_verifies(prepared):
+    assert verify(prepared) == []
+    tok = Tokenizer(prepared / MODEL_NAME)
+    splits = json.loads((prepared / "clean" / "splits.json").read_text())["splits"]
+    for split in ("train", "val", "test"):
+        m = read_manifest(prepared / split)
+        assert m["documents"] == len(splits[split]) >= 1
+        assert m["tokenizer_sha256"] == tok.sha256 and m["vocab_size"] == tok.vocab_size
+        assert m["total_tokens"] == sum(s["tokens"] for s in m["shards"])
+        assert m["total_sequences"] == sum(s["sequences"] for s in m["shards"])
+        for s in m["shards"]:
+            assert (prepared / split / s["name"]).stat().st_size == s["bytes"]
+            assert s["sequences"] == -(-(s["tokens"] - 1) // m["seq_len"])
+    # Tar overhead: at most a 512-byte header and 511 bytes of padding per sample, and the
+    # end-of-archive record per shard (with the default 128 × 513-token samples and large
+    # shards this is under 1% of the token bytes: see benchmarks/bench_prep.py).
+    train = read_manifest(prepared / "train")
+    token_bytes = 2 * train["total_sequences"] * (train["seq_len"] + 1)
+    samples = sum(s["samples"] for s in train["shards"])
+    assert token_bytes < train["total_bytes"] <= token_bytes + 1023 * samples + 10240 * len(train["shards"])
+
+
+def test_decoding_a_books_tokens_gives_back_its_cleaned_text(prepared):
+    tok = Tokenizer(prepared / MODEL_NAME)
+    for split in ("train", "val", "test"):
+        m = read_manifest(prepared / split)
+        stream = np.concatenate(
+            [shard_stream(prepared / split / s["name"], m["seq_len"], m["pad_id"]) for s in m["shards"]]
+        )
+        assert len(stream) == m["total_tokens"]
+        docs = np.split(stream, np.flatnonzero(stream == tok.eod_id) + 1)[:-1]
+        ids = json.loads((prepared / "clean" / "splits.json").read_text())["splits"][split]
+        assert len(docs) == len(ids)
+        for doc_id, tokens in zip(ids, docs, strict=True):
+            text = (prepared / "clean" / "docs" / f"{doc_id}.txt").read_text(encoding="utf-8")
+            assert tok.decode(tokens[:-1]) == text
+
+
+def test_two_runs_and_two_mpi_ranks_give_identical_bytes(prepared, tmp_path):
+    run_prepare(tmp_path / "again")
+    run_prepare(tmp_path / "mpi", mpi_ranks=2)
+    reference = dataset_files(prepared)
+    assert len(reference) > 5
+    assert dataset_files(tmp_path / "again") == reference
+    assert dataset_files(tmp_path / "mpi") == reference
+    for split in ("train", "val", "test"):
+        assert (
+            read_manifest(tmp_path / "mpi" / split)["total_tokens"]
+            == read_manifest(prepared / split)["total_tokens"]
+        )
+
+
+def test_rerun_skips_whole_shards_and_redoes_damaged_ones(prepared, tmp_path):
+    out = tmp_path / "ds"
+    run_prepare(out)
+    shards = sorted((out / "train").glob("shard-*.tar"))
+    assert len(shards) >= 3
+    stamps = {s.name: s.stat().st_mtime_ns for s in shards}
+    with open(shards[1], "r+b") as f:  # damage one shard
+        f.truncate(1000)
+    result = run_prepare(out)
+    assert f"({1} written, {len(shards) - 1} kept)" in result.stderr
+    assert dataset_files(out) == dataset_files(prepared)
+    assert all(s.stat().st_mtime_ns == stamps[s.name] for s in shards if s != shards[1])
+    result = run_prepare(out, extra=["--force"])
+    assert f"({len(shards)} written, 0 kept)" in result.stderr
+
+
+def test_sigkill_after_the_first_shard_then_rerun_completes_identically(prepared, tmp_path):
+    out = tmp_path / "killed"
+    run_prepare(out, extra=["--splits", "val"])  # clean + tokenizer + a first split, as a run would
+    # Many small shards, so that the shard step is still running when the first one lands.
+    cmd = [
+        sys.executable,
+        "-m",
+        "data_prep.shard",
+        "--data",
+        str(out),
+        "--seq-len",
+        "64",
+        "--sequences-per-sample",
+        "16",
+        "--shard-bytes",
+        "4000",
+        "--splits",
+        "train",
+        "--quiet",
+    ]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    progress = out / "train" / ".progress"
+    deadline = time.monotonic() + 120
+    while not (progress.is_dir() and any(progress.glob("*.json"))):
+        assert proc.poll() is None, "the shard step ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "train" / "manifest.json").exists(), "killed too late"
+    written = len(list((out / "train").glob("shard-*.tar")))
+    assert written >= 1
+    assert verify(out, ["train"]) != []  # an incomplete dataset never verifies
+
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+    assert verify(out, ["train"]) == []
+    clean_run = tmp_path / "clean_run"
+    run_prepare(clean_run, extra=["--splits", "val"])
+    subprocess.run([*cmd[:4], str(clean_run), *cmd[5:]], cwd=REPO, check=True, capture_output=True)
+    assert dataset_files(out) == dataset_files(clean_run)
+    assert not list((out / "train").glob(".shard-*"))  # no temporary file left behind
+
+
+def test_verify_detects_a_tokenizer_mismatch_and_a_corrupt_shard(prepared, tmp_path):
+    import shutil
+
+    ds = tmp_path / "ds"
+    shutil.copytree(prepared, ds)
+    train = read_manifest(ds / "train")
+    shard = ds / "train" / train["shards"][0]["name"]
+    data = bytearray(shard.read_bytes())
+    data[2000] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    problems = verify(ds)
+    assert len(problems) == 1 and shard.name in problems[0] and "sha256" in problems[0]
+
+    # A tokenizer trained with other settings: every manifest is flagged.
+    out = subprocess.run(
+        [sys.executable, "-m", "data_prep.tokenizer", "--out", str(ds), "--vocab-size", "1500", "--force"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    cli = subprocess.run(
+        [sys.executable, "-m", "data_prep.verify", str(ds)], cwd=REPO, capture_output=True, text=True
+    )
+    assert cli.returncode == 1
+    assert "train/manifest.json: tokenizer_sha256 differs" in cli.stderr
+    assert "vocab_size 2000, tokenizer has 1500" in cli.stderr
+
+
+def test_each_step_has_help():
+    for step in ("clean", "tokenizer", "shard", "verify", "prepare"):
+        out = subprocess.run(
+            [sys.executable, "-m", f"data_prep.{step}", "--help"], cwd=REPO, capture_output=True, text=True
+        )
+        assert out.returncode == 0 and "usage:" in out.stdout, step
+
+
+def test_a_size_one_world_under_a_multi_task_launch_is_refused(tmp_path):
+    env = {**os.environ, "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2"}
+    out = subprocess.run(
+        [sys.executable, "-m", "data_prep.shard", "--data", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert out.returncode != 0 and "MPI world of size 1" in out.stderr
+
+
+@pytest.mark.parametrize("ranks", [2])
+def test_mpi_clean_splits_files_between_ranks(tmp_path, ranks):
+    run_prepare(tmp_path / "ds", books=SAMPLE_BOOKS, mpi_ranks=ranks, extra=["--no-verify"])
+    report = json.loads((tmp_path / "ds" / "clean" / "report.json").read_text())
+    assert report["documents"] == len(SAMPLE_BOOKS) and report["skipped"] == []

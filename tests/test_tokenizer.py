@@ -1,0 +1,58 @@
+"""data_prep.tokenizer: special ids, exact round trips, byte fallback, determinism."""
+
+from __future__ import annotations
+
+import json
+
+from data_prep.tokenizer import INFO_NAME, MODEL_NAME, Tokenizer, ensure_tokenizer, train, train_docs
+
+
+def test_special_ids_and_info(prepared):
+    tok = Tokenizer(prepared / MODEL_NAME)
+    info = json.loads((prepared / INFO_NAME).read_text())
+    assert info["sha256"] == tok.sha256 and info["vocab_size"] == tok.vocab_size == 2000
+    assert info["special_ids"] == tok.special_ids()
+    assert (tok.pad_id, tok.eod_id) == (0, 2)
+    assert len({tok.start_id, tok.delim_id, tok.extract_id, tok.newline_id, tok.pad_id, tok.eod_id}) == 6
+
+
+def test_round_trip_is_exact_on_a_whole_book(prepared):
+    tok = Tokenizer(prepared / MODEL_NAME)
+    docs, _ = train_docs(prepared)
+    text = docs[0].read_text(encoding="utf-8")
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert len(ids) < len(text) / 2.5  # BPE merges: well under one token per 2.5 characters
+    assert ids.count(tok.newline_id) == text.count("\n")
+
+
+def test_byte_fallback_never_gives_unknown(prepared):
+    tok = Tokenizer(prepared / MODEL_NAME)
+    text = "Snow \u2603, kanji \u6f22\u5b57, emoji \U0001f600, tabs\tand  double  spaces\n\nend"
+    ids = tok.encode(text)
+    assert tok.special_ids()["unk"] not in ids
+    assert tok.decode(ids) == text
+
+
+def test_control_tokens_are_never_produced_from_text(prepared):
+    tok = Tokenizer(prepared / MODEL_NAME)
+    ids = tok.encode("<start> <delim> <extract> <eod> <pad>")
+    assert not {tok.start_id, tok.delim_id, tok.extract_id, tok.eod_id, tok.pad_id} & set(ids)
+
+
+def test_training_is_deterministic_and_reused_when_up_to_date(prepared, tmp_path):
+    docs, _ = train_docs(prepared)
+    a = train(docs, tmp_path / "a", vocab_size=600, seed=3)
+    b = train(docs, tmp_path / "b", vocab_size=600, seed=3)
+    assert a.sha256 == b.sha256
+    assert (tmp_path / "a" / MODEL_NAME).read_bytes() == (tmp_path / "b" / MODEL_NAME).read_bytes()
+    # ensure_tokenizer keeps an up-to-date model and retrains on other settings.
+    settings = json.loads((prepared / INFO_NAME).read_text())["settings"]
+    kept = ensure_tokenizer(
+        prepared,
+        vocab_size=settings["vocab_size"],
+        seed=settings["seed"],
+        max_sentences=settings["max_sentences"],
+        sample_bytes=settings["sample_bytes"],
+    )
+    assert kept.sha256 == Tokenizer(prepared / MODEL_NAME).sha256
