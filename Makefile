@@ -34,7 +34,12 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet --no-build-isolation -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
+DEMO_DIR ?= runs/demo
+CORPUS ?= ../shared/corpus
+
 demo: setup
+	$(PY) -m data_prep.prepare --input data/sample --out $(DEMO_DIR)/data --vocab-size 8192 \
+		--seq-len 128 --shard-bytes 1000000 --val-fraction 0.15 --test-fraction 0.15
 	$(PY) -m gpt1_ds.model
 
 lint: setup
@@ -46,6 +51,9 @@ test: setup lint
 
 bench: setup
 	$(PY) benchmarks/bench_model.py
+	if [ -d $(CORPUS)/books ]; then \
+		$(PY) benchmarks/bench_prep.py --corpus $(CORPUS)/books --list $(CORPUS)/books_small.txt; \
+	else $(PY) benchmarks/bench_prep.py --corpus data/sample; fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -55,13 +55,12 @@ _OPENERS = {".gz": gzip.decompress, ".bz2": bz2.decompress, ".xz": lzma.decompre
 _FTFY = ftfy.TextFixerConfig(explain=False)
 # ftfy's uncurl_quotes mapping; a paragraph that is ASCII once uncurled (and holds no
 # HTML entity) is left unchanged by every other ftfy fix, so it skips the slow path.
-_UNCURL = str.maketrans(
-    {c: "'" for c in "\u02bc\u2018\u2019\u201a\u201b"} | {c: '"' for c in "\u201c\u201d\u201e\u201f"}
-)
+_SINGLE_QUOTES = re.compile("[\u02bc\u2018-\u201b]")
+_DOUBLE_QUOTES = re.compile("[\u201c-\u201f]")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # C0 controls but \t and \n (\r is gone by then)
 _C1 = re.compile(r"[\x80-\x9f]")
 _BLANK_LINES = re.compile(r"\n[ \t]*(?:\n[ \t]*)+")
-_SPACES = re.compile(r"[ \t]+")
+_SPACES = re.compile(r"[ \t\n]+")
 _PG_START = re.compile(r"^\*\*\* ?START OF (?:THE|THIS) PROJECT GUTENBERG.*$", re.M | re.I)
 _PG_END = re.compile(r"^\*\*\* ?END OF (?:THE|THIS) PROJECT GUTENBERG.*$", re.M | re.I)
 _PG_TRAILER = re.compile(r"end of (?:the )?project gutenberg", re.I)
@@ -163,10 +162,12 @@ def strip_gutenberg(text: str, repairs: list[str]) -> str:
 
 def fix_paragraph(paragraph: str) -> str:
     """``ftfy.fix_text`` with its default settings, skipping the work where it can change nothing."""
-    uncurled = paragraph.translate(_UNCURL)
+    if paragraph.isascii():
+        return paragraph if "&" not in paragraph else ftfy.fix_text(paragraph, _FTFY)
+    uncurled = _DOUBLE_QUOTES.sub('"', _SINGLE_QUOTES.sub("'", paragraph))
     if uncurled.isascii() and "&" not in uncurled:
         return uncurled
-    return ftfy.fix_text(paragraph, _FTFY)
+    return _C1.sub("", ftfy.fix_text(paragraph, _FTFY))
 
 
 def clean_text(text: str, repairs: list[str], lowercase: bool = False, gutenberg: bool = True) -> str:
@@ -183,7 +184,7 @@ def clean_text(text: str, repairs: list[str], lowercase: bool = False, gutenberg
         text = strip_gutenberg(text, repairs)
     paragraphs = []
     for block in _BLANK_LINES.split(text):
-        para = _SPACES.sub(" ", " ".join(block.split("\n"))).strip()
+        para = _SPACES.sub(" ", block).strip()
         if para:
             paragraphs.append(para)
     if paragraphs and "gutenberg" in repairs:
@@ -193,7 +194,7 @@ def clean_text(text: str, repairs: list[str], lowercase: bool = False, gutenberg
             paragraphs.pop()
     out = []
     for para in paragraphs:
-        para = _C1.sub("", fix_paragraph(para)).strip()
+        para = fix_paragraph(para).strip()
         if para:
             out.append(para.lower() if lowercase else para)
     return "\n".join(out)

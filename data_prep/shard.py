@@ -216,12 +216,14 @@ def shard_split(
     )
     # Rank 0 plans the shards and finds what is already done; while anything is redone,
     # the manifest is taken away so that the split never looks complete.
+    sizes = [splits["docs"][d]["bytes"] for d in doc_ids]
+    mine = balance(sizes, comm.size)[comm.rank]  # ranks measure the lines of disjoint documents
+    measured = comm.gather({i: line_sizes(docs_dir / f"{doc_ids[i]}.txt") for i in mine})
     plans = todo = None
     done: dict[str, dict] = {}
     if comm.is_root:
-        plans = plan_shards(
-            [(d, line_sizes(docs_dir / f"{d}.txt")) for d in doc_ids], args.shard_bytes, fingerprint
-        )
+        lines = {i: v for part in measured for i, v in part.items()}
+        plans = plan_shards([(d, lines[i]) for i, d in enumerate(doc_ids)], args.shard_bytes, fingerprint)
         (out_dir / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
         previous = {}
         manifest_path = out_dir / MANIFEST_NAME
