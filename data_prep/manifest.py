@@ -49,23 +49,28 @@ def read_manifest(split_dir: str | Path) -> dict[str, Any]:
     path = Path(split_dir) / MANIFEST_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no manifest (is the dataset prepared and complete?)")
+    return parse_manifest(path.read_bytes(), str(path))
+
+
+def parse_manifest(data: bytes | str, where: str) -> dict[str, Any]:
+    """Check a manifest's JSON text; ``where`` (its path or URL) names it in errors."""
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(data)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON: {e}") from None
+        raise ValueError(f"{where}: invalid JSON: {e}") from None
     missing = [k for k in REQUIRED if k not in manifest]
     if missing:
-        raise ValueError(f"{path}: missing keys {missing}")
+        raise ValueError(f"{where}: missing keys {missing}")
     if manifest["format_version"] != FORMAT_VERSION:
         raise ValueError(
-            f"{path}: format_version {manifest['format_version']}, this code reads {FORMAT_VERSION}"
+            f"{where}: format_version {manifest['format_version']}, this code reads {FORMAT_VERSION}"
         )
     if manifest["dtype"] != DTYPE:
-        raise ValueError(f"{path}: dtype {manifest['dtype']!r}, expected {DTYPE!r}")
+        raise ValueError(f"{where}: dtype {manifest['dtype']!r}, expected {DTYPE!r}")
     for i, shard in enumerate(manifest["shards"]):
         lacking = [k for k in SHARD_REQUIRED if k not in shard]
         if lacking:
-            raise ValueError(f"{path}: shards[{i}] lacks keys {lacking}")
+            raise ValueError(f"{where}: shards[{i}] lacks keys {lacking}")
     return manifest
 
 

@@ -1,0 +1,497 @@
+"""Streaming loader: WebDataset shards → batches, split by rank and worker, equal steps, exact resume.
+
+The layout of an epoch is a pure function of the manifest, the seed, the epoch,
+the world size, the number of workers and the batch size, so every rank computes
+the same one without talking to the others:
+
+1. the shards, in an order shuffled by (seed, epoch), form one stream of sequences;
+2. the stream is cut into ``slots = world_size × W`` contiguous ranges (W = the
+   DataLoader workers per rank, or 1 without workers) of ``L`` sequences each,
+   ``L`` the largest multiple of the batch size that fits; the remainder (fewer
+   than ``slots × batch_size`` sequences) is left out of that epoch, and it is a
+   different remainder each epoch since the shard order changes;
+3. within a slot, consecutive windows of ``shuffle_window`` sequences are
+   permuted by (seed, epoch, slot, window): a bounded shuffle buffer;
+4. worker w of rank r reads slot ``r × W + w`` and yields exactly ``L / B``
+   batches; the DataLoader takes batches from its workers in turn, so every rank
+   yields ``W × L / B`` batches per epoch whatever the shard sizes, and no rank
+   ever waits in a collective for one that ran dry.
+
+Resume: ``state_dict()`` is (epoch, batches consumed) plus the settings the
+layout depends on. ``load_state_dict`` makes the next batch the one the
+uninterrupted run would have yielded: each worker seeks (local files: by byte
+offset, computed from the manifest; URLs: by reading through the shard) to the
+window holding its next batch, so a resume costs reading at most one window
+per worker, not the epoch. A state saved with another world size, worker count,
+batch size or seed is refused with an error naming both values: the epoch's
+coverage would otherwise change.
+
+Bad shards: a missing, truncated or corrupt shard is an error naming the shard,
+the rank and the worker. With ``on_error="skip"`` it is logged and counted, and
+each sequence it should have given is replaced by a sequence of the next
+readable shard of the epoch (same offset modulo its size): every rank keeps its
+number of batches, and resume stays exact.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_prep.manifest import (
+    MANIFEST_NAME,
+    SAMPLE_EXT,
+    check_compatible,
+    decode_block,
+    parse_manifest,
+    read_manifest,
+)
+from gpt1_ds.model import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+TAR_BLOCK = 512
+
+
+class ShardError(RuntimeError):
+    """A shard that cannot be read as its manifest describes."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str  # a local path, or anything webdataset's gopen opens (pipe:, http)
+    sequences: int
+    local: bool
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A split: its shards and the numbers the loader needs from its manifest."""
+
+    shards: tuple[Shard, ...]
+    seq_len: int  # tokens per stored sequence, minus one
+    per_sample: int  # sequences per tar member (the last member of a shard may hold fewer)
+    pad_id: int
+    manifest: dict[str, Any]
+
+    @property
+    def total_sequences(self) -> int:
+        return sum(s.sequences for s in self.shards)
+
+
+def _is_url(source: str) -> bool:
+    return "://" in source or source.startswith("pipe:")
+
+
+def open_dataset(
+    source: str | Path,
+    tokenizer_sha256: str | None = None,
+    vocab_size: int | None = None,
+    seq_len: int | None = None,
+) -> Dataset:
+    """A split directory (local), or a URL prefix that ``manifest.json`` and the shard names
+    complete (``pipe:cat /data/train/``, ``http://host/train/``); checked against the
+    tokenizer and the model before anything runs."""
+    source = str(source)
+    if _is_url(source):
+        from webdataset.gopen import gopen
+
+        where = source + MANIFEST_NAME
+        try:
+            with gopen(where, "rb") as f:
+                data = f.read()
+        except Exception as e:  # any transport error, reported with the URL
+            raise FileNotFoundError(f"{where}: cannot read the manifest: {e}") from None
+        manifest = parse_manifest(data, where)
+        shards = tuple(Shard(source + s["name"], s["sequences"], False) for s in manifest["shards"])
+    else:
+        where = str(Path(source) / MANIFEST_NAME)
+        manifest = read_manifest(source)
+        shards = tuple(Shard(str(Path(source) / s["name"]), s["sequences"], True) for s in manifest["shards"])
+    check_compatible(manifest, where, tokenizer_sha256, vocab_size, seq_len)
+    return Dataset(
+        shards, manifest["seq_len"], manifest["sequences_per_sample"], manifest["pad_id"], manifest
+    )
+
+
+def _member_stride(dataset: Dataset) -> int:
+    """Bytes from one full member's header to the next (header + padded data)."""
+    data = dataset.per_sample * (dataset.seq_len + 1) * 2
+    return TAR_BLOCK + -(-data // TAR_BLOCK) * TAR_BLOCK
+
+
+def _read_local(shard: Shard, dataset: Dataset, first: int) -> Iterator[np.ndarray]:
+    """Sequences ``first``… of a local shard, seeking straight to the member that holds ``first``."""
+    k, row = dataset.per_sample, 2 * (dataset.seq_len + 1)
+    block = first // k
+    with open(shard.url, "rb") as f:
+        f.seek(block * _member_stride(dataset))
+        done = block * k
+        while done < shard.sequences:
+            header = f.read(TAR_BLOCK)
+            if len(header) < TAR_BLOCK or not header.strip(b"\0"):
+                break
+            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+            expected = min(k, shard.sequences - done) * row
+            if not info.name.endswith(f"-{block:06d}.{SAMPLE_EXT}") or info.size != expected:
+                raise ShardError(f"member {block} is {info.name!r} of {info.size} bytes, expected {expected}")
+            data = f.read(info.size)
+            if len(data) < info.size:
+                break
+            f.seek(-info.size % TAR_BLOCK, 1)
+            seqs = decode_block(data, dataset.seq_len)
+            yield seqs[first - done :] if first > done else seqs
+            done += len(seqs)
+            block += 1
+    if done < shard.sequences:
+        raise ShardError(f"truncated: {done} of {shard.sequences} sequences")
+
+
+def _read_stream(shard: Shard, dataset: Dataset, first: int) -> Iterator[np.ndarray]:
+    """Sequences ``first``… of a shard read as a stream (pipe:, http): members before it are skipped."""
+    from webdataset.gopen import gopen
+
+    done = 0
+    with gopen(shard.url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+        for member in tar:
+            n = member.size // (2 * (dataset.seq_len + 1))
+            if done + n <= first:
+                done += n
+                continue
+            seqs = decode_block(tar.extractfile(member).read(), dataset.seq_len)
+            yield seqs[first - done :] if first > done else seqs
+            done += len(seqs)
+    if done < shard.sequences:
+        raise ShardError(f"truncated: {done} of {shard.sequences} sequences")
+
+
+def read_shard(shard: Shard, dataset: Dataset, first: int = 0) -> Iterator[np.ndarray]:
+    """Blocks of sequences [n, seq_len + 1] from sequence ``first`` to the shard's end."""
+    reader = _read_local if shard.local else _read_stream
+    try:
+        yield from reader(shard, dataset, first)
+    except ShardError:
+        raise
+    except (OSError, tarfile.TarError, ValueError, EOFError) as e:
+        raise ShardError(f"{type(e).__name__}: {e}") from None
+
+
+class _Stream:
+    """The sequences of one epoch's stream, from any position, with bad shards handled."""
+
+    def __init__(self, dataset: Dataset, order: np.ndarray, on_error: str, where: str) -> None:
+        self.dataset, self.order, self.on_error, self.where = dataset, order, on_error, where
+        sizes = [dataset.shards[i].sequences for i in order]
+        self.starts = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+        self.bad: set[int] = set()
+        self.skipped = 0
+        self._gen: Iterator[np.ndarray] | None = None
+        self._left: np.ndarray | None = None
+        self._pos = 0
+
+    def read(self, start: int, count: int) -> Iterator[np.ndarray]:
+        """``count`` sequences from stream position ``start``, in chunks. A read that goes
+        on where the previous one ended continues the open shard instead of seeking."""
+        if self._gen is None or self._pos != start:
+            i = bisect.bisect_right(self.starts, start) - 1
+            self._gen, self._left, self._pos = self._chain(i, start - self.starts[i]), None, start
+        while count > 0:
+            chunk = self._left if self._left is not None else next(self._gen)
+            self._left = chunk[count:] if len(chunk) > count else None
+            chunk = chunk[:count]
+            count -= len(chunk)
+            self._pos += len(chunk)
+            yield chunk
+
+    def _chain(self, i: int, offset: int) -> Iterator[np.ndarray]:
+        while i < len(self.order):
+            yield from self._region(i, offset)
+            i, offset = i + 1, 0
+
+    def _region(self, i: int, offset: int) -> Iterator[np.ndarray]:
+        """Sequences offset… of the i-th shard of the order (or of its substitutes)."""
+        shard_index = int(self.order[i])
+        shard = self.dataset.shards[shard_index]
+        if shard_index not in self.bad:
+            try:
+                for chunk in read_shard(shard, self.dataset, offset):
+                    yield chunk
+                    offset += len(chunk)
+                return
+            except ShardError as e:
+                if self.on_error != "skip":
+                    raise ShardError(f"{self.where}: shard {shard.url}: {e}") from None
+                self.bad.add(shard_index)
+                self.skipped += 1
+                log.warning("%s: skipping shard %s (%s)", self.where, shard.url, e)
+        # substitute: the next readable shard of the order, same offset modulo its size
+        end = shard.sequences
+        for step in range(1, len(self.order)):
+            j = int(self.order[(i + step) % len(self.order)])
+            if j in self.bad:
+                continue
+            sub = self.dataset.shards[j]
+            try:
+                while offset < end:
+                    for chunk in read_shard(sub, self.dataset, offset % sub.sequences):
+                        chunk = chunk[: end - offset]
+                        yield chunk
+                        offset += len(chunk)
+                        if offset >= end:
+                            break
+                return
+            except ShardError as e:
+                self.bad.add(j)
+                self.skipped += 1
+                log.warning("%s: skipping shard %s (%s)", self.where, sub.url, e)
+        raise ShardError(f"{self.where}: no readable shard left")
+
+
+def to_batch(seqs: np.ndarray, seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """[B, ≥ seq_len + 1] uint16 → input_ids and targets [B, seq_len] (int64; padding → IGNORE_INDEX)."""
+    x = torch.from_numpy(seqs[:, :seq_len].astype(np.int64))
+    y = torch.from_numpy(seqs[:, 1 : seq_len + 1].astype(np.int64))
+    y[y == pad_id] = IGNORE_INDEX
+    return {"input_ids": x, "targets": y}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Everything the batch order depends on."""
+
+    seed: int
+    world_size: int
+    workers: int  # slots per rank (DataLoader workers, or 1)
+    batch_size: int
+    shuffle: bool
+    window: int  # shuffle window in sequences, a multiple of batch_size
+
+    def slot_len(self, total: int) -> int:
+        return total // (self.world_size * self.workers * self.batch_size) * self.batch_size
+
+    def order(self, n_shards: int, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(n_shards)
+        return np.random.default_rng([self.seed, epoch]).permutation(n_shards)
+
+
+class _SlotDataset(IterableDataset):
+    """Yields the batches of one rank's slots, from (epoch, batch) on, epoch after epoch."""
+
+    def __init__(self, dataset: Dataset, layout: Layout, rank: int, seq_len: int, on_error: str) -> None:
+        super().__init__()
+        self.dataset, self.layout, self.rank, self.seq_len, self.on_error = (
+            dataset,
+            layout,
+            rank,
+            seq_len,
+            on_error,
+        )
+        self.start_epoch, self.start_batch = 0, 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        workers = self.layout.workers
+        physical = info.id if info is not None else 0
+        # The DataLoader asks worker 0 first; after a resume at rank batch k, the next
+        # batch belongs to logical worker k mod W, so worker ids are rotated by that.
+        logical = (physical + self.start_batch) % workers
+        consumed = max(0, -(-(self.start_batch - logical) // workers))  # ceil((k - w) / W)
+        yield from self._batches(logical, self.start_epoch, consumed)
+
+    def _batches(self, worker: int, epoch: int, consumed: int) -> Iterator[dict[str, Any]]:
+        d, lay = self.dataset, self.layout
+        slot = self.rank * lay.workers + worker
+        where = f"rank {self.rank} worker {worker}"
+        slot_len = lay.slot_len(d.total_sequences)
+        B = lay.batch_size
+        while True:
+            stream = _Stream(d, lay.order(len(d.shards), epoch), self.on_error, where)
+            first = consumed * B  # position in the slot
+            for w_start in range(first // lay.window * lay.window, slot_len, lay.window):
+                n = min(lay.window, slot_len - w_start)
+                seqs = np.concatenate(list(stream.read(slot * slot_len + w_start, n)))
+                if lay.shuffle:
+                    seqs = seqs[np.random.default_rng([lay.seed, epoch, slot, w_start]).permutation(n)]
+                for b in range(max(0, first - w_start) // B, n // B):
+                    batch = to_batch(seqs[b * B : (b + 1) * B], self.seq_len, d.pad_id)
+                    batch["skipped_shards"] = stream.skipped
+                    yield batch
+            epoch, consumed = epoch + 1, 0
+
+
+class TrainLoader:
+    """Shuffled training batches for one rank; iterate for the rest of the current epoch.
+
+    ``len(loader)`` is the number of batches per epoch, the same on every rank.
+    ``state_dict()`` / ``load_state_dict()`` give exact resume (see the module doc).
+    """
+
+    def __init__(
+        self,
+        source: str | Path,
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        num_workers: int = 0,
+        shuffle: bool = True,
+        shuffle_window: int = 4096,
+        on_error: str = "raise",
+        pin_memory: bool = False,
+        prefetch_factor: int | None = None,
+        seq_len: int | None = None,
+        vocab_size: int | None = None,
+        tokenizer_sha256: str | None = None,
+    ) -> None:
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.dataset = open_dataset(source, tokenizer_sha256, vocab_size, seq_len)
+        self.seq_len = seq_len or self.dataset.seq_len
+        window = max(1, -(-shuffle_window // batch_size)) * batch_size
+        self.layout = Layout(seed, world_size, max(1, num_workers), batch_size, shuffle, window)
+        slot_len = self.layout.slot_len(self.dataset.total_sequences)
+        if slot_len == 0:
+            raise ValueError(
+                f"{source}: {self.dataset.total_sequences} sequences cannot give one batch of {batch_size} "
+                f"to each of {world_size} ranks × {self.layout.workers} workers"
+            )
+        self.batches_per_epoch = self.layout.workers * slot_len // batch_size
+        self.rank, self.num_workers, self.on_error = rank, num_workers, on_error
+        self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
+        self.epoch, self.batch = 0, 0
+        self._iter: Iterator[dict[str, Any]] | None = None
+        self._skipped: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    @property
+    def skipped_shards(self) -> int:
+        """Shards skipped so far (``on_error="skip"``), summed over this rank's workers."""
+        return sum(self._skipped.values())
+
+    def _start(self) -> Iterator[dict[str, Any]]:
+        ds = _SlotDataset(self.dataset, self.layout, self.rank, self.seq_len, self.on_error)
+        ds.start_epoch, ds.start_batch = self.epoch, self.batch
+        if self.num_workers == 0:
+            return iter(ds)
+        loader = DataLoader(
+            ds,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor,
+            persistent_workers=False,
+        )
+        return iter(loader)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self._iter is None:  # one underlying iterator runs across epochs: the workers persist
+            self._iter = self._start()
+        while self.batch < self.batches_per_epoch:
+            batch = next(self._iter)
+            self._skipped[(self.batch + self.epoch * self.batches_per_epoch) % self.layout.workers] = int(
+                batch.pop("skipped_shards")
+            )
+            self.batch += 1
+            yield batch
+        self.epoch, self.batch = self.epoch + 1, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        lay = self.layout
+        return {
+            "version": STATE_VERSION,
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "seed": lay.seed,
+            "world_size": lay.world_size,
+            "workers": lay.workers,
+            "batch_size": lay.batch_size,
+            "shuffle": lay.shuffle,
+            "window": lay.window,
+            "total_sequences": self.dataset.total_sequences,
+            "tokenizer_sha256": self.dataset.manifest["tokenizer_sha256"],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where ``state`` was taken; settings that shape the epoch must match."""
+        mine = self.state_dict()
+        for key in (
+            "version",
+            "seed",
+            "world_size",
+            "workers",
+            "batch_size",
+            "shuffle",
+            "window",
+            "total_sequences",
+            "tokenizer_sha256",
+        ):
+            if state.get(key) != mine[key]:
+                raise ValueError(
+                    f"loader state has {key}={state.get(key)!r}, this loader has {key}={mine[key]!r}: "
+                    "the batch order would differ, so the run cannot resume exactly"
+                )
+        if not 0 <= state["batch"] < self.batches_per_epoch:
+            raise ValueError(f"loader state batch {state['batch']} outside 0..{self.batches_per_epoch - 1}")
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        self._iter = None
+
+
+class EvalLoader:
+    """Validation batches in a fixed order; the ranks cover the split (or its first
+    ``max_batches × batch_size × world_size`` sequences) exactly once between them.
+    Ranks may get one sequence more or less, and the last batch may be short: sum the
+    losses and counts, then all-reduce once."""
+
+    def __init__(
+        self,
+        source: str | Path,
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        max_batches: int | None = None,
+        seq_len: int | None = None,
+        vocab_size: int | None = None,
+        tokenizer_sha256: str | None = None,
+    ) -> None:
+        self.dataset = open_dataset(source, tokenizer_sha256, vocab_size, seq_len)
+        self.seq_len = seq_len or self.dataset.seq_len
+        total = self.dataset.total_sequences
+        if max_batches is not None:
+            total = min(total, max_batches * batch_size * world_size)
+        self.start = rank * total // world_size
+        self.count = (rank + 1) * total // world_size - self.start
+        self.batch_size, self.rank = batch_size, rank
+
+    def __len__(self) -> int:
+        return -(-self.count // self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        stream = _Stream(self.dataset, np.arange(len(self.dataset.shards)), "raise", f"rank {self.rank} eval")
+        pending: list[np.ndarray] = []
+        have = 0
+        for chunk in stream.read(self.start, self.count):
+            pending.append(chunk)
+            have += len(chunk)
+            while have >= self.batch_size:
+                seqs = np.concatenate(pending)
+                yield to_batch(seqs[: self.batch_size], self.seq_len, self.dataset.pad_id)
+                pending, have = [seqs[self.batch_size :]], have - self.batch_size
+        if have:
+            yield to_batch(np.concatenate(pending), self.seq_len, self.dataset.pad_id)

@@ -1,0 +1,276 @@
+"""gpt1_ds.data: rank/worker split, equal steps, exact resume, bad shards, eval coverage."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import webdataset as wds
+
+from data_prep.manifest import FORMAT_VERSION, MANIFEST_NAME, encode_block, shard_name
+from gpt1_ds.data import EvalLoader, ShardError, TrainLoader
+from gpt1_ds.model import IGNORE_INDEX
+
+SEQ = 8  # sequence length of the numbered test shards
+
+
+def write_numbered_split(root: Path, sequences_per_shard: list[int], per_sample: int = 4) -> Path:
+    """A split whose sequence g holds tokens (g, g+1, …): every sequence names itself.
+    Written with webdataset's TarWriter in the shard format, with its manifest."""
+    root.mkdir(parents=True, exist_ok=True)
+    shards, g = [], 1
+    for index, n in enumerate(sequences_per_shard):
+        seqs = (np.arange(g, g + n)[:, None] * 16 + np.arange(SEQ + 1)[None, :]) % 60000 + 1
+        g += n
+        with open(root / shard_name(index), "wb") as f, wds.TarWriter(f, mtime=0) as w:
+            for b in range(0, n, per_sample):
+                w.write(
+                    {
+                        "__key__": f"{index:06d}-{b // per_sample:06d}",
+                        "tokens": encode_block(seqs[b : b + per_sample]),
+                    }
+                )
+        data = (root / shard_name(index)).read_bytes()
+        shards.append(
+            {
+                "name": shard_name(index),
+                "samples": -(-n // per_sample),
+                "sequences": n,
+                "tokens": n * SEQ + 1,
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+        )
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "tokenizer_sha256": "0" * 64,
+        "vocab_size": 65536,
+        "seq_len": SEQ,
+        "dtype": "uint16",
+        "sequences_per_sample": per_sample,
+        "pad_id": 0,
+        "total_tokens": sum(s["tokens"] for s in shards),
+        "shards": shards,
+    }
+    (root / MANIFEST_NAME).write_text(json.dumps(manifest))
+    return root
+
+
+def seq_ids(batch: dict[str, torch.Tensor]) -> list[int]:
+    """The number each sequence of a numbered batch carries."""
+    return [((int(x) - 1) // 16) for x in batch["input_ids"][:, 0]]
+
+
+def digest(batch: dict[str, torch.Tensor]) -> str:
+    return hashlib.sha256(
+        batch["input_ids"].numpy().tobytes() + batch["targets"].numpy().tobytes()
+    ).hexdigest()
+
+
+def take(loader: TrainLoader, n: int) -> list[str]:
+    out = []
+    while len(out) < n:
+        for batch in loader:
+            out.append(digest(batch))
+            if len(out) == n:
+                break
+    return out
+
+
+@pytest.fixture
+def numbered(tmp_path) -> Path:
+    return write_numbered_split(tmp_path / "numbered", [37, 3, 100, 61, 12, 45])
+
+
+def test_batches_are_inputs_and_shifted_targets(prepared):
+    loader = TrainLoader(prepared / "train", batch_size=4)
+    batch = next(iter(loader))
+    assert batch["input_ids"].shape == batch["targets"].shape == (4, 64)
+    assert batch["input_ids"].dtype == batch["targets"].dtype == torch.int64
+    x, y = batch["input_ids"], batch["targets"]
+    assert torch.equal(x[:, 1:], y[:, :-1])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_exact_resume(numbered, workers):
+    kw = dict(batch_size=6, seed=7, num_workers=workers, shuffle_window=12)
+    full = TrainLoader(numbered, **kw)
+    assert len(full) < 50  # the 50 batches cross an epoch boundary
+    reference = take(full, 50)
+    first = TrainLoader(numbered, **kw)
+    head = take(first, 21)  # odd: with 2 workers the next batch is worker 1's
+    state = json.loads(json.dumps(first.state_dict()))  # as a checkpoint would carry it
+    second = TrainLoader(numbered, **kw)
+    second.load_state_dict(state)
+    assert head + take(second, 29) == reference
+    assert len(set(reference[: len(full)])) == len(full)  # no batch twice within an epoch
+
+
+def test_epochs_differ_and_seeds_differ(numbered):
+    loader = TrainLoader(numbered, batch_size=4, seed=1)
+    n = len(loader)
+    two = take(loader, 2 * n)
+    assert two[:n] != two[n:]
+    assert take(TrainLoader(numbered, batch_size=4, seed=2), n) != two[:n]
+
+
+def collect_epoch(source: Path, world: int, workers: int, batch_size: int = 4, shuffle: bool = True):
+    per_rank = []
+    for rank in range(world):
+        loader = TrainLoader(
+            source,
+            batch_size=batch_size,
+            rank=rank,
+            world_size=world,
+            num_workers=workers,
+            shuffle=shuffle,
+            shuffle_window=8,
+        )
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        per_rank.append([i for b in batches for i in seq_ids(b)])
+    return per_rank
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_one_epoch_over_2_ranks_x_2_workers_covers_each_sequence_once(numbered, shuffle):
+    per_rank = collect_epoch(numbered, world=2, workers=2, shuffle=shuffle)
+    seen = [i for r in per_rank for i in r]
+    total = 37 + 3 + 100 + 61 + 12 + 45
+    assert len(seen) == len(set(seen))  # nothing twice
+    assert set(seen) <= set(range(1, total + 1))
+    assert total - len(seen) < 2 * 2 * 4  # the documented remainder
+    assert len(per_rank[0]) == len(per_rank[1])  # same number of batches on every rank
+
+
+def test_uneven_shards_give_equal_steps_per_rank(tmp_path):
+    split = write_numbered_split(tmp_path / "uneven", [3 * 4, 100 * 4])  # 3 samples and 100 samples
+    for workers in (0, 2):
+        counts = [
+            len(list(TrainLoader(split, batch_size=8, rank=r, world_size=2, num_workers=workers)))
+            for r in range(2)
+        ]
+        assert counts[0] == counts[1] > 0
+        assert counts[0] == len(TrainLoader(split, batch_size=8, rank=0, world_size=2, num_workers=workers))
+
+
+def test_truncated_shard_is_an_error_naming_it_or_skipped_and_counted(numbered):
+    victim = numbered / shard_name(2)
+    victim.write_bytes(victim.read_bytes()[:3000])
+    with pytest.raises(ShardError, match=r"rank 1 worker 0: shard .*shard-000002\.tar: truncated"):
+        for _ in TrainLoader(numbered, batch_size=4, rank=1, world_size=2, shuffle=False):
+            pass
+    counts = []
+    for rank in range(2):
+        loader = TrainLoader(numbered, batch_size=4, rank=rank, world_size=2, on_error="skip")
+        counts.append(len(list(loader)))
+        assert counts[-1] == len(loader)
+    assert counts[0] == counts[1]
+    loader = TrainLoader(numbered, batch_size=4, on_error="skip", num_workers=2)
+    assert len(list(loader)) == len(loader) and loader.skipped_shards >= 1
+
+
+def test_missing_shard_is_an_error(numbered):
+    (numbered / shard_name(0)).unlink()
+    with pytest.raises(ShardError, match=r"shard-000000\.tar"):
+        list(TrainLoader(numbered, batch_size=4, shuffle=False))
+
+
+def test_manifest_mismatch_is_a_clear_error(numbered, prepared):
+    with pytest.raises(ValueError, match="tokenizer_sha256"):
+        TrainLoader(numbered, batch_size=4, tokenizer_sha256="f" * 64)
+    with pytest.raises(ValueError, match="vocab_size 2000 exceeds the model's 1000"):
+        TrainLoader(prepared / "train", batch_size=4, vocab_size=1000)
+    with pytest.raises(ValueError, match="seq_len 64 is shorter than the model's 128"):
+        TrainLoader(prepared / "train", batch_size=4, seq_len=128)
+    with pytest.raises(FileNotFoundError, match="manifest"):
+        TrainLoader(numbered / "nowhere", batch_size=4)
+
+
+def test_state_from_another_world_size_is_refused(numbered):
+    state = TrainLoader(numbered, batch_size=4, world_size=2).state_dict()
+    with pytest.raises(ValueError, match=r"world_size=2.*world_size=1"):
+        TrainLoader(numbered, batch_size=4).load_state_dict(state)
+
+
+def test_shorter_model_context_crops_sequences(prepared):
+    batch = next(iter(TrainLoader(prepared / "train", batch_size=2, seq_len=32)))
+    assert batch["input_ids"].shape == (2, 32)
+
+
+def test_shard_urls_through_pipe_give_the_same_batches(numbered):
+    local = take(TrainLoader(numbered, batch_size=4, seed=3), 10)
+    piped = take(TrainLoader(f"pipe:cat {numbered}/", batch_size=4, seed=3), 10)
+    assert piped == local
+    loader = TrainLoader(f"pipe:cat {numbered}/", batch_size=4, seed=3)
+    head = take(loader, 4)
+    resumed = TrainLoader(f"pipe:cat {numbered}/", batch_size=4, seed=3)
+    resumed.load_state_dict(loader.state_dict())
+    assert head + take(resumed, 6) == local
+
+
+def test_eval_loader_covers_the_split_once_across_ranks(numbered):
+    total = 37 + 3 + 100 + 61 + 12 + 45
+    seen = []
+    for rank in range(3):
+        loader = EvalLoader(numbered, batch_size=5, rank=rank, world_size=3)
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        seen += [i for b in batches for i in seq_ids(b)]
+    assert sorted(seen) == list(range(1, total + 1))
+    assert seen == sorted(seen)  # fixed order
+    capped = [
+        i
+        for r in range(2)
+        for b in EvalLoader(numbered, batch_size=5, rank=r, world_size=2, max_batches=3)
+        for i in seq_ids(b)
+    ]
+    assert capped == list(range(1, 31))
+
+
+def test_padding_targets_are_ignored(prepared):
+    m = json.loads((prepared / "train" / MANIFEST_NAME).read_text())
+    loader = EvalLoader(prepared / "train", batch_size=10_000)
+    last = list(loader)[-1]
+    tail = last["targets"][-1]
+    assert (tail == IGNORE_INDEX).any() or m["shards"][-1]["tokens"] % m["seq_len"] == 1
+    assert not (last["targets"] == 0).any()
+
+
+def _rank_main(rank: int, world: int, port: int, source: str, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    kw = dict(batch_size=4, rank=rank, world_size=world, seed=11, num_workers=2, shuffle_window=8)
+    reference = take(TrainLoader(source, **kw), 50)
+    first = TrainLoader(source, **kw)
+    head = take(first, 21)
+    second = TrainLoader(source, **kw)
+    second.load_state_dict(first.state_dict())
+    resumed = head + take(second, 29)
+    lengths = [None] * world
+    dist.all_gather_object(lengths, len(second))
+    Path(out_dir, f"rank{rank}.json").write_text(
+        json.dumps({"reference": reference, "resumed": resumed, "lengths": lengths})
+    )
+    dist.destroy_process_group()
+
+
+def test_resume_and_split_in_a_real_2_process_gloo_group(numbered, tmp_path, free_port):
+    mp.spawn(_rank_main, args=(2, free_port, str(numbered), str(tmp_path)), nprocs=2, join=True)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for r in results:
+        assert r["resumed"] == r["reference"]
+        assert r["lengths"][0] == r["lengths"][1]
+    assert not set(results[0]["reference"][:10]) & set(results[1]["reference"][:10])  # ranks see other data
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))
