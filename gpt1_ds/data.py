@@ -93,27 +93,33 @@ def _is_url(source: str) -> bool:
     return "://" in source or source.startswith("pipe:")
 
 
+def _complete(source: str, name: str) -> str:
+    """The URL of file ``name``: ``{name}`` in the source replaced, or ``name`` appended."""
+    return source.replace("{name}", name) if "{name}" in source else source + name
+
+
 def open_dataset(
     source: str | Path,
     tokenizer_sha256: str | None = None,
     vocab_size: int | None = None,
     seq_len: int | None = None,
 ) -> Dataset:
-    """A split directory (local), or a URL prefix that ``manifest.json`` and the shard names
-    complete (``pipe:cat /data/train/``, ``http://host/train/``); checked against the
-    tokenizer and the model before anything runs."""
+    """A split directory (local), or a URL that ``manifest.json`` and the shard names complete:
+    appended (``http://host/train/``) or in place of ``{name}``
+    (``pipe:aws s3 cp s3://bucket/train/{name} -``); checked against the tokenizer and the
+    model before anything runs."""
     source = str(source)
     if _is_url(source):
         from webdataset.gopen import gopen
 
-        where = source + MANIFEST_NAME
+        where = _complete(source, MANIFEST_NAME)
         try:
             with gopen(where, "rb") as f:
                 data = f.read()
         except Exception as e:  # any transport error, reported with the URL
             raise FileNotFoundError(f"{where}: cannot read the manifest: {e}") from None
         manifest = parse_manifest(data, where)
-        shards = tuple(Shard(source + s["name"], s["sequences"], False) for s in manifest["shards"])
+        shards = tuple(Shard(_complete(source, s["name"]), s["sequences"], False) for s in manifest["shards"])
     else:
         where = str(Path(source) / MANIFEST_NAME)
         manifest = read_manifest(source)

@@ -209,6 +209,7 @@ def test_shorter_model_context_crops_sequences(prepared):
 def test_shard_urls_through_pipe_give_the_same_batches(numbered):
     local = take(TrainLoader(numbered, batch_size=4, seed=3), 10)
     piped = take(TrainLoader(f"pipe:cat {numbered}/", batch_size=4, seed=3), 10)
+    assert take(TrainLoader(f"pipe:cat {numbered}/{{name}} | cat", batch_size=4, seed=3), 10) == local
     assert piped == local
     loader = TrainLoader(f"pipe:cat {numbered}/", batch_size=4, seed=3)
     head = take(loader, 4)
