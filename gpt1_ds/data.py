@@ -5,26 +5,32 @@ the world size, the number of workers and the batch size, so every rank computes
 the same one without talking to the others:
 
 1. the shards, in an order shuffled by (seed, epoch), form one stream of sequences;
-2. the stream is cut into ``slots = world_size × W`` contiguous ranges (W = the
-   DataLoader workers per rank, or 1 without workers) of ``L`` sequences each,
-   ``L`` the largest multiple of the batch size that fits; the remainder (fewer
-   than ``slots × batch_size`` sequences) is left out of that epoch, and it is a
-   different remainder each epoch since the shard order changes;
+2. the stream is cut into ``slots`` contiguous ranges (default: world size ×
+   DataLoader workers per rank) of ``L`` sequences each, ``L`` the largest
+   multiple of the batch size B that fits; the remainder (fewer than
+   ``slots × B`` sequences) is left out of that epoch, a different remainder each
+   epoch since the shard order changes;
 3. within a slot, consecutive windows of ``shuffle_window`` sequences are
    permuted by (seed, epoch, slot, window): a bounded shuffle buffer;
-4. worker w of rank r reads slot ``r × W + w`` and yields exactly ``L / B``
-   batches; the DataLoader takes batches from its workers in turn, so every rank
-   yields ``W × L / B`` batches per epoch whatever the shard sizes, and no rank
-   ever waits in a collective for one that ran dry.
+4. micro-batch t of the epoch is batch ``t // slots`` of slot ``t % slots``:
+   the slots are read side by side. Rank r takes the micro-batches with
+   ``t % world_size == r`` and its DataLoader workers take turns, each reading
+   its own slots sequentially. Every rank yields ``slots × L / B / world_size``
+   micro-batches per epoch whatever the shard sizes, so no rank ever waits in a
+   collective for one that ran dry; and the micro-batches of an optimiser step
+   (``world_size × accumulation`` consecutive t) are the same whatever the
+   world size, for a given number of slots.
 
-Resume: ``state_dict()`` is (epoch, batches consumed) plus the settings the
-layout depends on. ``load_state_dict`` makes the next batch the one the
-uninterrupted run would have yielded: each worker seeks (local files: by byte
-offset, computed from the manifest; URLs: by reading through the shard) to the
-window holding its next batch, so a resume costs reading at most one window
-per worker, not the epoch. A state saved with another world size, worker count,
-batch size or seed is refused with an error naming both values: the epoch's
-coverage would otherwise change.
+Resume: ``state_dict()`` is (epoch, micro-batches consumed across ranks) plus
+the settings the order depends on. ``load_state_dict`` makes the next batch the
+one the uninterrupted run would have yielded: each worker seeks (local files: by
+byte offset, computed from the manifest; URLs: by reading through the shard) to
+the window holding its next batch, so a resume costs reading about one window
+per slot, not the epoch. The world size and worker count may change at a resume
+when the saved slot count is a multiple of the new world size × workers (the
+order, and so the epoch's coverage, is then unchanged); otherwise, and for a
+different seed, batch size or dataset, it is refused with an error naming both
+values.
 
 Bad shards: a missing, truncated or corrupt shard is an error naming the shard,
 the rank and the worker. With ``on_error="skip"`` it is logged and counted, and
@@ -273,17 +279,16 @@ def to_batch(seqs: np.ndarray, seq_len: int, pad_id: int) -> dict[str, torch.Ten
 
 @dataclass(frozen=True)
 class Layout:
-    """Everything the batch order depends on."""
+    """Everything the order of the micro-batches depends on (not the world size)."""
 
     seed: int
-    world_size: int
-    workers: int  # slots per rank (DataLoader workers, or 1)
+    slots: int  # contiguous ranges of the epoch's stream, read in parallel
     batch_size: int
     shuffle: bool
     window: int  # shuffle window in sequences, a multiple of batch_size
 
     def slot_len(self, total: int) -> int:
-        return total // (self.world_size * self.workers * self.batch_size) * self.batch_size
+        return total // (self.slots * self.batch_size) * self.batch_size
 
     def order(self, n_shards: int, epoch: int) -> np.ndarray:
         if not self.shuffle:
@@ -291,55 +296,87 @@ class Layout:
         return np.random.default_rng([self.seed, epoch]).permutation(n_shards)
 
 
-class _SlotDataset(IterableDataset):
-    """Yields the batches of one rank's slots, from (epoch, batch) on, epoch after epoch."""
+class _Slots:
+    """The micro-batches of one epoch, by (slot, index in the slot), read window by window."""
 
-    def __init__(self, dataset: Dataset, layout: Layout, rank: int, seq_len: int, on_error: str) -> None:
+    def __init__(self, dataset: Dataset, layout: Layout, epoch: int, seq_len: int, on_error: str, where: str):
+        self.dataset, self.layout, self.epoch, self.seq_len = dataset, layout, epoch, seq_len
+        self.slot_len = layout.slot_len(dataset.total_sequences)
+        order = layout.order(len(dataset.shards), epoch)
+        self.readers: dict[int, _Stream] = {}  # one per slot, so that each reads on sequentially
+        self.windows: dict[int, tuple[int, np.ndarray]] = {}
+        self.order, self.on_error, self.where = order, on_error, where
+
+    def batch(self, slot: int, index: int) -> dict[str, Any]:
+        lay, B = self.layout, self.layout.batch_size
+        start = index * B
+        w_start = start // lay.window * lay.window
+        cached = self.windows.get(slot)
+        if cached is None or cached[0] != w_start:
+            reader = self.readers.setdefault(
+                slot, _Stream(self.dataset, self.order, self.on_error, self.where)
+            )
+            n = min(lay.window, self.slot_len - w_start)
+            seqs = np.concatenate(list(reader.read(slot * self.slot_len + w_start, n)))
+            if lay.shuffle:
+                seqs = seqs[np.random.default_rng([lay.seed, self.epoch, slot, w_start]).permutation(n)]
+            self.windows[slot] = cached = (w_start, seqs)
+        seqs = cached[1][start - w_start : start - w_start + B]
+        batch = to_batch(seqs, self.seq_len, self.dataset.pad_id)
+        batch["skipped_shards"] = sum(r.skipped for r in self.readers.values())
+        return batch
+
+
+class _RankDataset(IterableDataset):
+    """Yields one rank's micro-batches from (epoch, k) on, epoch after epoch.
+
+    Micro-batch t of an epoch is batch ``t // slots`` of slot ``t % slots``; rank r
+    takes the t with ``t % world_size == r``, and DataLoader worker w of W takes every
+    W-th of those. The global order of micro-batches does not depend on the world
+    size, so neither does what a step of ``world × accumulation`` micro-batches sees.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        layout: Layout,
+        rank: int,
+        world_size: int,
+        workers: int,
+        seq_len: int,
+        on_error: str,
+    ) -> None:
         super().__init__()
-        self.dataset, self.layout, self.rank, self.seq_len, self.on_error = (
-            dataset,
-            layout,
-            rank,
-            seq_len,
-            on_error,
-        )
+        self.dataset, self.layout, self.rank, self.world_size = dataset, layout, rank, world_size
+        self.workers, self.seq_len, self.on_error = workers, seq_len, on_error
         self.start_epoch, self.start_batch = 0, 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        workers = self.layout.workers
         physical = info.id if info is not None else 0
         # The DataLoader asks worker 0 first; after a resume at rank batch k, the next
         # batch belongs to logical worker k mod W, so worker ids are rotated by that.
-        logical = (physical + self.start_batch) % workers
-        consumed = max(0, -(-(self.start_batch - logical) // workers))  # ceil((k - w) / W)
+        logical = (physical + self.start_batch) % self.workers
+        consumed = max(0, -(-(self.start_batch - logical) // self.workers))  # ceil((k - w) / W)
         yield from self._batches(logical, self.start_epoch, consumed)
 
     def _batches(self, worker: int, epoch: int, consumed: int) -> Iterator[dict[str, Any]]:
-        d, lay = self.dataset, self.layout
-        slot = self.rank * lay.workers + worker
+        lay, world, W = self.layout, self.world_size, self.workers
         where = f"rank {self.rank} worker {worker}"
-        slot_len = lay.slot_len(d.total_sequences)
-        B = lay.batch_size
+        per_epoch = lay.slots * lay.slot_len(self.dataset.total_sequences) // lay.batch_size
         while True:
-            stream = _Stream(d, lay.order(len(d.shards), epoch), self.on_error, where)
-            first = consumed * B  # position in the slot
-            for w_start in range(first // lay.window * lay.window, slot_len, lay.window):
-                n = min(lay.window, slot_len - w_start)
-                seqs = np.concatenate(list(stream.read(slot * slot_len + w_start, n)))
-                if lay.shuffle:
-                    seqs = seqs[np.random.default_rng([lay.seed, epoch, slot, w_start]).permutation(n)]
-                for b in range(max(0, first - w_start) // B, n // B):
-                    batch = to_batch(seqs[b * B : (b + 1) * B], self.seq_len, d.pad_id)
-                    batch["skipped_shards"] = stream.skipped
-                    yield batch
+            slots = _Slots(self.dataset, lay, epoch, self.seq_len, self.on_error, where)
+            j = consumed
+            while (t := (j * W + worker) * world + self.rank) < per_epoch:
+                yield slots.batch(t % lay.slots, t // lay.slots)
+                j += 1
             epoch, consumed = epoch + 1, 0
 
 
 class TrainLoader:
-    """Shuffled training batches for one rank; iterate for the rest of the current epoch.
+    """Shuffled training micro-batches for one rank; iterate for the rest of the current epoch.
 
-    ``len(loader)`` is the number of batches per epoch, the same on every rank.
+    ``len(loader)`` is the number of micro-batches per epoch, the same on every rank.
     ``state_dict()`` / ``load_state_dict()`` give exact resume (see the module doc).
     """
 
@@ -352,6 +389,7 @@ class TrainLoader:
         world_size: int = 1,
         seed: int = 0,
         num_workers: int = 0,
+        slots: int | None = None,
         shuffle: bool = True,
         shuffle_window: int = 4096,
         on_error: str = "raise",
@@ -367,15 +405,21 @@ class TrainLoader:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.dataset = open_dataset(source, tokenizer_sha256, vocab_size, seq_len)
         self.seq_len = seq_len or self.dataset.seq_len
+        self.world_size, self.workers = world_size, max(1, num_workers)
+        slots = slots or world_size * self.workers
+        if slots % (world_size * self.workers):
+            raise ValueError(
+                f"slots {slots} is not a multiple of world_size {world_size} × workers {self.workers}"
+            )
         window = max(1, -(-shuffle_window // batch_size)) * batch_size
-        self.layout = Layout(seed, world_size, max(1, num_workers), batch_size, shuffle, window)
+        self.layout = Layout(seed, slots, batch_size, shuffle, window)
         slot_len = self.layout.slot_len(self.dataset.total_sequences)
         if slot_len == 0:
             raise ValueError(
                 f"{source}: {self.dataset.total_sequences} sequences cannot give one batch of {batch_size} "
-                f"to each of {world_size} ranks × {self.layout.workers} workers"
+                f"to each of {slots} slots ({world_size} ranks × {self.workers} workers)"
             )
-        self.batches_per_epoch = self.layout.workers * slot_len // batch_size
+        self.batches_per_epoch = slots * slot_len // batch_size // world_size
         self.rank, self.num_workers, self.on_error = rank, num_workers, on_error
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
         self.epoch, self.batch = 0, 0
@@ -391,7 +435,9 @@ class TrainLoader:
         return sum(self._skipped.values())
 
     def _start(self) -> Iterator[dict[str, Any]]:
-        ds = _SlotDataset(self.dataset, self.layout, self.rank, self.seq_len, self.on_error)
+        ds = _RankDataset(
+            self.dataset, self.layout, self.rank, self.world_size, self.workers, self.seq_len, self.on_error
+        )
         ds.start_epoch, ds.start_batch = self.epoch, self.batch
         if self.num_workers == 0:
             return iter(ds)
@@ -410,22 +456,21 @@ class TrainLoader:
             self._iter = self._start()
         while self.batch < self.batches_per_epoch:
             batch = next(self._iter)
-            self._skipped[(self.batch + self.epoch * self.batches_per_epoch) % self.layout.workers] = int(
-                batch.pop("skipped_shards")
-            )
+            worker = (self.batch + self.epoch * self.batches_per_epoch) % self.workers
+            self._skipped[worker] = int(batch.pop("skipped_shards"))
             self.batch += 1
             yield batch
         self.epoch, self.batch = self.epoch + 1, 0
 
     def state_dict(self) -> dict[str, Any]:
+        """Where the epoch stands, in world-size-free terms, and what the order depends on."""
         lay = self.layout
         return {
             "version": STATE_VERSION,
             "epoch": self.epoch,
-            "batch": self.batch,
+            "micro_batches": self.batch * self.world_size,
             "seed": lay.seed,
-            "world_size": lay.world_size,
-            "workers": lay.workers,
+            "slots": lay.slots,
             "batch_size": lay.batch_size,
             "shuffle": lay.shuffle,
             "window": lay.window,
@@ -434,13 +479,13 @@ class TrainLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly where ``state`` was taken; settings that shape the epoch must match."""
+        """Continue exactly where ``state`` was taken. The world size and the workers may
+        change if the saved slot count is a multiple of world size × workers; the other
+        settings the order depends on must match."""
         mine = self.state_dict()
         for key in (
             "version",
             "seed",
-            "world_size",
-            "workers",
             "batch_size",
             "shuffle",
             "window",
@@ -452,9 +497,22 @@ class TrainLoader:
                     f"loader state has {key}={state.get(key)!r}, this loader has {key}={mine[key]!r}: "
                     "the batch order would differ, so the run cannot resume exactly"
                 )
-        if not 0 <= state["batch"] < self.batches_per_epoch:
-            raise ValueError(f"loader state batch {state['batch']} outside 0..{self.batches_per_epoch - 1}")
-        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        slots, consumed = state["slots"], state["micro_batches"]
+        if slots % (self.world_size * self.workers) or consumed % self.world_size:
+            raise ValueError(
+                f"loader state has slots={slots}, micro_batches={consumed}: world_size {self.world_size} × "
+                f"workers {self.workers} cannot continue it exactly (slots must be a multiple of "
+                "world_size × workers, micro_batches of world_size)"
+            )
+        if slots != self.layout.slots:
+            self.layout = Layout(
+                self.layout.seed, slots, self.layout.batch_size, self.layout.shuffle, self.layout.window
+            )
+            slot_len = self.layout.slot_len(self.dataset.total_sequences)
+            self.batches_per_epoch = slots * slot_len // self.layout.batch_size // self.world_size
+        if not 0 <= consumed // self.world_size < self.batches_per_epoch:
+            raise ValueError(f"loader state micro_batches {consumed} is outside this epoch")
+        self.epoch, self.batch = int(state["epoch"]), consumed // self.world_size
         self._iter = None
 
 

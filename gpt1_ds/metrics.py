@@ -38,3 +38,48 @@ def flops_per_token(config: GPTConfig, seq_len: int) -> float:
 def mfu(tokens_per_sec: float, config: GPTConfig, seq_len: int, peak_flops: float) -> float:
     """Model FLOPs utilisation: achieved training FLOPs/s over ``peak_flops``."""
     return tokens_per_sec * flops_per_token(config, seq_len) / peak_flops
+
+
+def device_peak_flops(device_name: str) -> float | None:
+    """Dense bf16 peak of a known GPU from its name (``torch.cuda.get_device_name``), else None."""
+    name = device_name.lower()
+    if "h200" in name:
+        return PEAK_FLOPS["h200"]
+    if "h100" in name:
+        return PEAK_FLOPS["h100-pcie"] if "pcie" in name else PEAK_FLOPS["h100-sxm"]
+    if "a100" in name:
+        return PEAK_FLOPS["a100"]
+    return None
+
+
+class Monitor:
+    """TensorBoard scalars and text from rank 0 (other ranks hold a no-op monitor).
+
+    ``purge_step``: on resume, events of an earlier attempt at or after this step are
+    hidden, so a resumed run continues its curves without duplicate steps.
+    """
+
+    def __init__(self, log_dir: str | None, purge_step: int | None = None) -> None:
+        self.writer = None
+        if log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir, purge_step=purge_step)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for tag, value in values.items():
+                if value is not None:
+                    self.writer.add_scalar(tag, value, step)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_text(tag, text, step)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

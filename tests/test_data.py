@@ -195,10 +195,25 @@ def test_manifest_mismatch_is_a_clear_error(numbered, prepared):
         TrainLoader(numbered / "nowhere", batch_size=4)
 
 
-def test_state_from_another_world_size_is_refused(numbered):
-    state = TrainLoader(numbered, batch_size=4, world_size=2).state_dict()
-    with pytest.raises(ValueError, match=r"world_size=2.*world_size=1"):
-        TrainLoader(numbered, batch_size=4).load_state_dict(state)
+def test_state_from_another_world_size_is_refused_unless_the_slots_allow_it(numbered):
+    state = TrainLoader(numbered, batch_size=4, world_size=1).state_dict()
+    with pytest.raises(ValueError, match=r"slots=1.*world_size 2"):
+        TrainLoader(numbered, batch_size=4, world_size=2).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"seed=0.*seed=5"):
+        TrainLoader(numbered, batch_size=4, seed=5).load_state_dict(state)
+
+
+def test_global_order_does_not_depend_on_the_world_size(numbered):
+    """With the same slots, 1 rank and 2 ranks see the same micro-batches per step, and a
+    2-rank run resumes on 1 rank exactly."""
+    one = TrainLoader(numbered, batch_size=4, slots=4)
+    two = [TrainLoader(numbered, batch_size=4, rank=r, world_size=2, slots=4) for r in range(2)]
+    single = take(one, 40)
+    pairs = [take(t, 20) for t in two]
+    assert single == [h for pair in zip(*pairs, strict=True) for h in pair]
+    elastic = TrainLoader(numbered, batch_size=4, num_workers=2, slots=4)
+    elastic.load_state_dict(two[0].state_dict())
+    assert take(elastic, 10) == take(one, 10)
 
 
 def test_shorter_model_context_crops_sequences(prepared):

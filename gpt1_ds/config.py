@@ -1,0 +1,190 @@
+"""Run configuration: a typed dataclass, read from YAML, overridden by ``key=value``.
+
+DeepSpeed owns what its JSON holds (batch, optimiser, schedule, precision, ZeRO,
+activation checkpointing); this config owns the model and the run. ``"auto"``
+values in the JSON are filled here (micro-batch, accumulation, total steps), and
+any contradiction between the two, the world size and the dataset's manifest is
+an error before any compute, naming the values.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gpt1_ds.model import GPTConfig
+
+
+@dataclass
+class RunConfig:
+    """Everything about a pretraining run that is not in the DeepSpeed JSON."""
+
+    model: str = "gpt1"
+    """Model preset (``GPTConfig.from_preset``): ``gpt1`` or ``tiny``."""
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    """GPTConfig fields to change from the preset, e.g. ``{n_layer: 6}``."""
+    data: str = ""
+    """Dataset directory: ``tokenizer.model``, ``train/``, ``val/`` (from ``data_prep.prepare``)."""
+    run_dir: str = "runs/gpt1"
+    """Where checkpoints/, tensorboard/ and config.yaml go."""
+    micro_batch_size: int = 8
+    """Sequences per rank per forward pass (the JSON's ``train_micro_batch_size_per_gpu``)."""
+    epochs: int = 100
+    """Passes over the train split (GPT-1: 100); ``max_steps`` wins when set."""
+    max_steps: int | None = None
+    """Stop after this many optimiser steps (overrides ``epochs``)."""
+    log_interval: int = 10
+    """Steps between console lines and TensorBoard training scalars."""
+    eval_interval: int = 1000
+    """Steps between validation passes (also one at the start and one at the end)."""
+    eval_batches: int = 50
+    """Validation micro-batches per rank per pass (at most the split)."""
+    checkpoint_interval: int = 1000
+    """Steps between checkpoints (also one at the end, and on SIGUSR1/SIGTERM)."""
+    keep_checkpoints: int = 3
+    """Complete checkpoints kept; older ones are deleted."""
+    seed: int = 1234
+    """Seed of the initialisation, the data order and the dropout masks."""
+    resume: str = "auto"
+    """``auto`` (newest complete checkpoint in run_dir, else start), ``none``, or a checkpoint path."""
+    sample_interval: int = 1000
+    """Steps between generated samples written to TensorBoard (0: never)."""
+    sample_prompt: str = "The"
+    """Prompt of the generated samples."""
+    sample_tokens: int = 48
+    """Tokens generated per sample."""
+    num_workers: int = 2
+    """DataLoader workers per rank (0: read in the training process)."""
+    shuffle_window: int = 4096
+    """Sequences shuffled together in the loader."""
+    activation_checkpointing: bool = False
+    """Recompute each block in the backward pass (DeepSpeed's checkpointing when configured)."""
+    peak_flops: float | None = None
+    """Device peak FLOP/s for MFU; None: from the device name (H100, H200, A100), else no MFU."""
+    nan_policy: str = "stop"
+    """On a NaN/Inf loss: ``stop`` (exit naming the step) or ``skip`` (skip the update, up to 10 in a row)."""
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+        """The YAML file (if any) with ``key=value`` overrides (``model_overrides.n_layer=2``)."""
+        data: dict[str, Any] = {}
+        if path:
+            text = Path(path).read_text()
+            try:
+                data = yaml.safe_load(text) or {}
+            except yaml.YAMLError as e:
+                raise ValueError(f"{path}: invalid YAML: {e}") from None
+            if not isinstance(data, dict):
+                raise ValueError(f"{path}: expected a mapping of run settings")
+        for item in overrides or []:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"override {item!r} is not key=value")
+            parsed = yaml.safe_load(value) if value else ""
+            if "." in key:
+                outer, inner = key.split(".", 1)
+                data.setdefault(outer, {})
+                if not isinstance(data[outer], dict):
+                    raise ValueError(f"override {item!r}: {outer} is not a mapping")
+                data[outer][inner] = parsed
+            else:
+                data[key] = parsed
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown run settings {unknown} (from {path or 'overrides'}); known: {sorted(known)}"
+            )
+        config = cls(**data)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        for name in (
+            "micro_batch_size",
+            "epochs",
+            "log_interval",
+            "eval_interval",
+            "checkpoint_interval",
+            "keep_checkpoints",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"run setting {name} must be a positive integer, got {value!r}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            raise ValueError(f"run setting max_steps must be a positive integer, got {self.max_steps!r}")
+        if self.nan_policy not in ("stop", "skip"):
+            raise ValueError(f"run setting nan_policy must be 'stop' or 'skip', got {self.nan_policy!r}")
+        self.model_config()  # unknown presets and bad model fields fail here
+
+    def model_config(self) -> GPTConfig:
+        overrides = {**self.model_overrides, "activation_checkpointing": self.activation_checkpointing}
+        return GPTConfig.from_preset(self.model, **overrides)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(asdict(self), sort_keys=False)
+
+
+def load_ds_config(path: str | Path) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such DeepSpeed config") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON: {e}") from None
+
+
+def _fill(value: Any, computed: int, where: str) -> int:
+    """An ``"auto"`` (or absent) value takes the computed one; an explicit one must equal it."""
+    if value is None or value == "auto":
+        return computed
+    if value != computed:
+        raise ValueError(f"{where} is {value}, but the run needs {computed}")
+    return value
+
+
+def resolve_ds_config(
+    ds: dict[str, Any], run: RunConfig, world_size: int, steps_per_epoch_fn, where: str, device: str
+) -> dict[str, Any]:
+    """A copy of the DeepSpeed config with its ``"auto"`` values filled and checked.
+
+    ``steps_per_epoch_fn(accumulation)`` gives the optimiser steps per epoch (from the
+    loader, hence the manifest), for ``total_num_steps``.
+    """
+    ds = copy.deepcopy(ds)
+    global_batch = ds.get("train_batch_size")
+    if not isinstance(global_batch, int):
+        raise ValueError(f"{where}: train_batch_size must be a number (GPT-1: 64), got {global_batch!r}")
+    micro = _fill(
+        ds.get("train_micro_batch_size_per_gpu"),
+        run.micro_batch_size,
+        f"{where}: train_micro_batch_size_per_gpu (run setting micro_batch_size)",
+    )
+    if global_batch % (micro * world_size):
+        raise ValueError(
+            f"{where}: train_batch_size {global_batch} is not a multiple of micro_batch_size {micro} "
+            f"× world size {world_size}"
+        )
+    accum = _fill(
+        ds.get("gradient_accumulation_steps"),
+        global_batch // (micro * world_size),
+        f"{where}: gradient_accumulation_steps",
+    )
+    ds.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum)
+    per_epoch = steps_per_epoch_fn(accum)
+    total = run.max_steps if run.max_steps is not None else run.epochs * per_epoch
+    sched = ds.get("scheduler", {}).get("params")
+    if sched is not None and "total_num_steps" in sched:
+        sched["total_num_steps"] = _fill(
+            sched["total_num_steps"], total, f"{where}: scheduler.total_num_steps"
+        )
+    if ds.get("fp16", {}).get("enabled") and device == "cpu":
+        raise ValueError(f"{where}: fp16.enabled is true, but DeepSpeed has no fp16 on the CPU: use bf16")
+    if ds.get("fp16", {}).get("enabled") and "initial_scale_power" not in ds["fp16"]:
+        raise ValueError(f"{where}: fp16 needs an explicit initial_scale_power (e.g. 16)")
+    return ds
