@@ -37,10 +37,14 @@ $(STAMP): pyproject.toml Makefile
 DEMO_DIR ?= runs/demo
 CORPUS ?= ../shared/corpus
 
+DEMO_OVERRIDES ?= ds.scheduler.params.warmup_num_steps=30 ds.optimizer.params.lr=0.001
+
 demo: setup
 	$(PY) -m data_prep.prepare --input data/sample --out $(DEMO_DIR)/data --vocab-size 8192 \
 		--seq-len 128 --shard-bytes 1000000 --val-fraction 0.15 --test-fraction 0.15
-	$(PY) -m gpt1_ds.model
+	rm -rf $(DEMO_DIR)/run
+	$(VENV)/bin/deepspeed --num_gpus 2 gpt1_ds/train.py --deepspeed_config ds_configs/zero2.json \
+		--config configs/tiny-cpu.yaml --data $(DEMO_DIR)/data --run-dir $(DEMO_DIR)/run $(DEMO_OVERRIDES)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -62,12 +62,14 @@ class RunConfig:
     """DataLoader workers per rank (0: read in the training process)."""
     shuffle_window: int = 4096
     """Sequences shuffled together in the loader."""
+    data_slots: int | None = None
+    """Parallel ranges the loader reads each epoch (default: ranks × workers). The data order
+    depends on it, not on the world size: fix it to resume on another number of ranks
+    (any that divides it) or to compare runs across world sizes."""
     activation_checkpointing: bool = False
     """Recompute each block in the backward pass (DeepSpeed's checkpointing when configured)."""
     peak_flops: float | None = None
     """Device peak FLOP/s for MFU; None: from the device name (H100, H200, A100), else no MFU."""
-    nan_policy: str = "stop"
-    """On a NaN/Inf loss: ``stop`` (exit naming the step) or ``skip`` (skip the update, up to 10 in a row)."""
 
     @classmethod
     def from_yaml(cls, path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
@@ -118,8 +120,6 @@ class RunConfig:
                 raise ValueError(f"run setting {name} must be a positive integer, got {value!r}")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
             raise ValueError(f"run setting max_steps must be a positive integer, got {self.max_steps!r}")
-        if self.nan_policy not in ("stop", "skip"):
-            raise ValueError(f"run setting nan_policy must be 'stop' or 'skip', got {self.nan_policy!r}")
         self.model_config()  # unknown presets and bad model fields fail here
 
     def model_config(self) -> GPTConfig:

@@ -83,7 +83,8 @@ def init() -> tuple[int, int, int]:
     import torch.distributed as dist
 
     kind = setup_env()
-    deepspeed.init_distributed(auto_mpi_discovery=kind == "mpi", verbose=False)
+    port = int(os.environ.get("MASTER_PORT", "29500"))  # MPI discovery announces this port
+    deepspeed.init_distributed(auto_mpi_discovery=kind == "mpi", distributed_port=port, verbose=False)
     rank, world = dist.get_rank(), dist.get_world_size()
     local = int(os.environ.get("LOCAL_RANK", os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")))
     return rank, world, local

@@ -1,0 +1,394 @@
+"""gpt1_ds.train: real DeepSpeed engines, real ranks (gloo), real shards of real books."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from gpt1_ds.train import PREEMPTED_EXIT
+
+BIN = Path(sys.executable).parent
+# A small model on the test dataset (vocab 2000, sequences of 64), a small global batch.
+SMALL = [
+    "model=tiny",
+    "model_overrides.n_layer=2",
+    "model_overrides.n_embd=64",
+    "model_overrides.n_head=2",
+    "model_overrides.n_inner=256",
+    "model_overrides.n_positions=64",
+    "model_overrides.vocab_size=2000",
+    "micro_batch_size=4",
+    "num_workers=0",
+    "log_interval=1",
+    "eval_interval=1000",
+    "eval_batches=4",
+    "sample_interval=0",
+    "ds.train_batch_size=8",
+    "ds.scheduler.params.warmup_num_steps=5",
+]
+FP32_NO_DROPOUT = [
+    "ds.bf16.enabled=false",
+    "model_overrides.embd_pdrop=0",
+    "model_overrides.attn_pdrop=0",
+    "model_overrides.resid_pdrop=0",
+]
+
+
+def command(launcher: str, port: int, ds_config: str = "ds_configs/zero2.json") -> list[str]:
+    script = ["--deepspeed_config", ds_config]
+    if launcher == "python":
+        return [sys.executable, "-m", "gpt1_ds.train", *script]
+    if launcher == "deepspeed":
+        return [
+            str(BIN / "deepspeed"),
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(port),
+            "gpt1_ds/train.py",
+            *script,
+        ]
+    if launcher == "torchrun":
+        return [
+            str(BIN / "torchrun"),
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(port),
+            "gpt1_ds/train.py",
+            *script,
+        ]
+    if launcher == "mpirun":
+        return [
+            str(BIN / "mpirun"),
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "-np",
+            "2",
+            "-x",
+            f"MASTER_PORT={port}",
+            sys.executable,
+            "-m",
+            "gpt1_ds.train",
+            *script,
+        ]
+    raise ValueError(launcher)
+
+
+def train(
+    data: Path,
+    run_dir: Path,
+    *overrides: str,
+    launcher: str = "torchrun",
+    port: int = 29700,
+    ds_config: str = "ds_configs/zero2.json",
+    check: bool = True,
+    **popen,
+) -> subprocess.CompletedProcess:
+    cmd = [
+        *command(launcher, port, ds_config),
+        "--data",
+        str(data),
+        "--run-dir",
+        str(run_dir),
+        *SMALL,
+        *overrides,
+    ]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, **popen)
+    if check:
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    return out
+
+
+def scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+SCHEDULE_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=sys.argv[1])
+    import deepspeed
+    from gpt1_ds.config import RunConfig, load_ds_config, resolve_ds_config
+    from gpt1_ds.model import GPT, GPTConfig
+    from gpt1_ds.train import build_engine
+    deepspeed.init_distributed(dist_backend="gloo")
+    run = RunConfig(model="tiny", micro_batch_size=8, max_steps=4000)
+    ds = resolve_ds_config(load_ds_config("ds_configs/zero2.json"), run, 8, lambda a: 10**6, "zero2.json",
+                           "cpu")
+    ds["train_batch_size"] = 8; ds["gradient_accumulation_steps"] = 1
+    model = GPT(GPTConfig.from_preset("tiny", n_layer=1))
+    engine, sched = build_engine(model, ds)
+    opt = engine.optimizer
+    lrs = []  # lrs[s]: the learning rate of update s (from 0)
+    for step in range(4000):
+        lrs.append(opt.param_groups[0]["lr"])
+        sched.step()
+    compact = dict(separators=(",", ":"))
+    print("LRS", json.dumps([lrs[s] for s in (0, 1, 1000, 2000, 3000, 3999)], **compact),
+          json.dumps([g["weight_decay"] for g in opt.param_groups], **compact))
+    """
+)
+
+
+def test_schedule_read_back_from_the_engine(tmp_path, free_port):
+    script = tmp_path / "schedule.py"
+    script.write_text(SCHEDULE_SCRIPT)
+    out = subprocess.run(
+        [sys.executable, str(script), str(free_port)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(x for x in out.stdout.splitlines() if x.startswith("LRS"))
+    lrs, decay = (json.loads(p) for p in line.split(" ", 2)[1:])
+    at0, at1, at1000, at2000, at3000, last = lrs
+    assert at0 == 0.0 and at1 == pytest.approx(2.5e-4 / 2000)  # linear warm-up from 0
+    assert at1000 == pytest.approx(1.25e-4) and at2000 == pytest.approx(2.5e-4)
+    # cosine over updates 2000..3999 (DeepSpeed counts its phase from the warm-up's last update)
+    assert at3000 == pytest.approx(2.5e-4 * (1 + math.cos(math.pi * 1001 / 2000)) / 2)
+    assert last == 0.0  # cos_min_ratio 0, at the last of 4,000 updates
+    assert sorted(decay) == [0.0, 0.01]  # parameter groups: biases and gains not decayed
+
+
+def test_one_rank_and_two_ranks_and_zero_stages_give_the_same_losses(prepared, tmp_path, free_port):
+    common = ["max_steps=4", "data_slots=2", *FP32_NO_DROPOUT]
+    train(prepared, tmp_path / "one", *common, launcher="python")
+    reference = scalars(tmp_path / "one", "train/loss")
+    assert sorted(reference) == [1, 2, 3, 4]
+    for stage in (0, 1, 2, 3):
+        run = tmp_path / f"zero{stage}"
+        train(
+            prepared,
+            run,
+            *common,
+            launcher="torchrun",
+            port=free_port + stage,
+            ds_config=f"ds_configs/zero{stage}.json",
+        )
+        losses = scalars(run, "train/loss")
+        for step, value in reference.items():
+            assert losses[step] == pytest.approx(value, abs=1e-5), (stage, step)
+
+
+def test_tensorboard_holds_the_listed_tags(prepared, tmp_path, free_port):
+    run = tmp_path / "run"
+    train(
+        prepared,
+        run,
+        "max_steps=3",
+        "eval_interval=2",
+        "sample_interval=2",
+        "sample_tokens=5",
+        port=free_port,
+    )
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in (
+        "train/loss",
+        "train/ppl",
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_sec",
+        "train/tflops",
+        "train/step_time",
+        "val/loss",
+        "val/ppl",
+        "memory/rss_gb",
+    ):
+        assert tag in tags, tag
+    assert sorted(e.step for e in acc.Scalars("val/loss")) == [0, 2, 3]
+    assert any("sample" in t for t in acc.Tags()["tensors"])
+    config = (run / "config.yaml").read_text()
+    assert "max_steps: 3" in config
+    resolved = json.loads((run / "ds_config.json").read_text())
+    assert resolved["gradient_accumulation_steps"] == 1 and resolved["train_micro_batch_size_per_gpu"] == 4
+    assert resolved["scheduler"]["params"]["total_num_steps"] == 3
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:] if proc.stderr else "ended early"
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_kill_9_then_resume_auto_matches_the_uninterrupted_run(prepared, tmp_path, free_port):
+    steps = ["max_steps=12", "checkpoint_interval=4", "ds.bf16.enabled=false"]
+    train(prepared, tmp_path / "straight", *steps, port=free_port)
+    reference = scalars(tmp_path / "straight", "train/loss")
+
+    run = tmp_path / "killed"
+    cmd = [
+        *command("torchrun", free_port + 1),
+        "--data",
+        str(prepared),
+        "--run-dir",
+        str(run),
+        *SMALL,
+        *steps,
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    wait_for(run / "checkpoints" / "step00000004" / "COMPLETE", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "checkpoints" / "step00000012").exists(), "killed too late"
+    out = train(prepared, run, *steps, "resume=auto", port=free_port + 2)
+    assert "resumed from" in out.stderr
+    losses = scalars(run, "train/loss")
+    assert sorted(losses) == list(range(1, 13))  # every step once, none twice
+    for step in range(1, 13):
+        assert losses[step] == pytest.approx(reference[step], abs=1e-5), step
+
+
+def test_sigusr1_saves_and_exits_preempted_then_resumes(prepared, tmp_path, free_port):
+    run = tmp_path / "run"
+    steps = ["max_steps=400", "checkpoint_interval=1000"]
+    cmd = [*command("python", free_port), "--data", str(prepared), "--run-dir", str(run), *SMALL, *steps]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(run / "tensorboard", proc)
+    time.sleep(3)
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=120) == PREEMPTED_EXIT
+    tags = sorted(p.name for p in (run / "checkpoints").iterdir() if (p / "COMPLETE").exists())
+    assert len(tags) == 1
+    saved = int(tags[0].removeprefix("step"))
+    assert 0 < saved < 400
+    out = train(
+        prepared,
+        run,
+        "max_steps=" + str(saved + 3),
+        "checkpoint_interval=1000",
+        launcher="python",
+        port=free_port + 1,
+    )
+    assert f"at step {saved}" in out.stderr
+    assert max(scalars(run, "train/loss")) == saved + 3
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "mpirun"])
+def test_launchers_run_two_ranks(prepared, tmp_path, free_port, launcher):
+    out = train(prepared, tmp_path / launcher, "max_steps=2", launcher=launcher, port=free_port)
+    assert "2 ranks" in out.stderr + out.stdout
+    assert len(scalars(tmp_path / launcher, "train/loss")) == 2
+
+
+def test_two_nodes_over_loopback_match_one_node(prepared, tmp_path, free_port):
+    common = ["max_steps=3", "data_slots=2", *FP32_NO_DROPOUT]
+    train(prepared, tmp_path / "one_node", *common, port=free_port)
+    reference = scalars(tmp_path / "one_node", "train/loss")
+    procs = []
+    for node in (0, 1):
+        cmd = [
+            str(BIN / "torchrun"),
+            "--nnodes",
+            "2",
+            "--node_rank",
+            str(node),
+            "--nproc_per_node",
+            "1",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port + 1),
+            "gpt1_ds/train.py",
+            "--deepspeed_config",
+            "ds_configs/zero2.json",
+            "--data",
+            str(prepared),
+            "--run-dir",
+            str(tmp_path / "two_nodes"),
+            *SMALL,
+            *common,
+        ]
+        procs.append(
+            subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    losses = scalars(tmp_path / "two_nodes", "train/loss")
+    for step, value in reference.items():
+        assert losses[step] == pytest.approx(value, abs=1e-5)
+
+
+def test_contradictions_fail_before_any_compute(prepared, tmp_path, free_port):
+    out = train(
+        prepared,
+        tmp_path / "a",
+        "max_steps=2",
+        "ds.train_batch_size=6",
+        launcher="python",
+        port=free_port,
+        check=False,
+    )
+    assert out.returncode != 0 and "train_batch_size 6 is not a multiple of micro_batch_size 4" in out.stderr
+    out = train(
+        prepared,
+        tmp_path / "b",
+        "max_steps=2",
+        "ds.train_micro_batch_size_per_gpu=2",
+        launcher="python",
+        port=free_port,
+        check=False,
+    )
+    assert "train_micro_batch_size_per_gpu" in out.stderr and "is 2, but the run needs 4" in out.stderr
+    out = train(
+        prepared,
+        tmp_path / "c",
+        "max_steps=2",
+        "model_overrides.vocab_size=1000",
+        launcher="python",
+        port=free_port,
+        check=False,
+    )
+    assert "vocab_size 2000 exceeds the model's 1000" in out.stderr
+    out = train(
+        prepared,
+        tmp_path / "d",
+        "max_steps=2",
+        "model_overrides.n_positions=128",
+        launcher="python",
+        port=free_port,
+        check=False,
+    )
+    assert "seq_len 64 is shorter than the model's 128" in out.stderr
+    out = train(
+        prepared, tmp_path / "e", "max_steps=2", "epochs=0", launcher="python", port=free_port, check=False
+    )
+    assert "epochs must be a positive integer" in out.stderr
+    assert not (tmp_path / "a" / "checkpoints").exists()
+
+
+def test_loss_falls_on_real_books(prepared, tmp_path, free_port):
+    run = tmp_path / "run"
+    train(
+        prepared,
+        run,
+        "max_steps=150",
+        "log_interval=10",
+        "eval_interval=150",
+        "ds.optimizer.params.lr=0.003",
+        "ds.scheduler.params.warmup_num_steps=15",
+        port=free_port,
+    )
+    val = scalars(run, "val/loss")
+    train_loss = scalars(run, "train/loss")
+    assert val[150] < val[0] - 0.8, val  # from about ln(2000) = 7.6
+    assert train_loss[150] < train_loss[10] - 0.5, train_loss
