@@ -37,7 +37,7 @@ $(STAMP): pyproject.toml Makefile
 DEMO_DIR ?= runs/demo
 CORPUS ?= ../shared/corpus
 
-DEMO_OVERRIDES ?= ds.scheduler.params.warmup_num_steps=30 ds.optimizer.params.lr=0.001
+DEMO_OVERRIDES ?= ds.scheduler.params.warmup_num_steps=30
 
 demo: setup
 	$(PY) -m data_prep.prepare --input data/sample --out $(DEMO_DIR)/data --vocab-size 8192 \

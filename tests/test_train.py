@@ -392,3 +392,27 @@ def test_loss_falls_on_real_books(prepared, tmp_path, free_port):
     train_loss = scalars(run, "train/loss")
     assert val[150] < val[0] - 0.8, val  # from about ln(2000) = 7.6
     assert train_loss[150] < train_loss[10] - 0.5, train_loss
+
+
+@pytest.mark.parametrize("name", ["zero0", "zero1", "zero3", "zero2_offload"])
+def test_every_shipped_ds_config_trains_as_it_stands(prepared, tmp_path, free_port, name):
+    """bf16 as the files say (zero2 runs in the other tests; the offload builds DeepSpeed's CPU Adam)."""
+    run = tmp_path / name
+    train(
+        prepared, run, "max_steps=2", launcher="python", port=free_port, ds_config=f"ds_configs/{name}.json"
+    )
+    assert sorted(scalars(run, "train/loss")) == [1, 2]
+    assert json.loads((run / "ds_config.json").read_text())["bf16"]["enabled"] is True
+
+
+def test_fp16_config_is_refused_on_a_cpu_with_a_clear_error(prepared, tmp_path, free_port):
+    out = train(
+        prepared,
+        tmp_path / "fp16",
+        "max_steps=1",
+        launcher="python",
+        port=free_port,
+        ds_config="ds_configs/zero2_fp16.json",
+        check=False,
+    )
+    assert out.returncode != 0 and "fp16.enabled is true, but DeepSpeed has no fp16 on the CPU" in out.stderr

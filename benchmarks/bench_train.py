@@ -1,0 +1,244 @@
+"""Training throughput, MFU and peak memory: a plain PyTorch loop against DeepSpeed.
+
+    python benchmarks/bench_train.py                          # tiny and gpt1, every variant
+    python benchmarks/bench_train.py --presets gpt1 --batch 16 --steps 20   # on a GPU
+
+Variants, each in a process of its own (clean memory peaks), same model, same
+batches, one optimiser step per batch, bf16:
+  plain         PyTorch loop: bf16 autocast, torch.optim.AdamW (parameter groups)
+  plain+ac      the same with activation checkpointing (torch.utils.checkpoint)
+  ds-z0/1/2     DeepSpeed engine with ds_configs/zero{0,1,2}.json (bf16, FusedAdam where built)
+  ds-z2+ac      ZeRO-2 with activation checkpointing (DeepSpeed's, configured from the JSON)
+Step time is the median over ``--steps`` timed steps after ``--warmup``. Peak
+memory: CUDA max_memory_allocated; on a CPU, the growth of the process's peak RSS
+during the steps (coarse: the allocator keeps memory). Activations: the bytes
+autograd holds for the backward pass after one forward, counted exactly with
+saved-tensor hooks on any device; what activation checkpointing saves. MFU uses
+the device's dense bf16 peak (gpt1_ds.metrics) or ``--peak-flops``; on a CPU
+without ``--peak-flops`` it is not reported. Prints a markdown table per preset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+VARIANTS = ["plain", "plain+ac", "ds-z0", "ds-z1", "ds-z2", "ds-z2+ac"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_variant(preset: str, variant: str, batch: int, seq_len: int, steps: int, warmup: int) -> dict:
+    """Runs in a child process: builds the variant, trains, returns its figures."""
+    import torch
+
+    from gpt1_ds.config import RunConfig, load_ds_config, resolve_ds_config
+    from gpt1_ds.model import GPT, GPTConfig, param_groups
+
+    ac = variant.endswith("+ac")
+    config = GPTConfig.from_preset(preset, activation_checkpointing=ac)
+    T = min(seq_len, config.n_positions)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    torch.manual_seed(0)
+    data = torch.randint(0, config.vocab_size, (warmup + steps, batch, T + 1))
+
+    if variant.startswith("plain"):
+        model = GPT(config).to(device).train()
+        opt = torch.optim.AdamW(param_groups(model, 0.01), lr=2.5e-4, betas=(0.9, 0.999), eps=1e-8)
+
+        def forward(i: int):
+            x, y = data[i, :, :-1].to(device), data[i, :, 1:].to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                return model(x, y)[1]
+
+        def step(i: int) -> None:
+            loss = forward(i)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    else:
+        import deepspeed
+
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        deepspeed.init_distributed(verbose=False)
+        stage = variant.split("-z")[1][0]
+        ds = load_ds_config(REPO / "ds_configs" / f"zero{stage}.json")
+        ds["train_batch_size"] = batch
+        run = RunConfig(model=preset, micro_batch_size=batch, max_steps=10**6)
+        ds = resolve_ds_config(ds, run, 1, lambda a: 10**6, f"zero{stage}.json", device.type)
+        if ac:
+            deepspeed.checkpointing.configure(None, deepspeed_config=ds)
+        from gpt1_ds.train import build_engine
+
+        engine, _ = build_engine(GPT(config), ds)
+
+        def forward(i: int):
+            x, y = data[i, :, :-1].to(device), data[i, :, 1:].to(device)
+            return engine(x, y)[1]
+
+        def step(i: int) -> None:
+            loss = forward(i)
+            engine.backward(loss)
+            engine.step()
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    for i in range(warmup):
+        step(i)
+    sync()
+    saved = 0  # bytes autograd keeps for the backward pass, parameters excluded: the activations
+    module = model if variant.startswith("plain") else engine.module
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    seen: set[int] = set()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal saved
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params and ptr not in seen:
+            seen.add(ptr)
+            saved += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = forward(0)
+    del loss
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    times = []
+    for i in range(warmup, warmup + steps):
+        start = time.perf_counter()
+        step(i)
+        sync()
+        times.append(time.perf_counter() - start)
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if cuda
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
+    )
+    optimizer = "torch AdamW" if variant.startswith("plain") else type(engine.optimizer).__name__
+    if not variant.startswith("plain") and hasattr(engine.optimizer, "optimizer"):
+        optimizer = f"{type(engine.optimizer).__name__}({type(engine.optimizer.optimizer).__name__})"
+    return {
+        "step_time": statistics.median(times),
+        "tokens": batch * T,
+        "peak_bytes": peak,
+        "seq_len": T,
+        "activation_bytes": saved,
+        "optimizer": optimizer,
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=["tiny", "gpt1"])
+    parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    parser.add_argument(
+        "--batch", type=int, help="sequences per step (default: 4 for gpt1 on a CPU, 32 for tiny)"
+    )
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--peak-flops", type=float, help="device peak FLOP/s for MFU")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child:
+        preset, variant, batch = args.child.split(":")
+        print(
+            "RESULT "
+            + json.dumps(run_variant(preset, variant, int(batch), args.seq_len, args.steps, args.warmup))
+        )
+        return
+
+    import torch
+
+    from gpt1_ds.metrics import device_peak_flops, flops_per_token
+    from gpt1_ds.model import GPTConfig
+
+    results = []
+    for preset in args.presets:
+        batch = args.batch or (32 if preset == "tiny" else (16 if torch.cuda.is_available() else 4))
+        rows = []
+        for variant in args.variants:
+            env = {**os.environ, "MASTER_PORT": str(free_port())}
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    f"{preset}:{variant}:{batch}",
+                    "--seq-len",
+                    str(args.seq_len),
+                    "--steps",
+                    str(args.steps),
+                    "--warmup",
+                    str(args.warmup),
+                ],
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=REPO,
+            )
+            line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if out.returncode != 0 or line is None:
+                print(f"{preset} {variant} failed:\n{out.stderr[-3000:]}", file=sys.stderr)
+                continue
+            r = json.loads(line[7:])
+            r.update(preset=preset, variant=variant, batch=batch)
+            rows.append(r)
+        if not rows:
+            continue
+        config = GPTConfig.from_preset(preset)
+        base = next((r for r in rows if r["variant"] == "plain"), rows[0])
+        z2 = next((r for r in rows if r["variant"] == "ds-z2"), None)
+        device = rows[0]["device"]
+        peak_flops = args.peak_flops or device_peak_flops(device)
+        print(
+            f"\n{preset}: batch {batch} × {rows[0]['seq_len']}, bf16, {device}; torch {torch.__version__}; "
+            f"{date.today()}\n"
+        )
+        print(
+            "| variant | optimizer | step time | vs plain | tokens/s | TFLOP/s | MFU | peak memory "
+            "| activations | vs ds-z2 |"
+        )
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in rows:
+            tps = r["tokens"] / r["step_time"]
+            tflops = tps * flops_per_token(config, r["seq_len"]) / 1e12
+            mfu = f"{100 * tflops * 1e12 / peak_flops:.1f}%" if peak_flops else "n/a"
+            act = r["activation_bytes"]
+            act_ratio = f"{act / z2['activation_bytes']:.2f}×" if z2 and z2["activation_bytes"] else ""
+            print(
+                f"| {r['variant']} | {r['optimizer']} | {r['step_time']:.3f} s | "
+                f"{r['step_time'] / base['step_time']:.2f}× | {tps:,.0f} | {tflops:.3f} | {mfu} | "
+                f"{r['peak_bytes'] / 2**30:.2f} GiB | {act / 2**30:.2f} GiB | {act_ratio} |"
+            )
+            r.update(tokens_per_sec=tps, tflops=tflops)
+        results.extend(rows)
+    if args.json:
+        args.json.write_text(json.dumps({"date": str(date.today()), "rows": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
