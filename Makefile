@@ -56,6 +56,7 @@ test: setup lint
 bench: setup
 	$(PY) benchmarks/bench_model.py
 	$(PY) benchmarks/bench_loader.py
+	$(PY) benchmarks/bench_train.py
 	if [ -d $(CORPUS)/books ]; then \
 		$(PY) benchmarks/bench_prep.py --corpus $(CORPUS)/books --list $(CORPUS)/books_small.txt; \
 	else $(PY) benchmarks/bench_prep.py --corpus data/sample; fi
