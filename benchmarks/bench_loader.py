@@ -32,8 +32,8 @@ from gpt1_ds.data import TrainLoader, to_batch
 REPO = Path(__file__).resolve().parent.parent
 
 
-def ours(split: Path, workers: int, batches: int, batch_size: int) -> float:
-    loader = TrainLoader(split, batch_size=batch_size, num_workers=workers, seed=0)
+def throughput(loader, batches: int, tokens_per_batch: int) -> float:
+    """Tokens/s over ``batches`` batches, going round the loader's epochs; start-up not counted."""
     it = iter(loader)
     next(it)  # start-up (worker processes) is not throughput
     start = time.perf_counter()
@@ -45,7 +45,12 @@ def ours(split: Path, workers: int, batches: int, batch_size: int) -> float:
                 break
         else:
             it = iter(loader)
-    return batches * batch_size * loader.seq_len / (time.perf_counter() - start)
+    return batches * tokens_per_batch / (time.perf_counter() - start)
+
+
+def ours(split: Path, workers: int, batches: int, batch_size: int) -> float:
+    loader = TrainLoader(split, batch_size=batch_size, num_workers=workers, seed=0)
+    return throughput(loader, batches, batch_size * loader.seq_len)
 
 
 def baseline(split: Path, workers: int, batches: int, batch_size: int) -> float:
@@ -74,18 +79,7 @@ def baseline(split: Path, workers: int, batches: int, batch_size: int) -> float:
         batched,
     )
     loader = DataLoader(pipeline, batch_size=None, num_workers=workers)
-    it = iter(loader)
-    next(it)
-    start = time.perf_counter()
-    n = 0
-    while n < batches:
-        for _ in it:
-            n += 1
-            if n == batches:
-                break
-        else:
-            it = iter(loader)
-    return batches * batch_size * seq_len / (time.perf_counter() - start)
+    return throughput(loader, batches, batch_size * seq_len)
 
 
 def resume_cost(split: Path, workers: int, batch_size: int) -> tuple[float, float]:
