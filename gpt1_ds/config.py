@@ -87,7 +87,7 @@ class RunConfig:
             key, sep, value = item.partition("=")
             if not sep:
                 raise ValueError(f"override {item!r} is not key=value")
-            parsed = yaml.safe_load(value) if value else ""
+            parsed = parse_value(value)
             if "." in key:
                 outer, inner = key.split(".", 1)
                 data.setdefault(outer, {})
@@ -128,6 +128,15 @@ class RunConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(asdict(self), sort_keys=False)
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value: JSON where it parses (``1e-3``, ``true``, ``[0.9, 0.95]``), else YAML
+    (``gpt1``, ``null``). YAML alone would read ``1e-3`` as a string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return yaml.safe_load(text) if text else ""
 
 
 def load_ds_config(path: str | Path) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from data_prep.tokenizer import MODEL_NAME, Tokenizer
 from gpt1_ds import checkpoint, distributed
-from gpt1_ds.config import RunConfig, load_ds_config, resolve_ds_config
+from gpt1_ds.config import RunConfig, load_ds_config, parse_value, resolve_ds_config
 from gpt1_ds.data import EvalLoader, TrainLoader
 from gpt1_ds.generate import sample
 from gpt1_ds.metrics import Monitor, device_peak_flops, flops_per_token
@@ -77,8 +77,6 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str], l
 
 
 def apply_ds_overrides(ds: dict[str, Any], overrides: list[str]) -> None:
-    import yaml
-
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
@@ -87,7 +85,7 @@ def apply_ds_overrides(ds: dict[str, Any], overrides: list[str]) -> None:
         *path, last = key.split(".")
         for part in path:
             node = node.setdefault(part, {})
-        node[last] = yaml.safe_load(value)
+        node[last] = parse_value(value)
 
 
 def setup_logging(rank: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -416,3 +417,19 @@ def test_fp16_config_is_refused_on_a_cpu_with_a_clear_error(prepared, tmp_path, 
         check=False,
     )
     assert out.returncode != 0 and "fp16.enabled is true, but DeepSpeed has no fp16 on the CPU" in out.stderr
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step(prepared, tmp_path, free_port):
+    out = train(
+        prepared,
+        tmp_path / "nan",
+        "max_steps=30",
+        "ds.optimizer.params.lr=1e9",
+        "ds.scheduler.params.warmup_num_steps=2",
+        "ds.gradient_clipping=0",
+        launcher="python",
+        port=free_port,
+        check=False,
+    )
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert re.search(r"step \d+: loss is (nan|inf); stopping", out.stderr)
