@@ -40,13 +40,6 @@ class Comm:
         """Rank 0's ``obj`` on every rank."""
         return self._comm.bcast(obj, root=0) if self._comm is not None else obj
 
-    def allreduce_max(self, value: int) -> int:
-        if self._comm is None:
-            return value
-        from mpi4py import MPI
-
-        return self._comm.allreduce(value, op=MPI.MAX)
-
 
 def _expected_world_size() -> int | None:
     """World size as the launcher announced it, if any."""
