@@ -17,8 +17,6 @@ import re
 import socket
 import subprocess
 
-_MPI_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
-
 
 def first_host(nodelist: str) -> str:
     """The first host of a SLURM node list: ``node[003-010,12],gpu7`` → ``node003``."""
@@ -45,12 +43,15 @@ def first_host(nodelist: str) -> str:
 
 def launcher() -> str:
     """Which launcher started this process."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
         return "env"  # deepspeed, torchrun, or a mapping done before
-    if any(v in os.environ for v in _MPI_VARS):
-        return "mpi"  # checked before SLURM: under mpirun inside an allocation, SLURM_PROCID is 0 everywhere
-    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ and "SLURM_STEP_ID" in os.environ:
-        return "slurm"
+    if "OMPI_COMM_WORLD_SIZE" in env or "MV2_COMM_WORLD_SIZE" in env:
+        return "mpi"  # mpirun; inside an allocation SLURM_PROCID is 0 on every rank, so this comes first
+    if all(v in env for v in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID")):
+        return "slurm"  # an srun step, whatever its --mpi plugin
+    if "PMI_SIZE" in env or "PMIX_RANK" in env:
+        return "mpi"
     return "single"
 
 
@@ -83,6 +84,8 @@ def init() -> tuple[int, int, int]:
     import torch.distributed as dist
 
     kind = setup_env()
+    if "SLURM_JOB_ID" in os.environ:  # mpirun inside an allocation: a port per job, as under srun
+        os.environ.setdefault("MASTER_PORT", str(10000 + int(os.environ["SLURM_JOB_ID"]) % 50000))
     port = int(os.environ.get("MASTER_PORT", "29500"))  # MPI discovery announces this port
     deepspeed.init_distributed(auto_mpi_discovery=kind == "mpi", distributed_port=port, verbose=False)
     rank, world = dist.get_rank(), dist.get_world_size()

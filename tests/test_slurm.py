@@ -1,0 +1,139 @@
+"""slurm/: the sbatch templates on a real one-node SLURM cluster (slurm/local_cluster.sh)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+from test_train import SMALL, scalars
+
+from data_prep.verify import verify
+
+CLUSTER = REPO / "slurm" / "local_cluster.sh"
+
+
+@pytest.fixture(scope="module")
+def slurm_env() -> dict[str, str]:
+    """Bring the local cluster up (installing SLURM as root if needed); down afterwards
+    unless it was already running."""
+    conf = subprocess.run([str(CLUSTER), "env"], capture_output=True, text=True, check=True).stdout
+    env = {**os.environ, "SLURM_CONF": conf.strip().split("=", 1)[1]}
+    was_up = subprocess.run([str(CLUSTER), "status"], capture_output=True, text=True, env=env).stdout
+    was_up = "idle" in was_up or "alloc" in was_up or "mix" in was_up
+    if not was_up:
+        if os.geteuid() != 0 and subprocess.run(["which", "slurmctld"], capture_output=True).returncode:
+            pytest.skip("SLURM is not installed and installing it needs root")
+        up = subprocess.run([str(CLUSTER), "up"], capture_output=True, text=True, env=env, timeout=600)
+        assert up.returncode == 0, up.stderr
+    yield env
+    if not was_up:
+        subprocess.run([str(CLUSTER), "down"], capture_output=True, env=env, timeout=60)
+
+
+def sbatch(env: dict[str, str], script: str, log: Path, *flags: str, **settings: str) -> str:
+    job_env = {**env, **settings}
+    out = subprocess.run(
+        ["sbatch", "--parsable", f"--output={log}", f"--error={log}", *flags, script],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=job_env,
+        check=True,
+    )
+    return out.stdout.strip().split(";")[0]
+
+
+def job_state(env: dict[str, str], job: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, env=env).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def wait_done(env: dict[str, str], job: str, timeout: float = 400) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = job_state(env, job)
+        if state.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+            return state
+        time.sleep(1)
+    raise AssertionError(f"job {job} did not end: {job_state(env, job)}")
+
+
+def overrides(*extra: str) -> str:
+    return " ".join([*SMALL, "ds.optimizer.params.lr=0.003", *extra])
+
+
+def test_sbatch_pretrain_cpu_profile_completes_with_checkpoints_and_falling_loss(
+    slurm_env, prepared, tmp_path
+):
+    run = tmp_path / "run"
+    job = sbatch(
+        slurm_env,
+        "slurm/pretrain_cpu.sh",
+        tmp_path / "job.out",
+        DATA=str(prepared),
+        RUN_DIR=str(run),
+        OVERRIDES=overrides("max_steps=30", "checkpoint_interval=10", "log_interval=5"),
+    )
+    state = wait_done(slurm_env, job)
+    log = (tmp_path / "job.out").read_text()
+    assert state["JobState"] == "COMPLETED", log[-3000:]
+    assert "2 tasks" in log and "training exited with 0" in log
+    assert sorted(p.name for p in (run / "checkpoints").glob("step*")) == ["step00000020", "step00000030"]
+    losses = scalars(run, "train/loss")
+    assert sorted(losses) == [5, 10, 15, 20, 25, 30]
+    assert losses[30] < losses[5] - 0.3
+
+
+def test_usr1_checkpoints_requeues_and_the_requeued_job_resumes(slurm_env, prepared, tmp_path):
+    run = tmp_path / "run"
+    log = tmp_path / "job.out"
+    job = sbatch(
+        slurm_env,
+        "slurm/pretrain_cpu.sh",
+        log,
+        DATA=str(prepared),
+        RUN_DIR=str(run),
+        OVERRIDES=overrides("max_steps=400", "checkpoint_interval=1000"),
+    )
+    deadline = time.monotonic() + 300
+    while not re.search(r"step \d+/400", log.read_text() if log.exists() else ""):
+        assert time.monotonic() < deadline, "training never started"
+        time.sleep(0.5)
+    subprocess.run(["scancel", "-b", "--signal=USR1", job], env=slurm_env, check=True)
+    deadline = time.monotonic() + 300
+    while "resumed from" not in log.read_text():
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(1)
+    text = log.read_text()
+    saved = int(re.search(r"checkpoint \S*step(\d+) \(signal", text).group(1))
+    assert f"resumed from {run}/checkpoints/step{saved:08d} at step {saved}" in text
+    assert "requeueing job" in text and "(restart 1)" in text
+    assert job_state(slurm_env, job)["Restarts"] == "1"
+    subprocess.run(["scancel", job], env=slurm_env, check=True)  # the rest would take minutes
+    wait_done(slurm_env, job)
+    steps = sorted(scalars(run, "train/loss"))
+    assert steps == sorted(set(steps)), "a step was trained twice"
+
+
+def test_sbatch_prep_data_with_2_mpi_ranks_produces_a_dataset_that_verifies(slurm_env, tmp_path):
+    out = tmp_path / "ds"
+    job = sbatch(
+        slurm_env,
+        "slurm/prep_data.sh",
+        tmp_path / "job.out",
+        "--ntasks-per-node=2",
+        INPUT="data/sample",
+        OUT=str(out),
+        PREP_ARGS="--vocab-size 2000 --seq-len 64 --shard-bytes 100000 --val-fraction 0.2 "
+        "--test-fraction 0.2",
+    )
+    state = wait_done(slurm_env, job)
+    log = (tmp_path / "job.out").read_text()
+    assert state["JobState"] == "COMPLETED", log[-3000:]
+    assert "2 ranks" in log and "[rank 0]" in log  # a real 2-rank MPI world
+    assert verify(out) == []
