@@ -188,6 +188,7 @@ def build_engine(model: GPT, ds_cfg: dict[str, Any]) -> tuple[Any, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    preempt = Preemption()  # from the start: a signal during start-up is honoured after the first step
     args, run_over, ds_over = parse_args(argv)
     run = RunConfig.from_yaml(args.config, run_over)
     import deepspeed
@@ -319,7 +320,6 @@ def main(argv: list[str] | None = None) -> int:
         monitor.scalars({"val/loss": val_loss, "val/ppl": first_ppl}, 0)
         log.info("step 0: val loss %.4f, ppl %.2f", val_loss, first_ppl)
 
-    preempt = Preemption()
     flags = torch.zeros(2, device=device)  # [non-finite loss, signal], agreed across ranks each step
     batches = iter(())
     window_loss, window_steps, window_time = 0.0, 0, 0.0
