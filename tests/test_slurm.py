@@ -137,3 +137,27 @@ def test_sbatch_prep_data_with_2_mpi_ranks_produces_a_dataset_that_verifies(slur
     assert state["JobState"] == "COMPLETED", log[-3000:]
     assert "2 ranks" in log and "[rank 0]" in log  # a real 2-rank MPI world
     assert verify(out) == []
+
+
+def test_the_requeue_cap_is_honoured(slurm_env, prepared, tmp_path):
+    run = tmp_path / "run"
+    log = tmp_path / "job.out"
+    job = sbatch(
+        slurm_env,
+        "slurm/pretrain_cpu.sh",
+        log,
+        DATA=str(prepared),
+        RUN_DIR=str(run),
+        MAX_REQUEUES="0",
+        OVERRIDES=overrides("max_steps=400", "checkpoint_interval=1000"),
+    )
+    deadline = time.monotonic() + 300
+    while not re.search(r"step \d+/400", log.read_text() if log.exists() else ""):
+        assert time.monotonic() < deadline, "training never started"
+        time.sleep(0.5)
+    subprocess.run(["scancel", "-b", "--signal=USR1", job], env=slurm_env, check=True)
+    state = wait_done(slurm_env, job)
+    text = log.read_text()
+    assert "requeue cap 0 reached, not requeueing" in text
+    assert state["Restarts"] == "0" and state["ExitCode"] == "75:0"
+    assert len(list((run / "checkpoints").glob("step*/COMPLETE"))) == 1
