@@ -67,6 +67,25 @@ def overrides(*extra: str) -> str:
     return " ".join([*SMALL, "ds.optimizer.params.lr=0.003", *extra])
 
 
+def preempt_long_run(slurm_env, prepared, run: Path, log: Path, **settings: str) -> str:
+    """Submit a 400-step CPU pretraining job; once it trains, send USR1 to its batch shell."""
+    job = sbatch(
+        slurm_env,
+        "slurm/pretrain_cpu.sh",
+        log,
+        DATA=str(prepared),
+        RUN_DIR=str(run),
+        OVERRIDES=overrides("max_steps=400", "checkpoint_interval=1000"),
+        **settings,
+    )
+    deadline = time.monotonic() + 300
+    while not re.search(r"step \d+/400", log.read_text() if log.exists() else ""):
+        assert time.monotonic() < deadline, "training never started"
+        time.sleep(0.5)
+    subprocess.run(["scancel", "-b", "--signal=USR1", job], env=slurm_env, check=True)
+    return job
+
+
 def test_sbatch_pretrain_cpu_profile_completes_with_checkpoints_and_falling_loss(
     slurm_env, prepared, tmp_path
 ):
@@ -92,19 +111,7 @@ def test_sbatch_pretrain_cpu_profile_completes_with_checkpoints_and_falling_loss
 def test_usr1_checkpoints_requeues_and_the_requeued_job_resumes(slurm_env, prepared, tmp_path):
     run = tmp_path / "run"
     log = tmp_path / "job.out"
-    job = sbatch(
-        slurm_env,
-        "slurm/pretrain_cpu.sh",
-        log,
-        DATA=str(prepared),
-        RUN_DIR=str(run),
-        OVERRIDES=overrides("max_steps=400", "checkpoint_interval=1000"),
-    )
-    deadline = time.monotonic() + 300
-    while not re.search(r"step \d+/400", log.read_text() if log.exists() else ""):
-        assert time.monotonic() < deadline, "training never started"
-        time.sleep(0.5)
-    subprocess.run(["scancel", "-b", "--signal=USR1", job], env=slurm_env, check=True)
+    job = preempt_long_run(slurm_env, prepared, run, log)
     deadline = time.monotonic() + 300
     while "resumed from" not in log.read_text():
         assert time.monotonic() < deadline, log.read_text()[-3000:]
@@ -142,20 +149,7 @@ def test_sbatch_prep_data_with_2_mpi_ranks_produces_a_dataset_that_verifies(slur
 def test_the_requeue_cap_is_honoured(slurm_env, prepared, tmp_path):
     run = tmp_path / "run"
     log = tmp_path / "job.out"
-    job = sbatch(
-        slurm_env,
-        "slurm/pretrain_cpu.sh",
-        log,
-        DATA=str(prepared),
-        RUN_DIR=str(run),
-        MAX_REQUEUES="0",
-        OVERRIDES=overrides("max_steps=400", "checkpoint_interval=1000"),
-    )
-    deadline = time.monotonic() + 300
-    while not re.search(r"step \d+/400", log.read_text() if log.exists() else ""):
-        assert time.monotonic() < deadline, "training never started"
-        time.sleep(0.5)
-    subprocess.run(["scancel", "-b", "--signal=USR1", job], env=slurm_env, check=True)
+    job = preempt_long_run(slurm_env, prepared, run, log, MAX_REQUEUES="0")
     state = wait_done(slurm_env, job)
     text = log.read_text()
     assert "requeue cap 0 reached, not requeueing" in text
