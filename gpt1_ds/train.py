@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import math
+import shutil
 import signal
 import sys
 import time
@@ -272,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(run.to_yaml())
         (run_dir / "ds_config.json").write_text(json.dumps(ds_cfg, indent=2))
+        for name in (MODEL_NAME, "tokenizer.json"):  # the run's checkpoints are usable on their own
+            if (data_dir / name).is_file():
+                shutil.copyfile(data_dir / name, run_dir / name)
     monitor = Monitor(
         str(run_dir / "tensorboard") if rank == 0 else None, purge_step=step + 1 if step else None
     )
@@ -304,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         client = {
             "step": step,
             "tokens_seen": tokens_seen,
+            "val_ppl": last_ppl,
             "loader": train_loader.state_dict(),
             "rng": {"scheme": "dropout_seed(seed, rank, step, micro)", "seed": run.seed},
             "config": {
@@ -317,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     first_ppl = last_ppl = None
     if step == 0:
         val_loss, first_ppl = evaluate(engine, val_loader, device)
+        last_ppl = first_ppl
         monitor.scalars({"val/loss": val_loss, "val/ppl": first_ppl}, 0)
         log.info("step 0: val loss %.4f, ppl %.2f", val_loss, first_ppl)
 
