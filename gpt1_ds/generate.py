@@ -1,10 +1,74 @@
-"""Text generation from a GPT-1 model: temperature and top-k sampling."""
+"""Text generation from a GPT-1 model: KV cache, temperature, top-k and top-p sampling.
+
+``sample`` feeds the prompt once (prefill) and then one token per step through a
+``KVCache``, so each step costs one position instead of the whole context.
+
+Context policy (the model has ``n_positions`` learned positions):
+
+* a prompt longer than ``n_positions`` is refused with a ``ValueError`` naming both
+  lengths, unless ``truncate=True``: then the model sees only its last ``n_positions``
+  tokens (the returned ids still begin with the whole prompt);
+* generation does not stop at ``n_positions``: the context slides, each new token being
+  predicted from the last ``n_positions`` tokens. Absolute positions shift with the window,
+  so the cache cannot be reused; past that point every token costs a full forward pass of
+  the window, exactly as without the cache, and both give the same tokens.
+
+Command line: ``python -m gpt1_ds.generate SOURCE --prompt TEXT`` where SOURCE is an HF
+directory (``gpt1_ds.hf.export_hf``) or a run's ``checkpoints`` directory; prints each
+prompt with its continuation and the generation speed in tokens/s.
+"""
 
 from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
 
 import torch
 
 from gpt1_ds.model import GPT
+
+log = logging.getLogger("gpt1_ds.generate")
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """``logits`` [B, V] with all but the ``k`` largest of each row set to -inf (ties kept)."""
+    kth = torch.topk(logits, min(k, logits.size(-1))).values[:, -1:]  # [B, 1]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """``logits`` [B, V] keeping, per row, the smallest set of most probable tokens whose
+    probabilities sum to at least ``p`` (nucleus sampling); the others become -inf."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [B, V]
+    probs = torch.softmax(sorted_logits.float(), dim=-1)
+    before = probs.cumsum(-1) - probs  # mass of the more probable tokens
+    drop_sorted = before >= p  # the top token is always kept (before = 0 < p)
+    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def _next_token(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Next ids [B, 1] from last-position logits [B, V] (fp32)."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None and top_p < 1.0:
+        logits = top_p_filter(logits, top_p)
+    probs = torch.softmax(logits, -1)
+    if generator is not None and generator.device != probs.device:
+        probs = probs.to(generator.device)
+    return torch.multinomial(probs, 1, generator=generator).to(logits.device)
 
 
 @torch.no_grad()
@@ -16,25 +80,161 @@ def sample(
     top_k: int | None = 40,
     generator: torch.Generator | None = None,
     stop_id: int | None = None,
+    top_p: float | None = None,
+    use_cache: bool = True,
+    truncate: bool = False,
 ) -> torch.Tensor:
-    """Continue ``prompt`` [B, T0] by up to ``max_new_tokens`` tokens; the context is cut to the
-    model's last ``n_positions`` tokens. ``temperature`` 0 is greedy."""
+    """Continue ``prompt`` [B, T0] by up to ``max_new_tokens`` tokens; returns [B, T0 + n].
+
+    ``temperature`` 0 is greedy; otherwise logits are divided by it, then cut to the
+    ``top_k`` most probable tokens and to the nucleus of mass ``top_p`` (None: no cut), and
+    the token is drawn with ``generator``. A row that has produced ``stop_id`` continues
+    with ``stop_id``; generation ends when every row has. See the module docstring for
+    prompts and generations longer than the context.
+    """
+    n_ctx = model.config.n_positions
+    batch, prompt_len = prompt.shape
+    if prompt_len == 0:
+        raise ValueError("the prompt is empty: give at least one token")
+    if prompt_len > n_ctx and not truncate:
+        raise ValueError(
+            f"the prompt has {prompt_len} tokens but the model's context (n_positions) is {n_ctx}; "
+            f"pass truncate=True to keep its last {n_ctx} tokens"
+        )
+    if max_new_tokens < 0 or temperature < 0:
+        raise ValueError(f"max_new_tokens ({max_new_tokens}) and temperature ({temperature}) must be >= 0")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must lie in (0, 1] or be None, got {top_p}")
+
     was_training = model.training
     model.eval()
+    cache = model.new_cache() if use_cache else None
     ids = prompt
-    for _ in range(max_new_tokens):
-        logits = model(ids[:, -model.config.n_positions :])[:, -1, :].float()  # [B, V]
-        if temperature == 0:
-            nxt = logits.argmax(-1, keepdim=True)
-        else:
-            logits = logits / temperature
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            probs = torch.softmax(logits, -1)
-            nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(ids.device)
+    done = torch.zeros(batch, 1, dtype=torch.bool, device=prompt.device)
+    for step in range(max_new_tokens):
+        context = ids[:, -n_ctx:]  # [B, ≤ n_ctx]
+        if cache is None:
+            logits = model(context)
+        elif step > 0 and cache.length < n_ctx:
+            logits = model(ids[:, -1:], cache=cache)  # one new position
+        else:  # prefill, or the window has slid: recompute the positions from 0
+            cache.reset()
+            logits = model(context, cache=cache)
+        nxt = _next_token(logits[:, -1, :].float(), temperature, top_k, top_p, generator)  # [B, 1]
+        if stop_id is not None:
+            nxt = nxt.masked_fill(done, stop_id)
+            done |= nxt == stop_id
         ids = torch.cat([ids, nxt], dim=1)
-        if stop_id is not None and bool((nxt == stop_id).all()):
+        if stop_id is not None and bool(done.all()):
             break
     model.train(was_training)
     return ids
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m gpt1_ds.generate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("source", help="HF directory (config.json + model.safetensors) or RUN/checkpoints")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    parser.add_argument("--prompts-file", type=Path, help="a file of prompts, one per non-empty line")
+    parser.add_argument("--max-new-tokens", type=int, default=100)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    parser.add_argument("--top-k", type=int, default=40, help="0: no top-k cut")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (1: no cut)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tag", help="checkpoint tag in a checkpoints directory (default: the latest)")
+    parser.add_argument("--tokenizer", type=Path, help="tokenizer.model (default: the one found with SOURCE)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    parser.add_argument("--no-cache", action="store_true", help="recompute the whole context at each token")
+    parser.add_argument(
+        "--truncate", action="store_true", help="keep the last n_positions tokens of a too long prompt"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+
+    prompts = list(args.prompt)
+    if args.prompts_file is not None:
+        lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
+        prompts += [line for line in lines if line.strip()]
+    if not prompts:
+        parser.error("give at least one --prompt or a --prompts-file")
+    if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+        parser.error("--max-new-tokens, --temperature, --top-k must be >= 0 and --top-p in (0, 1]")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+
+    from data_prep.tokenizer import Tokenizer
+    from gpt1_ds.export import load_model
+    from gpt1_ds.model import describe
+
+    model, tok_path = load_model(args.source, args.tag)
+    tok_path = args.tokenizer or tok_path
+    if tok_path is None:
+        parser.error(f"no tokenizer.model found for {args.source}: pass --tokenizer")
+    tok = Tokenizer(tok_path)
+    if tok.vocab_size != model.config.vocab_size:
+        parser.error(
+            f"the tokenizer {tok_path} has {tok.vocab_size} pieces but the model's vocabulary is "
+            f"{model.config.vocab_size}: they do not belong together"
+        )
+    model = model.to(device).eval()
+    log.info("model: %s; tokenizer %s; device %s", describe(model), tok_path, device)
+
+    encoded = [tok.encode(text) for text in prompts]
+    n_ctx = model.config.n_positions
+    for i, ids in enumerate(encoded, 1):
+        if len(ids) > n_ctx and not args.truncate:
+            parser.error(f"prompt {i} has {len(ids)} tokens but the context is {n_ctx}: pass --truncate")
+        if not ids:
+            parser.error(f"prompt {i} is empty")
+
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    total_new, total_s = 0, 0.0
+    for i, ids in enumerate(encoded, 1):
+        prompt = torch.tensor([ids], dtype=torch.long, device=device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = sample(
+                model,
+                prompt,
+                args.max_new_tokens,
+                temperature=args.temperature,
+                top_k=args.top_k or None,
+                top_p=args.top_p,
+                generator=generator,
+                stop_id=tok.eod_id,
+                use_cache=not args.no_cache,
+                truncate=args.truncate,
+            )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        new = out.size(1) - prompt.size(1)
+        total_new, total_s = total_new + new, total_s + seconds
+        print(f"--- [{i}] ---\n{tok.decode(out[0].tolist())}", flush=True)
+        log.info(
+            "[%d] %d prompt + %d new tokens in %.2f s: %.1f tokens/s",
+            i,
+            prompt.size(1),
+            new,
+            seconds,
+            new / seconds,
+        )
+    log.info(
+        "%d prompts, %d new tokens in %.2f s: %.1f tokens/s (%s)",
+        len(prompts),
+        total_new,
+        total_s,
+        total_new / total_s if total_s > 0 else 0.0,
+        "no cache" if args.no_cache else "KV cache",
+    )
+
+
+if __name__ == "__main__":
+    main()

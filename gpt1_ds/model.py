@@ -5,7 +5,8 @@ LayerNorm, LM head tied to the token table, N(0, 0.02) init. With the ``gpt1``
 preset the model has 116,534,784 parameters and gives the same logits as
 ``transformers.OpenAIGPTLMHeadModel`` holding the same weights (see ``gpt1_ds.hf``).
 
-Shapes: B batch, T sequence length, C = n_embd, H = n_head, D = C // H, V = vocab.
+Shapes: B batch, T sequence length, C = n_embd, H = n_head, D = C // H, V = vocab,
+L positions already in a ``KVCache``.
 """
 
 from __future__ import annotations
@@ -113,6 +114,46 @@ def _causal_attention_math(
     return F.dropout(att, dropout_p, training=True) @ v  # [B, H, T, D]
 
 
+class KVCache:
+    """Keys and values of the positions seen so far, for incremental decoding.
+
+    Per layer, k and v are [B, H, max_len, D] buffers, allocated on first use (and on a
+    change of batch, dtype or device) like the keys; ``length`` positions (L) are filled. ``GPT.forward``
+    with a cache appends its T tokens at positions L..L+T-1 and advances ``length``.
+    """
+
+    def __init__(self, n_layer: int, max_len: int) -> None:
+        self.max_len = max_len
+        self.length = 0
+        self.k: list[torch.Tensor | None] = [None] * n_layer
+        self.v: list[torch.Tensor | None] = [None] * n_layer
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k``, ``v`` [B, H, T, D] after the cached positions of ``layer``;
+        return all its keys and values [B, H, L + T, D]."""
+        B, H, T, D = k.shape
+        end = self.length + T
+        if end > self.max_len:
+            raise ValueError(f"KVCache holds {self.max_len} positions; {self.length} + {T} do not fit")
+        buf = self.k[layer]
+        if (
+            buf is None
+            or buf.shape != (B, H, self.max_len, D)
+            or buf.dtype != k.dtype
+            or buf.device != k.device
+        ):
+            self.k[layer] = k.new_empty(B, H, self.max_len, D)
+            self.v[layer] = v.new_empty(B, H, self.max_len, D)
+        ks, vs = self.k[layer], self.v[layer]
+        ks[:, :, self.length : end] = k
+        vs[:, :, self.length : end] = v
+        return ks[:, :, :end], vs[:, :, :end]
+
+    def reset(self) -> None:
+        """Forget every position (the buffers are kept)."""
+        self.length = 0
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention: one c_attn projection split into q, k, v."""
 
@@ -124,18 +165,33 @@ class CausalSelfAttention(nn.Module):
         self.attn_pdrop = config.attn_pdrop
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 × [B, T, C]
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         # [B, H, T, D]; scale 1/sqrt(D) is SDPA's default
         dropout_p = self.attn_pdrop if self.training else 0.0
-        if dropout_p > 0 and q.device.type == "cpu":
+        if cache is not None:
+            y = self._cached_attention(q, k, v, cache, layer, dropout_p)
+        elif dropout_p > 0 and q.device.type == "cpu":
             y = _causal_attention_math(q, k, v, dropout_p)
         else:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # [B, T, C]
         return self.resid_dropout(self.c_proj(y))
+
+    @staticmethod
+    def _cached_attention(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, layer: int, dropout_p: float
+    ) -> torch.Tensor:
+        """Attention of the T new queries over the L cached positions and the new ones."""
+        L, T = cache.length, q.size(-2)
+        k, v = cache.update(layer, k, v)  # [B, H, L + T, D]
+        if L == 0:  # prefill: plain causal attention
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        # Query t sits at position L + t and sees keys 0..L+t; a single query sees them all.
+        mask = None if T == 1 else torch.ones(T, L + T, dtype=torch.bool, device=q.device).tril(L)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
 class MLP(nn.Module):
@@ -161,8 +217,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = self.ln_1(x + self.attn(x))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        n = self.ln_1(x + self.attn(x, cache, layer))
         return self.ln_2(n + self.mlp(n))
 
 
@@ -208,13 +264,25 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.positions_embed.weight.numel() if exclude_positions else n
 
-    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Last block's output [B, T, C] for token ids [B, T]."""
+    def new_cache(self) -> KVCache:
+        """An empty ``KVCache`` for this model's layers and context."""
+        return KVCache(self.config.n_layer, self.config.n_positions)
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Last block's output [B, T, C] for token ids [B, T]. With ``cache``, the tokens
+        follow the L cached positions (positions L..L+T-1) and are appended to it."""
         _, T = input_ids.shape
-        if self.config.n_positions < T:
-            raise ValueError(f"sequence length {T} exceeds GPTConfig.n_positions ({self.config.n_positions})")
-        pos = torch.arange(T, device=input_ids.device)  # [T]
+        L = cache.length if cache is not None else 0
+        if self.config.n_positions < L + T:
+            what = f"{L} cached + {T} new positions" if cache is not None else f"sequence length {T}"
+            raise ValueError(f"{what} exceeds GPTConfig.n_positions ({self.config.n_positions})")
+        pos = torch.arange(L, L + T, device=input_ids.device)  # [T]
         x = self.drop(self.tokens_embed(input_ids) + self.positions_embed(pos))  # [B, T, C]
+        if cache is not None:
+            for i, block in enumerate(self.h):
+                x = block(x, cache, i)
+            cache.length += T
+            return x
         use_ckpt = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
         ckpt = _checkpoint_fn() if use_ckpt else None
         for block in self.h:
@@ -222,11 +290,12 @@ class GPT(nn.Module):
         return x
 
     def forward(
-        self, input_ids: torch.Tensor, targets: torch.Tensor | None = None
+        self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, T, V]; with ``targets`` [B, T] (next tokens, IGNORE_INDEX to skip),
-        returns ``(logits, loss)`` where loss is the mean cross-entropy over counted targets."""
-        logits = self.lm_head(self.hidden_states(input_ids))  # [B, T, V]
+        returns ``(logits, loss)`` where loss is the mean cross-entropy over counted targets.
+        With ``cache`` (inference), the tokens continue the cached ones (see ``hidden_states``)."""
+        logits = self.lm_head(self.hidden_states(input_ids, cache))  # [B, T, V]
         if targets is None:
             return logits
         loss = F.cross_entropy(
