@@ -52,8 +52,15 @@ def find_resume(ckpt_dir: Path, resume: str) -> tuple[Path, str] | None:
     raise FileNotFoundError(f"resume={resume!r}: no complete checkpoint there (a tag needs {COMPLETE})")
 
 
-def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any], keep: int) -> str:
-    """Collective: every rank calls it. Returns the tag."""
+def save(
+    engine: Any,
+    ckpt_dir: Path,
+    step: int,
+    client_state: dict[str, Any],
+    keep: int,
+    protect: str | None = None,
+) -> str:
+    """Collective: every rank calls it. Returns the tag. ``protect``: a tag that pruning keeps."""
     tag = tag_for(step)
     rank = dist.get_rank()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
@@ -64,16 +71,18 @@ def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any], k
         tmp = ckpt_dir / f".{LATEST}.tmp"
         tmp.write_text(tag)
         os.replace(tmp, ckpt_dir / LATEST)
-        prune(ckpt_dir, keep)
+        prune(ckpt_dir, keep, protect)
     dist.barrier()
     return tag
 
 
-def prune(ckpt_dir: Path, keep: int) -> None:
-    """Keep the newest ``keep`` complete tags; remove older ones and unfinished saves."""
+def prune(ckpt_dir: Path, keep: int, protect: str | None = None) -> None:
+    """Keep the newest ``keep`` complete tags (and ``protect``); remove older ones and unfinished saves."""
     tags = complete_tags(ckpt_dir)
     newest = tags[-1] if tags else None
     for old in tags[:-keep]:
+        if old == protect:
+            continue
         shutil.rmtree(ckpt_dir / old, ignore_errors=True)
     for p in ckpt_dir.iterdir():
         if p.is_dir() and not (p / COMPLETE).is_file() and newest and p.name < newest:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -74,35 +75,7 @@ class RunConfig:
     @classmethod
     def from_yaml(cls, path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
         """The YAML file (if any) with ``key=value`` overrides (``model_overrides.n_layer=2``)."""
-        data: dict[str, Any] = {}
-        if path:
-            text = Path(path).read_text()
-            try:
-                data = yaml.safe_load(text) or {}
-            except yaml.YAMLError as e:
-                raise ValueError(f"{path}: invalid YAML: {e}") from None
-            if not isinstance(data, dict):
-                raise ValueError(f"{path}: expected a mapping of run settings")
-        for item in overrides or []:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ValueError(f"override {item!r} is not key=value")
-            parsed = parse_value(value)
-            if "." in key:
-                outer, inner = key.split(".", 1)
-                data.setdefault(outer, {})
-                if not isinstance(data[outer], dict):
-                    raise ValueError(f"override {item!r}: {outer} is not a mapping")
-                data[outer][inner] = parsed
-            else:
-                data[key] = parsed
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown run settings {unknown} (from {path or 'overrides'}); known: {sorted(known)}"
-            )
-        config = cls(**data)
+        config = cls(**read_settings(cls, path, overrides))
         config.validate()
         return config
 
@@ -125,6 +98,116 @@ class RunConfig:
     def model_config(self) -> GPTConfig:
         overrides = {**self.model_overrides, "activation_checkpointing": self.activation_checkpointing}
         return GPTConfig.from_preset(self.model, **overrides)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(asdict(self), sort_keys=False)
+
+
+def read_settings(cls: type, path: str | Path | None, overrides: list[str] | None) -> dict[str, Any]:
+    """Settings for dataclass ``cls`` from a YAML file (if any) and ``key=value`` overrides
+    (``outer.inner=value`` sets one key of a mapping); unknown keys are an error naming them."""
+    data: dict[str, Any] = {}
+    if path:
+        text = Path(path).read_text()
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of settings")
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not key=value")
+        parsed = parse_value(value)
+        if "." in key:
+            outer, inner = key.split(".", 1)
+            data.setdefault(outer, {})
+            if not isinstance(data[outer], dict):
+                raise ValueError(f"override {item!r}: {outer} is not a mapping")
+            data[outer][inner] = parsed
+        else:
+            data[key] = parsed
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown settings {unknown} (from {path or 'overrides'}); known: {sorted(known)}")
+    return data
+
+
+@dataclass
+class FinetuneConfig:
+    """A fine-tuning run (``gpt1_ds.finetune``); GPT-1's recipe by default. Batch, learning rate
+    (6.25e-5), schedule and precision are in the DeepSpeed JSON (ds_configs/finetune.json)."""
+
+    task: str = "sst2"
+    """sst2 | rte | classification | entailment | similarity | multiple_choice."""
+    train: str = ""
+    """Training file (sst2: ``LABEL SENTENCE`` lines; rte: GLUE tsv; others: jsonl or tsv with a header)."""
+    dev: str = ""
+    """Development file, evaluated after each epoch."""
+    init: str = "none"
+    """Pretrained model: ``RUN/checkpoints`` (or a tag in it), an HF directory, or ``none`` (random)."""
+    run_dir: str = "runs/finetune"
+    """Where checkpoints/, tensorboard/, config.yaml and results.json go."""
+    tokenizer: str | None = None
+    """tokenizer.model; default: the one found with the pretrained model."""
+    model: str = "gpt1"
+    """Preset of a random init (``init: none``)."""
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    """GPTConfig fields changed from the preset (random init only)."""
+    fields: list[str] | None = None
+    """Text fields of jsonl/tsv rows; default per task (text; premise, hypothesis; ...)."""
+    label_field: str = "label"
+    """Field holding the label."""
+    labels: list[str] | None = None
+    """Class names in head order; default: the sorted labels of the training file."""
+    similarity: str = "regression"
+    """Similarity head: ``regression`` (one score, MSE) or ``binary``."""
+    on_error: str = "raise"
+    """Malformed rows: ``raise`` (error naming file and line) or ``skip`` (counted)."""
+    lm_coef: float = 0.5
+    """Weight of the auxiliary language-modelling loss (GPT-1: 0.5; 0 turns it off)."""
+    clf_pdrop: float = 0.1
+    """Dropout on the extract token's state before the head."""
+    micro_batch_size: int = 8
+    """Examples per rank per forward pass."""
+    epochs: int = 3
+    """Passes over the training file (GPT-1: 3)."""
+    max_steps: int | None = None
+    """Stop after this many optimiser steps (overrides ``epochs``)."""
+    warmup_fraction: float = 0.002
+    """Warm-up as a fraction of all steps (GPT-1: 0.2%), for ``warmup_num_steps: "auto"``."""
+    max_train_examples: int | None = None
+    """Use only the first N training examples (quick runs, learning curves)."""
+    log_interval: int = 10
+    """Steps between console lines and TensorBoard training scalars."""
+    keep_checkpoints: int = 1
+    """Newest complete checkpoints kept besides the best one."""
+    seed: int = 1234
+    """Seed of the head's init, the data order and the dropout masks."""
+    resume: str = "auto"
+    """``auto`` (newest complete checkpoint in run_dir), ``none``, or a checkpoint path."""
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None, overrides: list[str] | None = None) -> FinetuneConfig:
+        config = cls(**read_settings(cls, path, overrides))
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        for name in ("micro_batch_size", "epochs", "log_interval", "keep_checkpoints"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"fine-tuning setting {name} must be a positive integer, got {value!r}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            raise ValueError(
+                f"fine-tuning setting max_steps must be a positive integer, got {self.max_steps!r}"
+            )
+        if not self.train or not self.dev:
+            raise ValueError("fine-tuning needs a training file and a dev file (--train, --dev)")
+        if self.lm_coef < 0 or not 0 <= self.clf_pdrop < 1 or not 0 <= self.warmup_fraction < 1:
+            raise ValueError("lm_coef must be >= 0, clf_pdrop and warmup_fraction in [0, 1)")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(asdict(self), sort_keys=False)
@@ -158,7 +241,12 @@ def _fill(value: Any, computed: int, where: str) -> int:
 
 
 def resolve_ds_config(
-    ds: dict[str, Any], run: RunConfig, world_size: int, steps_per_epoch_fn, where: str, device: str
+    ds: dict[str, Any],
+    run: RunConfig | FinetuneConfig,
+    world_size: int,
+    steps_per_epoch_fn,
+    where: str,
+    device: str,
 ) -> dict[str, Any]:
     """A copy of the DeepSpeed config with its ``"auto"`` values filled and checked.
 
@@ -192,6 +280,20 @@ def resolve_ds_config(
         sched["total_num_steps"] = _fill(
             sched["total_num_steps"], total, f"{where}: scheduler.total_num_steps"
         )
+    if (
+        sched is not None and sched.get("warmup_max_lr") == "auto"
+    ):  # WarmupDecayLR's peak is the optimiser's lr
+        lr = ds.get("optimizer", {}).get("params", {}).get("lr")
+        if not isinstance(lr, (int, float)):
+            raise ValueError(f"{where}: scheduler.warmup_max_lr is auto, but optimizer.params.lr is {lr!r}")
+        sched["warmup_max_lr"] = lr
+    if sched is not None and sched.get("warmup_num_steps") == "auto":
+        fraction = getattr(run, "warmup_fraction", None)
+        if fraction is None:
+            raise ValueError(
+                f"{where}: scheduler.warmup_num_steps is auto, but this run sets no warm-up fraction"
+            )
+        sched["warmup_num_steps"] = max(1, math.ceil(fraction * total))
     if ds.get("fp16", {}).get("enabled") and device == "cpu":
         raise ValueError(f"{where}: fp16.enabled is true, but DeepSpeed has no fp16 on the CPU: use bf16")
     if ds.get("fp16", {}).get("enabled") and "initial_scale_power" not in ds["fp16"]:

@@ -23,7 +23,7 @@ def test_yaml_and_overrides(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["max_stepz=3"], r"unknown run settings \['max_stepz'\]"),
+        (["max_stepz=3"], r"unknown settings \['max_stepz'\]"),
         (["epochs=0"], "epochs must be a positive integer"),
         (["model=gpt5"], "unknown model preset 'gpt5'"),
         (

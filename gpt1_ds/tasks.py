@@ -1,0 +1,331 @@
+"""Fine-tuning data: the four GPT-1 task framings, their readers, batches and metrics.
+
+Every example becomes K token sequences (K = 1, 2 for similarity, the number of
+choices for multiple choice), framed with the tokenizer's control tokens:
+
+    classification    <start> text <extract>
+    entailment        <start> premise <delim> hypothesis <extract>
+    similarity        <start> a <delim> b <extract>  and  <start> b <delim> a <extract>
+    multiple choice   <start> context <delim> choice_i <extract>   for each i
+
+The task head reads the last layer's state at ``<extract>``. A framed sequence longer
+than the model's context is cut as GPT-1 cut its inputs: each segment keeps its
+beginning; segments share the room left after the control tokens, and a short
+segment gives what it does not need to the longer ones.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gpt1_ds.model import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+KINDS = ("classification", "entailment", "similarity", "multiple_choice")
+TASKS = {"sst2": "classification", "rte": "entailment", **{k: k for k in KINDS}}
+"""Task name → framing. ``sst2`` and ``rte`` are classification and entailment with their file formats."""
+DEFAULT_FIELDS = {
+    "classification": ["text"],
+    "entailment": ["premise", "hypothesis"],
+    "similarity": ["sentence1", "sentence2"],
+    "multiple_choice": ["context", "choices"],
+}
+FIXED_LABELS = {"sst2": ["0", "1"], "rte": ["entailment", "not_entailment"]}
+
+
+class DataError(ValueError):
+    """A malformed row or an unknown label, named by file and line."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One labelled example: its text segments and its label (a class index, or a score)."""
+
+    texts: tuple[Any, ...]
+    """classification: (text,); entailment / similarity: (a, b); multiple choice: (context, choices)."""
+    label: float
+    where: str
+    """``file:line`` for messages."""
+
+
+@dataclass
+class TaskData:
+    """How a task's files are read: format, fields and the label set."""
+
+    task: str
+    """sst2 | rte | classification | entailment | similarity | multiple_choice."""
+    fields: list[str] | None = None
+    """Text fields of a jsonl/tsv row (defaults per framing: DEFAULT_FIELDS)."""
+    label_field: str = "label"
+    """Field holding the label."""
+    labels: list[str] | None = None
+    """Class names in head order; None: the sorted labels of the training file."""
+    similarity: str = "regression"
+    """Similarity head: ``regression`` (one score, MSE) or ``binary`` (two classes)."""
+    on_error: str = "raise"
+    """Malformed rows: ``raise`` (error naming file and line) or ``skip`` (counted and logged)."""
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; choose one of {sorted(TASKS)}")
+        if self.on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be raise or skip, got {self.on_error!r}")
+        if self.similarity not in ("regression", "binary"):
+            raise ValueError(f"similarity must be regression or binary, got {self.similarity!r}")
+        if self.labels is None and self.task in FIXED_LABELS:
+            self.labels = list(FIXED_LABELS[self.task])
+        self.fields = self.fields or list(DEFAULT_FIELDS[self.kind])
+        self.skipped = 0
+
+    @property
+    def kind(self) -> str:
+        return TASKS[self.task]
+
+    @property
+    def regression(self) -> bool:
+        return self.kind == "similarity" and self.similarity == "regression"
+
+    @property
+    def num_outputs(self) -> int:
+        """Width of the head: classes, 1 for a regression score, 1 per choice for multiple choice."""
+        if self.kind == "multiple_choice" or self.regression:
+            return 1
+        if self.kind == "similarity":
+            return 2
+        assert self.labels is not None
+        return len(self.labels)
+
+    def read(self, path: str | Path, train: bool = False) -> list[Example]:
+        """Examples of one file. The training file fixes the label set when none was given."""
+        path = Path(path)
+        raw = list(self._rows(path))
+        if train and self.labels is None and self.kind in ("classification", "entailment"):
+            self.labels = sorted({str(row[self.label_field]) for _, row in raw if self.label_field in row})
+            log.info("labels from %s: %s", path, self.labels)
+        out = []
+        for line, row in raw:
+            where = f"{path}:{line}"
+            try:
+                out.append(self._example(row, where))
+            except DataError as e:
+                if self.on_error == "raise":
+                    raise
+                self.skipped += 1
+                log.warning("skipping %s", e)
+        if not out:
+            raise DataError(f"{path}: no examples")
+        return out
+
+    def _rows(self, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(line number, row) pairs; format from the task or the file name."""
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such data file")
+        opener = gzip.open if path.suffix == ".gz" else open
+        name = path.name.removesuffix(".gz")
+        with opener(path, "rt", encoding="utf-8", newline="") as f:
+            lines = list(enumerate(f, start=1))
+        if self.task == "sst2":
+            for n, text in lines:
+                label, _, sentence = text.rstrip("\r\n").partition(" ")
+                if not text.strip():
+                    continue
+                yield n, {"label": label, "text": sentence}
+        elif name.endswith(".jsonl") or name.endswith(".json"):
+            for n, text in lines:
+                if not text.strip():
+                    continue
+                try:
+                    row = json.loads(text)
+                except json.JSONDecodeError as e:
+                    yield n, {"__error__": f"invalid JSON ({e.msg})"}
+                    continue
+                yield n, row if isinstance(row, dict) else {"__error__": "a row must be a JSON object"}
+        else:  # tsv with a header row (GLUE); quotes are text, not quoting
+            rows = csv.reader((t for _, t in lines), delimiter="\t", quoting=csv.QUOTE_NONE)
+            header = next(rows, None)
+            if header is None:
+                raise DataError(f"{path}: empty file")
+            if self.task == "rte":
+                header = ["index", "premise", "hypothesis", "label"] if len(header) == 4 else header
+            for (n, _), cells in zip(lines[1:], rows, strict=True):
+                if not cells:
+                    continue
+                if len(cells) != len(header):
+                    yield n, {"__error__": f"{len(cells)} columns, the header has {len(header)}"}
+                    continue
+                yield n, dict(zip(header, cells, strict=True))
+
+    def _example(self, row: dict[str, Any], where: str) -> Example:
+        if "__error__" in row:
+            raise DataError(f"{where}: malformed row: {row['__error__']}")
+        missing = [f for f in [*self.fields, self.label_field] if f not in row]
+        if missing:
+            raise DataError(f"{where}: missing field(s) {missing}; the row has {sorted(row)}")
+        texts = tuple(row[f] for f in self.fields)
+        raw_label = row[self.label_field]
+        if self.kind == "multiple_choice":
+            context, choices = texts
+            if (
+                not isinstance(choices, list)
+                or len(choices) < 2
+                or not all(isinstance(c, str) for c in choices)
+            ):
+                raise DataError(f"{where}: {self.fields[1]} must be a list of at least two strings")
+            if not isinstance(raw_label, int) or not 0 <= raw_label < len(choices):
+                raise DataError(f"{where}: label {raw_label!r} is not an index into {len(choices)} choices")
+            return Example((str(context), tuple(choices)), float(raw_label), where)
+        if not all(isinstance(t, str) and t.strip() for t in texts):
+            raise DataError(f"{where}: empty or non-text field among {self.fields}")
+        if self.regression:
+            try:
+                return Example(texts, float(raw_label), where)
+            except (TypeError, ValueError):
+                raise DataError(f"{where}: similarity score {raw_label!r} is not a number") from None
+        if self.kind == "similarity":  # binary
+            if str(raw_label) not in ("0", "1"):
+                raise DataError(f"{where}: binary similarity label {raw_label!r} is not 0 or 1")
+            return Example(texts, float(raw_label), where)
+        assert self.labels is not None
+        if str(raw_label) not in self.labels:
+            raise DataError(f"{where}: unknown label {raw_label!r}; the label set is {self.labels}")
+        return Example(texts, float(self.labels.index(str(raw_label))), where)
+
+
+def fit_segments(lengths: list[int], budget: int) -> list[int]:
+    """How many tokens each segment keeps so that they sum to at most ``budget``: short
+    segments stay whole, the longer ones share the rest equally."""
+    if sum(lengths) <= budget:
+        return list(lengths)
+    keep = [0] * len(lengths)
+    left, remaining = budget, len(lengths)
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        keep[i] = min(lengths[i], left // remaining)
+        left -= keep[i]
+        remaining -= 1
+    return keep
+
+
+def frame(segments: list[list[int]], start: int, delim: int, extract: int, n_ctx: int) -> list[int]:
+    """``<start> s0 <delim> s1 ... <extract>``, cut to ``n_ctx`` tokens (each segment keeps its start)."""
+    budget = n_ctx - len(segments) - 1
+    if budget < len(segments):
+        raise ValueError(f"a context of {n_ctx} tokens cannot hold {len(segments)} framed segments")
+    keep = fit_segments([len(s) for s in segments], budget)
+    ids = [start]
+    for i, (seg, k) in enumerate(zip(segments, keep, strict=True)):
+        if i:
+            ids.append(delim)
+        ids.extend(seg[:k])
+    ids.append(extract)
+    return ids
+
+
+@dataclass
+class Encoded:
+    """An example as token sequences: K framed sequences and the label."""
+
+    sequences: list[list[int]]
+    label: float
+
+
+def encode(examples: list[Example], data: TaskData, tok: Any, n_ctx: int) -> list[Encoded]:
+    """Tokenize and frame every example (``tok``: ``data_prep.tokenizer.Tokenizer``)."""
+    s, d, e = tok.start_id, tok.delim_id, tok.extract_id
+    out, cache = [], {}
+
+    def ids(text: str) -> list[int]:
+        if text not in cache:
+            cache[text] = tok.encode(text)
+        return cache[text]
+
+    for ex in examples:
+        if data.kind == "classification":
+            seqs = [frame([ids(ex.texts[0])], s, d, e, n_ctx)]
+        elif data.kind == "entailment":
+            seqs = [frame([ids(ex.texts[0]), ids(ex.texts[1])], s, d, e, n_ctx)]
+        elif data.kind == "similarity":
+            a, b = ids(ex.texts[0]), ids(ex.texts[1])
+            seqs = [frame([a, b], s, d, e, n_ctx), frame([b, a], s, d, e, n_ctx)]
+        else:
+            context, choices = ex.texts
+            seqs = [frame([ids(context), ids(c)], s, d, e, n_ctx) for c in choices]
+        out.append(Encoded(seqs, ex.label))
+    return out
+
+
+def collate(items: list[Encoded], pad_id: int, regression: bool) -> dict[str, torch.Tensor]:
+    """A padded batch: ``input_ids`` [B, K, T], ``extract_pos`` [B, K] (last real token),
+    ``lm_targets`` [B, K, T] (next token, IGNORE_INDEX past the end), ``labels`` [B]."""
+    K = len(items[0].sequences)
+    if any(len(it.sequences) != K for it in items):
+        raise ValueError("every example of a batch needs the same number of sequences (choices)")
+    T = max(len(s) for it in items for s in it.sequences)
+    B = len(items)
+    input_ids = torch.full((B, K, T), pad_id, dtype=torch.long)
+    lm_targets = torch.full((B, K, T), IGNORE_INDEX, dtype=torch.long)
+    extract_pos = torch.zeros(B, K, dtype=torch.long)
+    for b, it in enumerate(items):
+        for k, seq in enumerate(it.sequences):
+            n = len(seq)
+            input_ids[b, k, :n] = torch.tensor(seq)
+            lm_targets[b, k, : n - 1] = torch.tensor(seq[1:])
+            extract_pos[b, k] = n - 1
+    labels = torch.tensor([it.label for it in items], dtype=torch.float32 if regression else torch.long)
+    return {"input_ids": input_ids, "extract_pos": extract_pos, "lm_targets": lm_targets, "labels": labels}
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks from 1 with ties averaged (as Spearman's rho needs)."""
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), dtype=np.float64)
+    sorted_x = x[order]
+    i = 0
+    while i < len(x):
+        j = i
+        while j + 1 < len(x) and sorted_x[j + 1] == sorted_x[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    xc, yc = x - x.mean(), y - y.mean()
+    denom = math.sqrt(float((xc**2).sum() * (yc**2).sum()))
+    return float((xc * yc).sum() / denom) if denom else 0.0
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    return pearson(_ranks(np.asarray(x, np.float64)), _ranks(np.asarray(y, np.float64)))
+
+
+def metrics(predictions: np.ndarray, labels: np.ndarray, data: TaskData) -> dict[str, float]:
+    """accuracy (+ F1 of class 1 for two classes); Pearson and Spearman for regression."""
+    if data.regression:
+        return {"pearson": pearson(predictions, labels), "spearman": spearman(predictions, labels)}
+    predictions, labels = predictions.astype(np.int64), labels.astype(np.int64)
+    out = {"accuracy": float((predictions == labels).mean())}
+    if data.kind != "multiple_choice" and data.num_outputs == 2:
+        tp = float(((predictions == 1) & (labels == 1)).sum())
+        fp = float(((predictions == 1) & (labels == 0)).sum())
+        fn = float(((predictions == 0) & (labels == 1)).sum())
+        out["f1"] = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+    return out
+
+
+def main_metric(data: TaskData) -> str:
+    """The metric that picks the best checkpoint."""
+    return "pearson" if data.regression else "accuracy"
