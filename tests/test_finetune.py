@@ -1,0 +1,202 @@
+"""gpt1_ds.finetune: the task head, the auxiliary LM loss, and real 2-rank runs on SST-2 and RTE."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+
+from data_prep.tokenizer import MODEL_NAME, Tokenizer
+from gpt1_ds.finetune import TaskModel, epoch_batches
+from gpt1_ds.model import GPT, GPTConfig
+from gpt1_ds.tasks import TaskData, collate, encode
+
+BIN = Path(sys.executable).parent
+GLUE = REPO / "data" / "glue"
+TINY = dict(vocab_size=2000, n_positions=64, n_embd=64, n_layer=2, n_head=2, n_inner=256)
+
+
+def tiny_model(data: TaskData, lm_coef: float = 0.5, seed: int = 0) -> TaskModel:
+    torch.manual_seed(seed)
+    return TaskModel(GPT(GPTConfig(**TINY)), data, lm_coef=lm_coef, clf_pdrop=0.1).eval()
+
+
+@pytest.fixture(scope="module")
+def rte(prepared):
+    tok = Tokenizer(prepared / MODEL_NAME)
+    data = TaskData("rte")
+    examples = data.read(GLUE / "rte" / "dev.tsv", train=True)
+    enc = encode(examples, data, tok, TINY["n_positions"])
+    return tok, data, sorted(enc, key=lambda e: len(e.sequences[0]))[:6]  # short ones: padding
+
+
+def test_head_reads_the_extract_state_also_with_padding(rte):
+    tok, data, enc = rte
+    model = tiny_model(data)
+    batch = collate(enc, tok.pad_id, data.regression)
+    assert (batch["input_ids"] == tok.pad_id).any()  # examples of different lengths: padded
+    with torch.no_grad():
+        (scores,) = model(batch["input_ids"], batch["extract_pos"])
+        for b, e in enumerate(enc):
+            seq = torch.tensor([e.sequences[0]])
+            h = model.gpt.hidden_states(seq)  # alone, unpadded
+            assert seq[0, -1] == tok.extract_id
+            expected = model.head(h[0, -1])
+            torch.testing.assert_close(scores[b], expected, rtol=0, atol=1e-5)
+
+
+def test_similarity_adds_both_orders_and_multiple_choice_scores_each_choice(prepared, tmp_path):
+    tok = Tokenizer(prepared / MODEL_NAME)
+    sim = TaskData("similarity")
+    row = {"sentence1": "the ship sailed at dawn", "sentence2": "it was late", "label": 4.0}
+    (tmp_path / "s.jsonl").write_text(json.dumps(row) + "\n")
+    enc = encode(sim.read(tmp_path / "s.jsonl"), sim, tok, 64)
+    model = tiny_model(sim)
+    batch = collate(enc, tok.pad_id, sim.regression)
+    with torch.no_grad():
+        (scores,) = model(batch["input_ids"], batch["extract_pos"])
+        states = [model.gpt.hidden_states(torch.tensor([s]))[0, -1] for s in enc[0].sequences]
+        torch.testing.assert_close(scores[0], model.head(states[0] + states[1]), rtol=0, atol=1e-5)
+    mc = TaskData("multiple_choice")
+    row = {"context": "the ship sailed", "choices": ["at dawn", "it was late", "no"], "label": 2}
+    (tmp_path / "m.jsonl").write_text(json.dumps(row) + "\n")
+    enc = encode(mc.read(tmp_path / "m.jsonl"), mc, tok, 64)
+    model = tiny_model(mc)
+    batch = collate(enc, tok.pad_id, mc.regression)
+    with torch.no_grad():
+        (scores,) = model(batch["input_ids"], batch["extract_pos"])
+    assert scores.shape == (1, 3)
+    with torch.no_grad():
+        for k, s in enumerate(enc[0].sequences):
+            h = model.gpt.hidden_states(torch.tensor([s]))[0, -1]
+            torch.testing.assert_close(scores[0, k], model.head(h)[0], rtol=0, atol=1e-5)
+
+
+def test_auxiliary_lm_weight(rte):
+    tok, data, enc = rte
+    batch = collate(enc, tok.pad_id, data.regression)
+    args = (batch["input_ids"], batch["extract_pos"], batch["lm_targets"], batch["labels"])
+    with torch.no_grad():
+        _, loss0, task0, lm0 = tiny_model(data, lm_coef=0.0)(*args)
+        _, loss5, task5, lm5 = tiny_model(data, lm_coef=0.5)(*args)  # same seed: same weights
+        model = tiny_model(data)
+        B, K, T = batch["input_ids"].shape
+        _, lm_expected = model.gpt(batch["input_ids"].view(B * K, T), batch["lm_targets"].view(B * K, T))
+    assert lm0 == 0 and loss0 == pytest.approx(task0.item())  # off: no LM term at all
+    assert task5 == pytest.approx(task0.item())
+    assert lm5 == pytest.approx(lm_expected.item(), rel=1e-6)  # the LM loss over the framed tokens
+    assert loss5 == pytest.approx(task0.item() + 0.5 * lm5.item(), rel=1e-6)
+    assert loss5 > loss0
+
+
+def test_epoch_batches_are_disjoint_equal_and_reshuffled():
+    a = epoch_batches(103, 4, 0, 2, seed=1, epoch=0)
+    b = epoch_batches(103, 4, 1, 2, seed=1, epoch=0)
+    assert len(a) == len(b) == 103 // 2 // 4
+    flat_a, flat_b = [i for m in a for i in m], [i for m in b for i in m]
+    assert not set(flat_a) & set(flat_b) and len(set(flat_a)) == len(flat_a)
+    assert epoch_batches(103, 4, 0, 2, seed=1, epoch=1) != a
+    assert epoch_batches(103, 4, 0, 2, seed=1, epoch=0) == a
+
+
+def finetune(tmp: Path, *args: str, port: int, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [
+        str(BIN / "torchrun"),
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        "gpt1_ds/finetune.py",
+        "--run-dir",
+        str(tmp),
+        *args,
+    ]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    if check:
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    return out
+
+
+def test_sst2_two_ranks_beats_the_majority_class(prepared, tmp_path, free_port):
+    """A tiny model from random init, 2 epochs of SST-2 on 2 ranks (a higher lr than GPT-1's
+    6.25e-5, which is meant for a pretrained model)."""
+    run = tmp_path / "sst2"
+    out = finetune(
+        run,
+        "--task=sst2",
+        f"--train={GLUE / 'sst2' / 'stsa.binary.train'}",
+        f"--dev={GLUE / 'sst2' / 'stsa.binary.dev'}",
+        "--init=none",
+        f"--tokenizer={prepared / MODEL_NAME}",
+        "model=tiny",
+        "model_overrides.vocab_size=2000",
+        "epochs=2",
+        "log_interval=50",
+        "ds.optimizer.params.lr=5e-4",
+        port=free_port,
+    )
+    results = json.loads((run / "results.json").read_text())
+    assert results["majority_dev"] == pytest.approx(444 / 872)
+    assert [h["epoch"] for h in results["history"]] == [1, 2]
+    best = json.loads((run / "best.json").read_text())
+    assert best["accuracy"] == max(h["accuracy"] for h in results["history"])
+    assert best["accuracy"] > results["majority_dev"] + 0.05, results
+    assert 0 < best["f1"] <= 1
+    assert (run / "checkpoints" / best["tag"] / "COMPLETE").is_file()
+    assert "majority class on dev 50.9%" in out.stderr
+    config = (run / "ds_config.json").read_text()
+    ds = json.loads(config)
+    assert ds["scheduler"]["params"]["total_num_steps"] == 2 * (6920 // 2 // 8 // 2)
+    assert ds["scheduler"]["params"]["warmup_num_steps"] == 1  # 0.2% of 432 steps, rounded up
+    assert ds["scheduler"]["params"]["warmup_max_lr"] == 5e-4
+
+
+def test_rte_from_a_pretraining_checkpoint(prepared, tmp_path, free_port):
+    """Pretrain 4 steps (train.py), then fine-tune RTE from that checkpoint; the run reports accuracy."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_train import train
+
+    pre = tmp_path / "pre"
+    train(prepared, pre, "max_steps=4", port=free_port)
+    assert (pre / MODEL_NAME).is_file()  # the run keeps its tokenizer: --init needs nothing else
+    run = tmp_path / "rte"
+    out = finetune(
+        run,
+        "--task=rte",
+        f"--train={GLUE / 'rte' / 'train.tsv'}",
+        f"--dev={GLUE / 'rte' / 'dev.tsv'}",
+        f"--init={pre / 'checkpoints'}",
+        "epochs=1",
+        "max_train_examples=320",
+        port=free_port + 1,
+    )
+    results = json.loads((run / "results.json").read_text())
+    (h,) = results["history"]
+    assert 0 <= h["accuracy"] <= 1 and "f1" in h and h["loss"] > 0
+    assert "epoch 1 (step 10): dev accuracy" in out.stderr
+    assert results["best"]["tag"] == "step00000010"
+
+
+def test_bad_label_in_dev_fails_before_training(prepared, tmp_path, free_port):
+    dev = tmp_path / "dev"
+    dev.write_text("1 a fine film .\n3 what a label .\n")
+    out = finetune(
+        tmp_path / "run",
+        "--task=sst2",
+        f"--train={GLUE / 'sst2' / 'stsa.binary.dev'}",
+        f"--dev={dev}",
+        "--init=none",
+        f"--tokenizer={prepared / MODEL_NAME}",
+        "model=tiny",
+        "model_overrides.vocab_size=2000",
+        port=free_port,
+        check=False,
+    )
+    assert out.returncode != 0
+    assert f"{dev}:2: unknown label '3'; the label set is ['0', '1']" in out.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
