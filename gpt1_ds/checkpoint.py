@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
+PREEMPTED = "PREEMPTED"
+"""``RUN/PREEMPTED``: written after a checkpoint taken on a signal, removed when a run starts.
+Job scripts read it rather than exit codes, which a launcher may replace (srun with
+--kill-on-bad-exit terminates the slower ranks when the first one exits)."""
 
 
 def tag_for(step: int) -> str:
@@ -96,3 +100,15 @@ def load(engine: Any, ckpt_dir: Path, tag: str) -> dict[str, Any]:
     if path is None or client is None:  # DeepSpeed only warns when it finds nothing
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
     return client
+
+
+def mark_preempted(run_dir: Path, step: int) -> None:
+    """Rank 0, after the signal's checkpoint is complete."""
+    tmp = run_dir / f".{PREEMPTED}.tmp"
+    tmp.write_text(f"{step}\n")
+    os.replace(tmp, run_dir / PREEMPTED)
+
+
+def clear_preempted(run_dir: Path) -> None:
+    """Rank 0, when a run starts."""
+    (run_dir / PREEMPTED).unlink(missing_ok=True)

@@ -264,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("resumed from %s at step %d", found[0][0] / found[0][1], step)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.clear_preempted(run_dir)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
         (run_dir / "ds_config.json").write_text(json.dumps(ds_cfg, indent=2))
     monitor = Monitor(
@@ -390,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             tag = checkpoint.save(
                 engine, ckpt_dir, step, client_state(), cfg.keep_checkpoints, best and best["tag"]
             )
-            log.info("checkpoint %s", ckpt_dir / tag)
+            log.info("checkpoint %s (%s)", ckpt_dir / tag, "signal" if flags[1] else "end of epoch")
             write_json(
                 "results.json", {"task": cfg.task, "majority_dev": majority, "history": history, "best": best}
             )
@@ -399,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
         monitor.flush()
         if flags[1]:
             exit_code = PREEMPTED_EXIT
+            if rank == 0:
+                checkpoint.mark_preempted(run_dir, step)
             break
     bar.close()
     monitor.close()

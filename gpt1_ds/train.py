@@ -271,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.clear_preempted(run_dir)
         (run_dir / "config.yaml").write_text(run.to_yaml())
         (run_dir / "ds_config.json").write_text(json.dumps(ds_cfg, indent=2))
         for name in (MODEL_NAME, "tokenizer.json"):  # the run's checkpoints are usable on their own
@@ -423,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
             save(f"signal {preempt.signal}" if preempt.signal else "signal on another rank")
             saved_at = step
             exit_code = PREEMPTED_EXIT
+            if rank == 0:
+                checkpoint.mark_preempted(run_dir, step)
             break
         if step % run.checkpoint_interval == 0 or step == total_steps:
             save("interval" if step < total_steps else "end")

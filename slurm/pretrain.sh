@@ -10,10 +10,10 @@
 # DATA=data/bookscorpus, RUN_DIR=runs/gpt1, PYTHON=.venv/bin/python, MAX_REQUEUES=20,
 # OVERRIDES="" (key=value run overrides, ds.key=value DeepSpeed overrides).
 #
-# Preemption and time limits: SLURM sends USR1 to this script 300 s before the time limit
-# (--signal=B:USR1@300), on preemption, or on `scancel --signal=USR1 -b JOB`. The script
-# forwards it to the training tasks; they finish the step in flight, save a checkpoint and
-# exit with 75; only then does the script requeue the job (at most MAX_REQUEUES times). The
+# Preemption and time limits (slurm/requeue.sh): SLURM sends USR1 to this script 300 s before
+# the time limit (--signal=B:USR1@300), on preemption, or on `scancel --signal=USR1 -b JOB`. The
+# script forwards it to the training tasks; they finish the step in flight, save a checkpoint
+# and exit with 75; only then does the script requeue the job (at most MAX_REQUEUES times). The
 # requeued job (SLURM_RESTART_COUNT ≥ 1) resumes from that checkpoint (resume=auto). A run
 # that finishes or fails is never requeued.
 #
@@ -43,40 +43,13 @@ RUN_DIR=${RUN_DIR:-runs/gpt1}
 PYTHON=${PYTHON:-.venv/bin/python}
 MAX_REQUEUES=${MAX_REQUEUES:-20}
 OVERRIDES=${OVERRIDES:-}
-PREEMPTED=75
 restarts=${SLURM_RESTART_COUNT:-0}
 
 echo "$(date -Is) job ${SLURM_JOB_ID:-?} (restart $restarts) on ${SLURM_JOB_NODELIST:-?}:" \
     "${SLURM_NTASKS:-1} tasks, config $CONFIG, DeepSpeed $DS_CONFIG, data $DATA, run $RUN_DIR"
 
-signalled=0
-forward() {
-    signalled=1
-    echo "$(date -Is) USR1: asking the training tasks to checkpoint and stop"
-    [ -n "${srun_pid:-}" ] && kill -USR1 "$srun_pid" 2>/dev/null
-}
-trap forward USR1
-
+# shellcheck source=slurm/requeue.sh
+source slurm/requeue.sh
 # shellcheck disable=SC2086  # OVERRIDES is a list of words
-srun --kill-on-bad-exit=1 "$PYTHON" -m gpt1_ds.train --deepspeed_config "$DS_CONFIG" --config "$CONFIG" \
-    --data "$DATA" --run-dir "$RUN_DIR" resume=auto $OVERRIDES &
-srun_pid=$!
-# A trap runs only while the shell waits on a background child: wait until srun is really gone.
-while true; do
-    wait "$srun_pid"
-    rc=$?
-    kill -0 "$srun_pid" 2>/dev/null || break
-done
-
-if [ "$rc" -eq "$PREEMPTED" ]; then
-    if [ "$restarts" -lt "$MAX_REQUEUES" ]; then
-        echo "$(date -Is) checkpoint saved; requeueing job $SLURM_JOB_ID (restart $((restarts + 1)) of at most $MAX_REQUEUES)"
-        scontrol requeue "$SLURM_JOB_ID"  # this sends TERM to this script too: nothing may follow
-        exit 0
-    fi
-    echo "$(date -Is) checkpoint saved; requeue cap $MAX_REQUEUES reached, not requeueing"
-    exit "$rc"
-fi
-[ "$signalled" = 1 ] && echo "$(date -Is) USR1 came, but training exited with $rc: no requeue"
-echo "$(date -Is) training exited with $rc"
-exit "$rc"
+requeueable_srun "$PYTHON" -m gpt1_ds.train --deepspeed_config "$DS_CONFIG" --config "$CONFIG" \
+    --data "$DATA" --run-dir "$RUN_DIR" resume=auto $OVERRIDES

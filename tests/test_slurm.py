@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -48,6 +49,11 @@ def sbatch(env: dict[str, str], script: str, log: Path, *flags: str, **settings:
     return out.stdout.strip().split(";")[0]
 
 
+def read_log(path: Path) -> str:
+    """A job log; srun merges the tasks' output, which can split a multi-byte character."""
+    return path.read_text(errors="replace")
+
+
 def job_state(env: dict[str, str], job: str) -> dict[str, str]:
     out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, env=env).stdout
     return dict(re.findall(r"(\w+)=(\S*)", out))
@@ -79,7 +85,7 @@ def preempt_long_run(slurm_env, prepared, run: Path, log: Path, **settings: str)
         **settings,
     )
     deadline = time.monotonic() + 300
-    while not re.search(r"step \d+/400", log.read_text() if log.exists() else ""):
+    while not re.search(r"step \d+/400", read_log(log) if log.exists() else ""):
         assert time.monotonic() < deadline, "training never started"
         time.sleep(0.5)
     subprocess.run(["scancel", "-b", "--signal=USR1", job], env=slurm_env, check=True)
@@ -99,7 +105,7 @@ def test_sbatch_pretrain_cpu_profile_completes_with_checkpoints_and_falling_loss
         OVERRIDES=overrides("max_steps=30", "checkpoint_interval=10", "log_interval=5"),
     )
     state = wait_done(slurm_env, job)
-    log = (tmp_path / "job.out").read_text()
+    log = read_log(tmp_path / "job.out")
     assert state["JobState"] == "COMPLETED", log[-3000:]
     assert "2 tasks" in log and "training exited with 0" in log
     assert sorted(p.name for p in (run / "checkpoints").glob("step*")) == ["step00000020", "step00000030"]
@@ -113,10 +119,10 @@ def test_usr1_checkpoints_requeues_and_the_requeued_job_resumes(slurm_env, prepa
     log = tmp_path / "job.out"
     job = preempt_long_run(slurm_env, prepared, run, log)
     deadline = time.monotonic() + 300
-    while "resumed from" not in log.read_text():
-        assert time.monotonic() < deadline, log.read_text()[-3000:]
+    while "resumed from" not in read_log(log):
+        assert time.monotonic() < deadline, read_log(log)[-3000:]
         time.sleep(1)
-    text = log.read_text()
+    text = read_log(log)
     saved = int(re.search(r"checkpoint \S*step(\d+) \(signal", text).group(1))
     assert f"resumed from {run}/checkpoints/step{saved:08d} at step {saved}" in text
     assert "requeueing job" in text and "(restart 1)" in text
@@ -140,7 +146,7 @@ def test_sbatch_prep_data_with_2_mpi_ranks_produces_a_dataset_that_verifies(slur
         "--test-fraction 0.2",
     )
     state = wait_done(slurm_env, job)
-    log = (tmp_path / "job.out").read_text()
+    log = read_log(tmp_path / "job.out")
     assert state["JobState"] == "COMPLETED", log[-3000:]
     assert "2 ranks" in log and "[rank 0]" in log  # a real 2-rank MPI world
     assert verify(out) == []
@@ -151,7 +157,37 @@ def test_the_requeue_cap_is_honoured(slurm_env, prepared, tmp_path):
     log = tmp_path / "job.out"
     job = preempt_long_run(slurm_env, prepared, run, log, MAX_REQUEUES="0")
     state = wait_done(slurm_env, job)
-    text = log.read_text()
+    text = read_log(log)
     assert "requeue cap 0 reached, not requeueing" in text
     assert state["Restarts"] == "0" and state["ExitCode"] == "75:0"
     assert len(list((run / "checkpoints").glob("step*/COMPLETE"))) == 1
+
+
+def test_sbatch_finetune_is_preempted_requeued_and_resumes_to_the_end(slurm_env, prepared, tmp_path):
+    run = tmp_path / "run"
+    log = tmp_path / "job.out"
+    job = sbatch(
+        slurm_env,
+        "slurm/finetune_cpu.sh",
+        log,
+        INIT="none",
+        RUN_DIR=str(run),
+        OVERRIDES=f"tokenizer={prepared / 'tokenizer.model'} model=tiny model_overrides.vocab_size=2000 "
+        "model_overrides.n_layer=2 max_train_examples=1600 epochs=2 log_interval=5 "
+        "ds.optimizer.params.lr=5e-4",
+    )
+    deadline = time.monotonic() + 300
+    while not re.search(r"step (1\d|[2-9]\d)/100 ", read_log(log) if log.exists() else ""):
+        assert time.monotonic() < deadline, "fine-tuning never started"
+        time.sleep(0.5)
+    subprocess.run(["scancel", "-b", "--signal=USR1", job], env=slurm_env, check=True)
+    state = wait_done(slurm_env, job, timeout=500)
+    text = read_log(log)
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", text[-3000:]
+    saved = int(re.search(r"checkpoint \S*step(\d+) \(signal\)", text).group(1))
+    assert 10 <= saved < 100
+    assert f"resumed from {run}/checkpoints/step{saved:08d} at step {saved}" in text
+    results = json.loads((run / "results.json").read_text())
+    assert [h["epoch"] for h in results["history"]] == [1, 2]
+    steps = sorted(scalars(run, "finetune/loss"))
+    assert steps == sorted(set(steps)) and steps[-1] == 100, "a step was trained twice or missing"
