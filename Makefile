@@ -2,7 +2,8 @@
 #
 #   make demo     set up, then run the main job on the CPU
 #   make test     set up, then lint and run the test suite
-#   make bench    set up, then run every benchmark in benchmarks/
+#   make bench    set up, then run every benchmark in benchmarks/ and write this
+#                 machine's section of benchmarks/RESULTS.md (and results.json)
 #
 # Setup makes a virtual environment in $(VENV): torch first ($(TORCH_SPEC)), then
 # DeepSpeed built against it, then this package with its extras. A second run does
@@ -53,13 +54,13 @@ lint: setup
 test: setup lint
 	$(PY) -m pytest
 
+# BENCH_ARGS: e.g. --only model,train or --quick (benchmarks/run_all.py --help).
+BENCH_ARGS ?=
+
 bench: setup
-	$(PY) benchmarks/bench_model.py
-	$(PY) benchmarks/bench_loader.py
-	$(PY) benchmarks/bench_train.py
 	if [ -d $(CORPUS)/books ]; then \
-		$(PY) benchmarks/bench_prep.py --corpus $(CORPUS)/books --list $(CORPUS)/books_small.txt; \
-	else $(PY) benchmarks/bench_prep.py --corpus data/sample; fi
+		$(PY) benchmarks/run_all.py --corpus $(CORPUS)/books --list $(CORPUS)/books_small.txt $(BENCH_ARGS); \
+	else $(PY) benchmarks/run_all.py --corpus data/sample $(BENCH_ARGS); fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -8,21 +8,25 @@ Both read the same shards of DIR/train, decode the uint16 blocks and build int64
 splits by rank and worker. Tokens/s counts input tokens (batch × seq_len), over
 ``--batches`` batches (the loader wraps around epochs). Resume cost: the time to
 the first batch after ``load_state_dict`` in the middle of an epoch, beside the
-time to the first batch of a fresh loader. Prints a markdown table.
+time to the first batch of a fresh loader. Prints markdown tables; ``--json PATH``
+writes them as JSON too (``benchmarks/benchlib.py``).
+
+    python benchmarks/bench_loader.py --quick             # two books, batch 8 × 64: a check in seconds
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
+import benchlib
 import numpy as np
-import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
@@ -97,54 +101,69 @@ def resume_cost(split: Path, workers: int, batch_size: int) -> tuple[float, floa
     return t_fresh, time.perf_counter() - start
 
 
+def prepare_sample(out: Path, quick: bool) -> None:
+    """The embedded sample books as a dataset (``quick``: the three smallest, short sequences)."""
+    sample = REPO / "data" / "sample"
+    inputs = [str(sample)]
+    size = ["--vocab-size", "8192", "--seq-len", "512", "--shard-bytes", "200000"]
+    if quick:
+        inputs = [str(p) for p in sorted(sample.glob("*.txt.gz"), key=lambda p: p.stat().st_size)[:3]]
+        size = ["--vocab-size", "2000", "--seq-len", "64", "--shard-bytes", "4000"]
+    cmd = [sys.executable, "-m", "data_prep.prepare", "--input", *inputs, "--out", str(out), *size, "--quiet"]
+    subprocess.run(cmd, check=True, cwd=REPO)
+
+
+QUICK = {"batch_size": 8, "batches": 20, "workers": [0, 1], "resume_workers": [0, 1]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--data", type=Path, help="prepared dataset directory (default: prepare the sample)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--batches", type=int, default=300)
-    args = parser.parse_args()
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="loader workers to time")
+    parser.add_argument("--resume-workers", type=int, nargs="+", default=[0, 2])
+    args = benchlib.parse_args(parser, QUICK)
     data = args.data
     if data is None:
         data = Path(tempfile.mkdtemp(prefix="bench_loader_"))
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "data_prep.prepare",
-                "--input",
-                str(REPO / "data" / "sample"),
-                "--out",
-                str(data),
-                "--vocab-size",
-                "8192",
-                "--seq-len",
-                "512",
-                "--shard-bytes",
-                "200000",
-                "--quiet",
-            ],
-            check=True,
-            cwd=REPO,
-        )
+        prepare_sample(data, args.quick)
     split = data / "train"
     m = read_manifest(split)
-    print(
-        f"\nloader: {split} ({len(m['shards'])} shards, {m['total_tokens']:,} tokens, "
-        f"seq_len {m['seq_len']}); "
-        f"batch {args.batch_size}; torch {torch.__version__}; {date.today()}\n"
+    source = str(args.data) if args.data else "The embedded sample books (`data/sample`)"
+    if args.data is None and args.quick:
+        source = "The three smallest sample books"
+    rates = benchlib.table(
+        f"{source}, train split: {len(m['shards'])} shards, {m['total_tokens']:,} tokens, "
+        f"seq_len {m['seq_len']}; batch {args.batch_size} × {m['seq_len']}, {args.batches} batches",
+        {"pipeline": "{}", "workers": "{}", "M tokens/s": "{:.1f}", "M tokens/s per worker": "{:.1f}"},
     )
-    print("| pipeline | workers | tokens/s | tokens/s per worker |")
-    print("|---|---:|---:|---:|")
-    for workers in (0, 1, 2):
+    for workers in args.workers:
         for name, fn in (("gpt1-ds TrainLoader", ours), ("plain webdataset.WebDataset", baseline)):
-            rate = fn(split, workers, args.batches, args.batch_size)
-            per = rate / max(1, workers)
-            print(f"| {name} | {workers} | {rate / 1e6:.1f}M | {per / 1e6:.1f}M |")
-    print("\n| resume | workers | seconds to first batch |\n|---|---:|---:|")
-    for workers in (0, 2):
+            rate = fn(split, workers, args.batches, args.batch_size) / 1e6
+            rates["rows"].append([name, workers, rate, rate / max(1, workers)])
+    resume = benchlib.table(
+        "Time to the first batch of a fresh loader and after `load_state_dict` in the middle of an epoch",
+        {"resume": "{}", "workers": "{}", "seconds to first batch": "{:.3f}"},
+    )
+    for workers in args.resume_workers:
         t_fresh, t_resume = resume_cost(split, workers, args.batch_size)
-        print(f"| fresh start | {workers} | {t_fresh:.3f} |")
-        print(f"| resume mid-epoch | {workers} | {t_resume:.3f} |")
+        resume["rows"] += [["fresh start", workers, t_fresh], ["resume mid-epoch", workers, t_resume]]
+    result = benchlib.result(
+        "loader",
+        "Loader: gpt1-ds `TrainLoader` against a plain WebDataset pipeline",
+        f"{benchlib.cpu_name()}, {os.cpu_count()} cores",
+        [rates, resume],
+        [
+            "Both read the same shards, decode the uint16 blocks and build int64 `input_ids`/`targets` "
+            "batches; gpt1-ds also shuffles within its window and splits by rank and worker. Tokens/s "
+            "counts input tokens (batch × seq_len), going round the epochs; start-up is not counted."
+        ],
+        quick=args.quick,
+    )
+    benchlib.emit(result, args.json)
+    if args.data is None:
+        shutil.rmtree(data, ignore_errors=True)
 
 
 if __name__ == "__main__":

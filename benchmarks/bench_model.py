@@ -3,24 +3,23 @@
 Both models hold the same weights (ours is imported from the HF one) and see the
 same batches, in training mode, with the same loss (mean next-token cross-entropy).
 They are timed in alternation, so that both meet the same machine state; the
-median of the repeats is reported. Prints a markdown table; ``--json`` writes it too.
+median of the repeats is reported. Prints a markdown table; ``--json PATH`` writes
+it as JSON too (``benchmarks/benchlib.py``).
 
     python benchmarks/bench_model.py                     # gpt1 and tiny, fp32 and bf16
     python benchmarks/bench_model.py --presets tiny --repeats 5
+    python benchmarks/bench_model.py --quick             # tiny, fp32, 4 × 64: a check in seconds
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from datetime import date
-from pathlib import Path
 
+import benchlib
 import torch
 import torch.nn.functional as F
 from transformers import OpenAIGPTConfig, OpenAIGPTLMHeadModel
@@ -35,15 +34,7 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
+    return f"{benchlib.cpu_name()}, {torch.get_num_threads()} threads"
 
 
 def time_steps(step: Callable[[], None], n: int, device: torch.device) -> float:
@@ -106,6 +97,9 @@ def bench_preset(preset: str, dtype: str, args: argparse.Namespace, device: torc
     }
 
 
+QUICK = {"presets": ["tiny"], "dtypes": ["fp32"], "batch": 4, "seq_len": 64, "repeats": 2, "steps": 1}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["gpt1", "tiny"])
@@ -116,28 +110,43 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
+    args = benchlib.parse_args(parser, QUICK)
     device = torch.device(args.device)
 
     rows = [bench_preset(p, d, args, device) for p in args.presets for d in args.dtypes]
-    machine = device_name(device)
-    print(f"\nforward+backward, training mode; {machine}; torch {torch.__version__}; {date.today()}\n")
-    print("| model | dtype | batch × T | gpt1-ds tokens/s | HF tokens/s | gpt1-ds / HF | gpt1-ds TFLOP/s |")
-    print("|---|---|---|---:|---:|---:|---:|")
-    for r in rows:
-        print(
-            f"| {r['preset']} | {r['dtype']} | {r['batch']} × {r['seq_len']} | "
-            f"{r['ours_tokens_per_sec']:,.0f} | {r['hf_tokens_per_sec']:,.0f} | "
-            f"{r['speedup']:.2f}× | {r['ours_tflops']:.3f} |"
-        )
-    if args.json:
-        args.json.write_text(
-            json.dumps(
-                {"machine": machine, "torch": torch.__version__, "date": str(date.today()), "rows": rows},
-                indent=2,
-            )
-        )
+    columns = {
+        "model": "{}",
+        "dtype": "{}",
+        "batch × T": "{}",
+        "gpt1-ds tokens/s": "{:,.0f}",
+        "HF tokens/s": "{:,.0f}",
+        "gpt1-ds / HF": "{:.2f}×",
+        "gpt1-ds TFLOP/s": "{:.3f}",
+    }
+    cells = [
+        [
+            r["preset"],
+            r["dtype"],
+            f"{r['batch']} × {r['seq_len']}",
+            r["ours_tokens_per_sec"],
+            r["hf_tokens_per_sec"],
+            r["speedup"],
+            r["ours_tflops"],
+        ]
+        for r in rows
+    ]
+    result = benchlib.result(
+        "model",
+        "Model: forward + backward against HF `OpenAIGPTLMHeadModel`",
+        device_name(device),
+        [benchlib.table("", columns, cells)],
+        [
+            f"Same weights, same batches, training mode, timed in alternation "
+            f"(median of {args.repeats} repeats of {args.steps} step(s) after {args.warmup} warm-up)."
+        ],
+        quick=args.quick,
+    )
+    benchlib.emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -9,22 +9,23 @@ baseline, plain ``sentencepiece`` encoding of the same cleaned text in one proce
 with the same model; (3) ``clean`` + ``shard`` as commands under ``mpirun -np 1``
 and ``-np 2`` (wall time, start-up included) for the scaling; (4) tokenizer
 training time; (5) shard bytes over raw uint16 token bytes. MB are 10^6 bytes of
-raw input text (for ``tokenize``: of cleaned text). Prints a markdown table.
+raw input text (for ``tokenize``: of cleaned text). Prints a markdown table;
+``--json PATH`` writes it as JSON too (``benchmarks/benchlib.py``). ``--quick``:
+a 2,000-piece tokenizer from 2 MB, 200 kB shards (use it with the sample).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
+import benchlib
 import sentencepiece as spm
 
 from data_prep import clean, shard, tokenizer
@@ -32,13 +33,6 @@ from data_prep.common import Comm
 from data_prep.manifest import read_manifest
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def timed(fn) -> tuple[float, object]:
@@ -63,9 +57,12 @@ def run_cmd(cmd: list[str], ranks: int) -> float:
     return time.perf_counter() - start
 
 
+QUICK = {"vocab_size": 2000, "tokenizer_sample_bytes": 2_000_000, "shard_bytes": 200_000}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--corpus", required=True, help="directory of books")
+    parser.add_argument("--corpus", help="directory of books (default: the embedded sample, data/sample)")
     parser.add_argument("--list", help="file naming the books to take (one a line), e.g. books_small.txt")
     parser.add_argument("--vocab-size", type=int, default=40478)
     parser.add_argument(
@@ -78,10 +75,9 @@ def main() -> None:
         "--shard-bytes", type=int, default=4 * 2**20, help="small enough that both ranks get many shards"
     )
     parser.add_argument("--work", help="scratch directory (default: a temporary one)")
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
+    args = benchlib.parse_args(parser, QUICK)
 
-    corpus = Path(args.corpus)
+    corpus = Path(args.corpus) if args.corpus else REPO / "data" / "sample"
     inputs = [str(corpus / n) for n in Path(args.list).read_text().split()] if args.list else [str(corpus)]
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_prep_"))
     ds = work / "ds"
@@ -125,50 +121,52 @@ def main() -> None:
     shard_bytes = sum(m["total_bytes"] for m in totals.values())
     chain = raw_mb / (t_clean + t_shard)
     raw_rate = clean_mb / t_raw
-    rows = [
-        ("clean (1 process)", f"{raw_mb / t_clean:.1f} MB/s", f"{t_clean:.1f} s"),
-        ("tokenize + pack + write (1 process)", f"{clean_mb / t_shard:.1f} MB/s", f"{t_shard:.1f} s"),
-        ("baseline: sentencepiece encode alone (1 process)", f"{raw_rate:.1f} MB/s", f"{t_raw:.1f} s"),
-        ("whole chain, clean + shard (1 process)", f"{chain:.1f} MB/s", f"{t_clean + t_shard:.1f} s"),
-        ("whole chain / baseline encode", f"{chain / raw_rate:.2f}×", ""),
-        ("commands, mpirun -np 1", f"{raw_mb / wall[1]:.1f} MB/s", f"{wall[1]:.1f} s"),
-        ("commands, mpirun -np 2", f"{raw_mb / wall[2]:.1f} MB/s", f"{wall[2]:.1f} s"),
-        ("speed-up with 2 ranks", f"{wall[1] / wall[2]:.2f}×", ""),
-        (
+    rows: list[list[benchlib.Cell]] = [
+        ["clean (1 process)", raw_mb / t_clean, "MB/s", t_clean],
+        ["tokenize + pack + write (1 process)", clean_mb / t_shard, "MB/s", t_shard],
+        ["baseline: sentencepiece encode alone (1 process)", raw_rate, "MB/s", t_raw],
+        ["whole chain, clean + shard (1 process)", chain, "MB/s", t_clean + t_shard],
+        ["whole chain / baseline encode", chain / raw_rate, "×", None],
+        ["commands, mpirun -np 1", raw_mb / wall[1], "MB/s", wall[1]],
+        ["commands, mpirun -np 2", raw_mb / wall[2], "MB/s", wall[2]],
+        ["speed-up with 2 ranks", wall[1] / wall[2], "×", None],
+        [
             f"tokenizer training ({tok.vocab_size:,} pieces, "
-            f"{args.tokenizer_sample_bytes / 1e6:.0f} MB sample)",
+            f"{args.tokenizer_sample_bytes / 1e6:g} MB sample)",
+            None,
             "",
-            f"{t_tok:.1f} s",
-        ),
-        ("shard bytes over raw uint16 token bytes", f"+{100 * (shard_bytes / token_bytes - 1):.2f}%", ""),
-        (
+            t_tok,
+        ],
+        ["shard bytes over raw uint16 token bytes", 100 * (shard_bytes / token_bytes - 1), "% more", None],
+        [
             "shard bytes over 2 bytes per token of the stream",
-            f"+{100 * (shard_bytes / (2 * tokens) - 1):.2f}%",
-            "",
-        ),
+            100 * (shard_bytes / (2 * tokens) - 1),
+            "% more",
+            None,
+        ],
     ]
-    print(
-        f"\ndata prep: {len(texts)} books, {raw_mb:.1f} MB raw → {clean_mb:.1f} MB clean → "
-        f"{tokens:,} tokens; "
-        f"{cpu_name()}, {os.cpu_count()} cores; {date.today()}\n"
-    )
-    print("| measure | rate | time |")
-    print("|---|---:|---:|")
-    for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]} |")
-    if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "rows": rows,
-                    "books": len(texts),
-                    "raw_mb": raw_mb,
-                    "tokens": tokens,
-                    "date": str(date.today()),
-                },
-                indent=1,
+    source = f"`{args.corpus or 'data/sample'}`" + (f" (the books of `{args.list}`)" if args.list else "")
+    result = benchlib.result(
+        "prep",
+        "Data prep: clean, tokenize + shard, the whole chain, 1 and 2 MPI ranks",
+        f"{benchlib.cpu_name()}, {os.cpu_count()} cores",
+        [
+            benchlib.table(
+                f"{len(texts)} books of {source}: {raw_mb:.1f} MB raw → {clean_mb:.1f} MB clean → "
+                f"{tokens:,} tokens; {tok.vocab_size:,}-piece tokenizer, "
+                f"`--shard-bytes` {args.shard_bytes:,}",
+                {"measure": "{}", "value": "{:.2f}", "unit": "{}", "time (s)": "{:.1f}"},
+                rows,
             )
-        )
+        ],
+        [
+            "MB are 10^6 bytes of raw input text (for tokenize: of cleaned text). The baseline is plain "
+            "`sentencepiece` encoding of the same cleaned text with the same model in one process; the "
+            "`mpirun` rows time the `clean` and `shard` commands, start-up included."
+        ],
+        quick=args.quick,
+    )
+    benchlib.emit(result, args.json)
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -15,7 +15,9 @@ during the steps (coarse: the allocator keeps memory). Activations: the bytes
 autograd holds for the backward pass after one forward, counted exactly with
 saved-tensor hooks on any device; what activation checkpointing saves. MFU uses
 the device's dense bf16 peak (gpt1_ds.metrics) or ``--peak-flops``; on a CPU
-without ``--peak-flops`` it is not reported. Prints a markdown table per preset.
+without ``--peak-flops`` it is not reported. Prints a markdown table per preset;
+``--json PATH`` writes them as JSON too (``benchmarks/benchlib.py``).
+``--quick``: tiny, plain and ds-z2, batch 2 × 32, one step: a check in seconds.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import date
 from pathlib import Path
+
+import benchlib
 
 REPO = Path(__file__).resolve().parent.parent
 VARIANTS = ["plain", "plain+ac", "ds-z0", "ds-z1", "ds-z2", "ds-z2+ac"]
@@ -148,6 +151,9 @@ def run_variant(preset: str, variant: str, batch: int, seq_len: int, steps: int,
     }
 
 
+QUICK = {"presets": ["tiny"], "variants": ["plain", "ds-z2"], "batch": 2, "seq_len": 32, "steps": 1}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["tiny", "gpt1"])
@@ -159,9 +165,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--peak-flops", type=float, help="device peak FLOP/s for MFU")
-    parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = benchlib.parse_args(parser, QUICK)
 
     if args.child:
         preset, variant, batch = args.child.split(":")
@@ -176,9 +181,12 @@ def main() -> None:
     from gpt1_ds.metrics import device_peak_flops, flops_per_token
     from gpt1_ds.model import GPTConfig
 
-    results = []
+    cuda = torch.cuda.is_available()  # CUDA itself is left to the children: no context held here
+    device = f"{benchlib.cpu_name()}, {os.cpu_count()} cores"
+    peak_flops = args.peak_flops
+    tables, failed = [], []
     for preset in args.presets:
-        batch = args.batch or (32 if preset == "tiny" else (16 if torch.cuda.is_available() else 4))
+        batch = args.batch or (32 if preset == "tiny" else (16 if cuda else 4))
         rows = []
         for variant in args.variants:
             env = {**os.environ, "MASTER_PORT": str(free_port())}
@@ -203,41 +211,74 @@ def main() -> None:
             line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
             if out.returncode != 0 or line is None:
                 print(f"{preset} {variant} failed:\n{out.stderr[-3000:]}", file=sys.stderr)
+                failed.append(f"{preset} {variant}")
                 continue
             r = json.loads(line[7:])
-            r.update(preset=preset, variant=variant, batch=batch)
+            r.update(variant=variant)
             rows.append(r)
         if not rows:
             continue
+        if cuda:
+            device = rows[0]["device"]
+            peak_flops = args.peak_flops or device_peak_flops(device)
         config = GPTConfig.from_preset(preset)
         base = next((r for r in rows if r["variant"] == "plain"), rows[0])
         z2 = next((r for r in rows if r["variant"] == "ds-z2"), None)
-        device = rows[0]["device"]
-        peak_flops = args.peak_flops or device_peak_flops(device)
-        print(
-            f"\n{preset}: batch {batch} × {rows[0]['seq_len']}, bf16, {device}; torch {torch.__version__}; "
-            f"{date.today()}\n"
-        )
-        print(
-            "| variant | optimizer | step time | vs plain | tokens/s | TFLOP/s | MFU | peak memory "
-            "| activations | vs ds-z2 |"
-        )
-        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        columns = {
+            "variant": "{}",
+            "optimizer": "{}",
+            "step time": "{:.3f} s",
+            f"vs {base['variant']}": "{:.2f}×",
+            "tokens/s": "{:,.0f}",
+            "TFLOP/s": "{:.3f}",
+            **({"MFU": "{:.1f}%"} if peak_flops else {}),
+            "peak memory": "{:.2f} GiB",
+            "activations": "{:.2f} GiB",
+            "vs ds-z2": "{:.2f}×",
+        }
+        t = benchlib.table(f"{preset}, batch {batch} × {rows[0]['seq_len']}", columns)
         for r in rows:
             tps = r["tokens"] / r["step_time"]
             tflops = tps * flops_per_token(config, r["seq_len"]) / 1e12
-            mfu = f"{100 * tflops * 1e12 / peak_flops:.1f}%" if peak_flops else "n/a"
             act = r["activation_bytes"]
-            act_ratio = f"{act / z2['activation_bytes']:.2f}×" if z2 and z2["activation_bytes"] else ""
-            print(
-                f"| {r['variant']} | {r['optimizer']} | {r['step_time']:.3f} s | "
-                f"{r['step_time'] / base['step_time']:.2f}× | {tps:,.0f} | {tflops:.3f} | {mfu} | "
-                f"{r['peak_bytes'] / 2**30:.2f} GiB | {act / 2**30:.2f} GiB | {act_ratio} |"
+            t["rows"].append(
+                [
+                    r["variant"],
+                    r["optimizer"],
+                    r["step_time"],
+                    r["step_time"] / base["step_time"],
+                    tps,
+                    tflops,
+                    *([100 * tflops * 1e12 / peak_flops] if peak_flops else []),
+                    r["peak_bytes"] / 2**30,
+                    act / 2**30,
+                    act / z2["activation_bytes"] if z2 and z2["activation_bytes"] else None,
+                ]
             )
-            r.update(tokens_per_sec=tps, tflops=tflops)
-        results.extend(rows)
-    if args.json:
-        args.json.write_text(json.dumps({"date": str(date.today()), "rows": results}, indent=1))
+        tables.append(t)
+    notes = [
+        f"One process per variant, bf16, one optimiser step per batch; step time: median of {args.steps} "
+        f"step(s) after {args.warmup} warm-up. Activations: bytes autograd holds for the backward pass "
+        "(parameters excluded). Peak memory: "
+        + (
+            "CUDA `max_memory_allocated`."
+            if cuda
+            else "growth of the process's peak RSS during the steps (coarse: the allocator keeps memory)."
+        )
+    ]
+    if not peak_flops:
+        notes.append("MFU is not given: no known peak for this device (pass `--peak-flops`).")
+    if failed:
+        notes.append(f"Failed (see the run's stderr): {', '.join(failed)}.")
+    result = benchlib.result(
+        "train",
+        "Training step: a plain PyTorch loop against DeepSpeed ZeRO stages",
+        device,
+        tables,
+        notes,
+        quick=args.quick,
+    )
+    benchlib.emit(result, args.json)
 
 
 if __name__ == "__main__":

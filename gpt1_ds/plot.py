@@ -1,0 +1,151 @@
+"""Training curves of one or more runs in one PNG.
+
+    python -m gpt1_ds.plot RUN [RUN ...] --out curves.png [--labels A B ...] [--csv curves.csv]
+
+Reads the TensorBoard scalars a run wrote (``RUN/tensorboard``; RUN or its
+``tensorboard`` directory may be given) and draws four panels, runs overlaid:
+loss (train and val), perplexity (train and val, log scale), learning rate and
+throughput (tokens/s), each against the optimiser step. Runs are named in the
+legend by their directory, or by ``--labels``. ``--csv`` also writes the plotted
+series, one ``run,tag,step,value`` row per point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+log = logging.getLogger("gpt1_ds.plot")
+
+Series = tuple[list[int], list[float]]  # steps, values
+
+
+class Panel(NamedTuple):
+    title: str
+    tags: tuple[str, ...]
+    ylabel: str
+    log_scale: bool = False
+
+
+PANELS = (
+    Panel("loss", ("train/loss", "val/loss"), "cross-entropy (nats)"),
+    Panel("perplexity", ("train/ppl", "val/ppl"), "perplexity", log_scale=True),
+    Panel("learning rate", ("train/lr",), "learning rate"),
+    Panel("throughput", ("train/tokens_per_sec",), "tokens/s"),
+)
+# Line style by the part of the tag before the slash: train solid, val dashed with markers.
+STYLES = {"train": {"linestyle": "-"}, "val": {"linestyle": "--", "marker": "o", "markersize": 3}}
+
+
+class Plotted(NamedTuple):
+    path: Path
+    csv: Path | None
+    figure: Figure
+
+
+def event_dir(run: Path) -> Path:
+    """The directory holding the run's event files: ``RUN/tensorboard`` or RUN itself."""
+    for d in (run / "tensorboard", run):
+        if d.is_dir() and any(d.glob("events.out.tfevents.*")):
+            return d
+    raise FileNotFoundError(f"no TensorBoard event files in {run / 'tensorboard'} or {run}")
+
+
+def load_scalars(run: Path) -> dict[str, Series]:
+    """Every scalar series of a run, by tag (events purged on resume are left out)."""
+    acc = EventAccumulator(str(event_dir(run)), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {
+        tag: ([e.step for e in events], [e.value for e in events])
+        for tag in acc.Tags()["scalars"]
+        for events in [acc.Scalars(tag)]
+    }
+
+
+def run_label(run: Path) -> str:
+    """A run's name in the legend: its directory (the parent of a ``tensorboard`` directory)."""
+    run = run.resolve()
+    return run.parent.name if run.name == "tensorboard" else run.name
+
+
+def plot(
+    runs: list[Path], out: Path, labels: list[str] | None = None, csv_path: Path | None = None
+) -> Plotted:
+    """Draws the panels for ``runs``, writes ``out`` (PNG) and optionally ``csv_path``."""
+    if labels is not None and len(labels) != len(runs):
+        raise ValueError(f"{len(labels)} labels for {len(runs)} runs")
+    names = labels or [run_label(r) for r in runs]
+    if labels is None and len(set(names)) < len(names):
+        names = [str(r) for r in runs]
+    data = {name: load_scalars(run) for name, run in zip(names, runs, strict=True)}
+
+    fig = Figure(figsize=(12, 8), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 2).flatten()
+    colors = [f"C{i % 10}" for i in range(len(names))]
+    for ax, panel in zip(axes, PANELS, strict=True):
+        drawn = False
+        for name, color in zip(names, colors, strict=True):
+            for tag in panel.tags:
+                if tag not in data[name]:
+                    continue
+                steps, values = data[name][tag]
+                kind = tag.split("/", 1)[0]
+                label = f"{name} ({kind})" if len(panel.tags) > 1 else name
+                ax.plot(steps, values, color=color, label=label, **STYLES.get(kind, {}))
+                drawn = True
+        ax.set_title(panel.title)
+        ax.set_xlabel("step")
+        ax.set_ylabel(panel.ylabel)
+        ax.grid(True, alpha=0.3)
+        if not drawn:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+            continue
+        if panel.log_scale:
+            ax.set_yscale("log")
+        ax.legend(fontsize="small")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    log.info("wrote %s (%d run(s): %s)", out, len(names), ", ".join(names))
+
+    if csv_path is not None:
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        with csv_path.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["run", "tag", "step", "value"])
+            for name in names:
+                for tag in (t for p in PANELS for t in p.tags if t in data[name]):
+                    writer.writerows((name, tag, s, v) for s, v in zip(*data[name][tag], strict=True))
+        log.info("wrote %s", csv_path)
+    return Plotted(out, csv_path, fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="gpt1_ds.plot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run directory or its tensorboard/")
+    parser.add_argument("--out", type=Path, default=Path("curves.png"), help="PNG to write")
+    parser.add_argument("--labels", nargs="+", help="legend names, one per RUN (default: directory names)")
+    parser.add_argument("--csv", type=Path, help="also write the plotted series here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("tensorboard").setLevel(logging.WARNING)  # its directory watcher is chatty
+    try:
+        plot(args.runs, args.out, args.labels, args.csv)
+    except (FileNotFoundError, ValueError) as e:
+        log.error("%s", e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""benchmarks/run_all.py: real benchmark processes (quick settings), results.json and RESULTS.md sections."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from conftest import REPO
+
+BENCH = REPO / "benchmarks"
+OTHER_KEY = "gpu-8x-some-gpu-64c"
+OTHER_SECTION = (
+    f"<!-- bench:{OTHER_KEY} -->\n## GPU: 8 × Some GPU (2020-01-01)\n\nkept as it is\n\n"
+    f"<!-- /bench:{OTHER_KEY} -->\n"
+)
+
+
+def load_run_all():
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("run_all", BENCH / "run_all.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
+    return module
+
+
+def run_all(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(BENCH / "run_all.py"), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def markers(text: str) -> list[str]:
+    return re.findall(r"<!-- (/?bench:[^ ]+) -->", text)
+
+
+def squeeze(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def test_quick_model_run_writes_json_and_replaces_its_section(tmp_path: Path) -> None:
+    hand_written = (BENCH / "RESULTS.md").read_text(encoding="utf-8")
+    original = hand_written + "\n" + OTHER_SECTION
+    (tmp_path / "RESULTS.md").write_text(original, encoding="utf-8")
+    other = {"machine": {"cpu": "elsewhere"}, "benchmarks": {"model": {"benchmark": "model"}}}
+    (tmp_path / "results.json").write_text(json.dumps({"machines": {OTHER_KEY: other}}))
+
+    out = run_all("--quick", "--only", "model", "--out-dir", str(tmp_path))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+
+    store = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    assert store["machines"][OTHER_KEY] == other
+    [key] = set(store["machines"]) - {OTHER_KEY}
+    entry = store["machines"][key]
+    machine = entry["machine"]
+    assert machine["cores"] >= 1 and machine["memory_gib"] > 0 and machine["cpu"]
+    assert machine["torch"] == torch.__version__
+    assert machine["python"] == platform.python_version()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d", machine["date"])
+    assert len(machine["gpus"]) == torch.cuda.device_count()
+    assert key.startswith("gpu-" if machine["gpus"] else "cpu-") and key.endswith(f"-{machine['cores']}c")
+    node = platform.node()
+    if len(node) >= 4:
+        assert node not in json.dumps(store)
+
+    assert list(entry["benchmarks"]) == ["model"]
+    result = entry["benchmarks"]["model"]
+    assert result["quick"] is True
+    assert result["command"] == ["python", "benchmarks/bench_model.py", "--quick"]
+    [table] = result["tables"]
+    assert len(table["formats"]) == len(table["columns"])
+    col = {c: i for i, c in enumerate(table["columns"])}
+    assert table["rows"], table
+    for row in table["rows"]:
+        ours, hf, ratio = (row[col[c]] for c in ("gpt1-ds tokens/s", "HF tokens/s", "gpt1-ds / HF"))
+        assert all(isinstance(v, float) and v > 0 for v in (ours, hf, ratio))
+        assert abs(ratio - ours / hf) < 1e-9 * ratio
+
+    md = (tmp_path / "RESULTS.md").read_text(encoding="utf-8")
+    assert markers(md) == [f"bench:{OTHER_KEY}", f"/bench:{OTHER_KEY}", f"bench:{key}", f"/bench:{key}"]
+    section = md[md.index(f"<!-- bench:{key} -->") : md.index(f"<!-- /bench:{key} -->")]
+    assert re.search(r"^## (CPU|GPU): .*\(\d{4}-\d\d-\d\d\)$", section, re.MULTILINE)
+    assert "| model | dtype | batch × T | gpt1-ds tokens/s |" in section
+    assert "`python benchmarks/bench_model.py --quick`" in section
+    # Everything outside the new section is the file as it was: the new section came after the
+    # last generated one, before the hand-written ones.
+    new_block = section + f"<!-- /bench:{key} -->"
+    assert squeeze(md.replace(new_block, "")) == squeeze(original)
+    assert md.index(new_block) > md.index(f"<!-- /bench:{OTHER_KEY} -->")
+
+    # A second run rewrites the section in place: one pair of markers, the stale text gone.
+    stale = md.replace(new_block, new_block.replace("| tiny |", "| STALE |"))
+    (tmp_path / "RESULTS.md").write_text(stale, encoding="utf-8")
+    out = run_all("--quick", "--only", "model", "--out-dir", str(tmp_path))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    md2 = (tmp_path / "RESULTS.md").read_text(encoding="utf-8")
+    assert markers(md2) == markers(md)
+    assert "STALE" not in md2 and "| tiny |" in md2
+    assert squeeze(re.sub(rf"<!-- bench:{key} -->.*<!-- /bench:{key} -->", "", md2, flags=re.S)) == squeeze(
+        original
+    )
+
+
+def test_a_new_section_goes_before_the_first_hand_written_one() -> None:
+    replace_section = load_run_all().replace_section
+    head, hand = "# Results\n\nintro\n", "## By hand\n\n| a |\n"
+    a, b = (f"<!-- bench:cpu-x-2c -->\n{x}\n<!-- /bench:cpu-x-2c -->" for x in "AB")
+    new = replace_section(head + "\n" + hand, "cpu-x-2c", a)
+    assert new == f"{head}\n{a}\n\n{hand}"
+    assert replace_section(new, "cpu-x-2c", b) == f"{head}\n{b}\n\n{hand}"
+    assert replace_section(head, "cpu-x-2c", a) == f"{head}\n{a}\n"
+
+
+def test_machine_key_names_the_gpu_or_the_cpu_and_the_cores() -> None:
+    run_all_module = load_run_all()
+    cpu = {"cpu": "AMD EPYC 7B13 64-Core Processor", "cores": 16, "gpus": []}
+    assert run_all_module.machine_key(cpu) == "cpu-amd-epyc-7b13-64-core-processor-16c"
+    gpu = {**cpu, "gpus": [{"name": "NVIDIA H100 80GB HBM3"}] * 2}
+    assert run_all_module.machine_key(gpu) == "gpu-2x-nvidia-h100-80gb-hbm3-16c"
+
+
+def test_loader_quick_json_holds_numeric_rows(tmp_path: Path) -> None:
+    out_json = tmp_path / "loader.json"
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "bench_loader.py"), "--quick", "--json", str(out_json)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out_json.read_text(encoding="utf-8"))
+    assert result["benchmark"] == "loader" and result["notes"]
+    rates, resume = result["tables"]
+    assert [r[:2] for r in rates["rows"]] == [
+        [name, w] for w in (0, 1) for name in ("gpt1-ds TrainLoader", "plain webdataset.WebDataset")
+    ]
+    assert all(r[2] > 0 and r[3] == r[2] for r in rates["rows"])  # 0 and 1 worker: per worker = total
+    assert [r[0] for r in resume["rows"]] == ["fresh start", "resume mid-epoch"] * 2
+    assert all(r[2] >= 0 for r in resume["rows"])
+    # What it printed is what it wrote.
+    assert "| gpt1-ds TrainLoader | 0 |" in out.stdout
+    assert f"{rates['rows'][0][2]:.1f}" in out.stdout
