@@ -39,6 +39,8 @@ DEMO_DIR ?= runs/demo
 CORPUS ?= ../shared/corpus
 
 DEMO_OVERRIDES ?= ds.scheduler.params.warmup_num_steps=30
+# The tiny model fine-tunes with a larger learning rate than GPT-1's 6.25e-5 (meant for 117M).
+DEMO_FINETUNE_OVERRIDES ?= epochs=2 log_interval=50 ds.optimizer.params.lr=2.5e-4
 
 demo: setup
 	$(PY) -m data_prep.prepare --input data/sample --out $(DEMO_DIR)/data --vocab-size 8192 \
@@ -46,6 +48,13 @@ demo: setup
 	rm -rf $(DEMO_DIR)/run
 	$(VENV)/bin/deepspeed --num_gpus 2 gpt1_ds/train.py --deepspeed_config ds_configs/zero2.json \
 		--config configs/tiny-cpu.yaml --data $(DEMO_DIR)/data --run-dir $(DEMO_DIR)/run $(DEMO_OVERRIDES)
+	rm -rf $(DEMO_DIR)/sst2
+	$(VENV)/bin/deepspeed --num_gpus 2 gpt1_ds/finetune.py --deepspeed_config ds_configs/finetune.json \
+		--task sst2 --train data/glue/sst2/stsa.binary.train --dev data/glue/sst2/stsa.binary.dev \
+		--init $(DEMO_DIR)/run/checkpoints --run-dir $(DEMO_DIR)/sst2 $(DEMO_FINETUNE_OVERRIDES)
+	$(PY) -m gpt1_ds.export $(DEMO_DIR)/run/checkpoints --out $(DEMO_DIR)/hf
+	$(PY) -m gpt1_ds.generate $(DEMO_DIR)/hf --prompt "It was" --prompt "The ship" --max-new-tokens 40 --seed 0
+	$(PY) -m gpt1_ds.plot $(DEMO_DIR)/run --out $(DEMO_DIR)/curves.png
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -44,6 +44,7 @@ BENCHMARKS = {
     "loader": "bench_loader.py",
     "train": "bench_train.py",
     "prep": "bench_prep.py",
+    "finetune": "bench_finetune.py",
 }
 INTRO = """# Benchmark results
 

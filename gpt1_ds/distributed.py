@@ -17,6 +17,8 @@ import re
 import socket
 import subprocess
 
+import torch
+
 
 def first_host(nodelist: str) -> str:
     """The first host of a SLURM node list: ``node[003-010,12],gpu7`` → ``node003``."""
@@ -91,3 +93,14 @@ def init() -> tuple[int, int, int]:
     rank, world = dist.get_rank(), dist.get_world_size()
     local = int(os.environ.get("LOCAL_RANK", os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")))
     return rank, world, local
+
+
+def device(local_rank: int) -> torch.device:
+    """This rank's device: its GPU (made current) under DeepSpeed's CUDA accelerator, else the CPU."""
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    if accel.device_name() == "cuda":
+        accel.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device(accel.device_name())

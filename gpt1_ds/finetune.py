@@ -216,16 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     preempt = Preemption()
     args, over, ds_over = parse_args(argv)
     cfg = FinetuneConfig.from_yaml(args.config, over)
-    from deepspeed.accelerator import get_accelerator
 
     rank, world, local_rank = distributed.init()
     setup_logging(rank)
-    accel = get_accelerator()
-    if accel.device_name() == "cuda":
-        accel.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device(accel.device_name())
+    device = distributed.device(local_rank)
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / "checkpoints"
 

@@ -193,16 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     args, run_over, ds_over = parse_args(argv)
     run = RunConfig.from_yaml(args.config, run_over)
     import deepspeed
-    from deepspeed.accelerator import get_accelerator
 
     rank, world, local_rank = distributed.init()
     setup_logging(rank)
-    accel = get_accelerator()
-    if accel.device_name() == "cuda":
-        accel.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device(accel.device_name())
+    device = distributed.device(local_rank)
     run_dir, data_dir = Path(run.run_dir), Path(run.data)
     ckpt_dir = run_dir / "checkpoints"
 
