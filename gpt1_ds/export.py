@@ -161,8 +161,12 @@ def consolidate(source: str | Path, tag: str | None = None) -> tuple[dict[str, t
         try:
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-        except (ValueError, FileNotFoundError, RuntimeError, KeyError, EOFError) as e:
-            raise CheckpointError(f"{tag_dir}: DeepSpeed could not consolidate it: {e}") from None
+        except Exception as e:  # DeepSpeed reads every rank's files itself and does not name a bad one
+            for file in sorted(tag_dir.glob("*.pt")):
+                _load(file)  # raises, naming the first unreadable file
+            raise CheckpointError(
+                f"{tag_dir}: DeepSpeed could not consolidate it ({type(e).__name__}: {e})"
+            ) from None
         weights = dict(weights)
     elif any(tag_dir.glob("bf16_zero_pp_rank_*optim_states.pt")):
         weights = _bf16_optimizer_weights(tag_dir, states)

@@ -24,7 +24,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
 from collections import Counter
 from dataclasses import asdict
@@ -417,4 +416,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    distributed.exit_now(main())

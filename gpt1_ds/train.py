@@ -24,7 +24,6 @@ import logging
 import math
 import shutil
 import signal
-import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -443,4 +442,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    distributed.exit_now(main())

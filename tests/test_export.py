@@ -1,0 +1,377 @@
+"""gpt1_ds.export: real 2-rank checkpoints of every ZeRO stage, consolidated and exported."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+from safetensors import safe_open
+from test_train import train
+
+from gpt1_ds.export import (
+    LM_HEAD,
+    TOKENS,
+    CheckpointError,
+    _gpt_weights,
+    consolidate,
+    load_model,
+    model_from_checkpoint,
+)
+from gpt1_ds.hf import import_hf
+from gpt1_ds.model import GPT, GPTConfig
+
+transformers = pytest.importorskip("transformers")
+OpenAIGPTLMHeadModel = transformers.OpenAIGPTLMHeadModel
+
+STEPS = 2
+TAG = f"step{STEPS:08d}"
+VOCAB = 2000  # SMALL's model_overrides.vocab_size
+MODEL_STATES = "mp_rank_00_model_states.pt"
+# name → (ds_configs file, overrides): the shipped configs as they stand, and stage 0 in fp32.
+RUNS = {
+    "zero0": ("zero0", ()),
+    "zero1": ("zero1", ()),
+    "zero2": ("zero2", ()),
+    "zero3": ("zero3", ()),
+    "zero0_fp32": ("zero0", ("ds.bf16.enabled=false",)),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(prepared, tmp_path_factory):
+    """``runs(name)``: the run directory of a 2-rank, 2-step training run, trained on first use."""
+    root = tmp_path_factory.mktemp("export_runs")
+    done: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in done:
+            config, overrides = RUNS[name]
+            run = root / name
+            out = train(
+                prepared,
+                run,
+                f"max_steps={STEPS}",
+                *overrides,
+                ds_config=f"ds_configs/{config}.json",
+                port=free_port(),
+            )
+            assert (run / "checkpoints" / TAG / "COMPLETE").is_file(), out.stderr[-4000:]
+            done[name] = run
+        return done[name]
+
+    return get
+
+
+def export_cli(*args: object, ok: bool = True) -> subprocess.CompletedProcess:
+    """``python -m gpt1_ds.export ...`` as a user runs it."""
+    out = subprocess.run(
+        [sys.executable, "-m", "gpt1_ds.export", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if ok:
+        assert out.returncode == 0, out.stderr[-4000:]
+    else:
+        assert out.returncode != 0, out.stderr[-4000:]
+        assert "Traceback" not in out.stderr, out.stderr[-4000:]
+    return out
+
+
+def module_states(run: Path) -> dict[str, torch.Tensor]:
+    """The module's own weights as DeepSpeed saved them (bf16 under bf16, full for stages 0-2)."""
+    return torch.load(run / "checkpoints" / TAG / MODEL_STATES, map_location="cpu", weights_only=False)[
+        "module"
+    ]
+
+
+def random_ids(seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(seed))
+
+
+def assert_same_weights(a: GPT, b: GPT) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def copy_checkpoints(run: Path, dest: Path) -> Path:
+    """A private copy of a run's checkpoints directory, to damage."""
+    return Path(shutil.copytree(run / "checkpoints", dest / "checkpoints"))
+
+
+@pytest.mark.parametrize("name", ["zero0", "zero1", "zero2", "zero3"])
+def test_hf_export_gives_the_logits_of_the_checkpoint(runs, tmp_path, name):
+    run = runs(name)
+    hf_dir = tmp_path / "hf"
+    out = export_cli(run / "checkpoints", "--out", hf_dir)
+    assert TAG in out.stderr
+    assert sorted(p.name for p in hf_dir.iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer.model",
+    ]
+    for tokenizer_file in ("tokenizer.model", "tokenizer.json"):
+        assert (hf_dir / tokenizer_file).read_bytes() == (run / tokenizer_file).read_bytes()
+    card = (hf_dir / "README.md").read_text()
+    assert f"Training: {STEPS} steps" in card and f"`{TAG}`" in card
+    with safe_open(str(hf_dir / "model.safetensors"), "pt") as f:
+        assert f.metadata()["gpt1_ds_step"] == str(STEPS)
+        names = f.keys()
+        assert {f.get_slice(k).get_dtype() for k in names} == {"F32"}
+
+    ours, client = model_from_checkpoint(run / "checkpoints")
+    assert client["step"] == STEPS and client["tag"] == TAG
+    hf, info = OpenAIGPTLMHeadModel.from_pretrained(hf_dir, output_loading_info=True)
+    hf.eval()
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    table = hf.transformer.tokens_embed.weight
+    assert hf.lm_head.weight.dtype == torch.float32
+    assert torch.equal(hf.lm_head.weight, table)
+    assert torch.equal(table, ours.tokens_embed.weight)
+    ids = random_ids()
+    with torch.no_grad():
+        expected = ours(ids)
+        torch.testing.assert_close(hf(ids).logits, expected, rtol=0, atol=1e-5)
+    assert expected.std() > 0  # not a degenerate model
+
+    again, tokenizer = load_model(hf_dir)  # and our loader reads the HF directory back
+    assert_same_weights(again, ours)
+    assert tokenizer == hf_dir / "tokenizer.model"
+
+
+@pytest.mark.parametrize("name", ["zero0", "zero1", "zero2"])
+def test_consolidated_weights_are_the_fp32_masters_of_the_bf16_module(runs, name):
+    """Stages 0-2 keep the full bf16 module beside the fp32 masters: every module weight is its
+    master rounded to bf16, and the masters hold values that bf16 cannot (so they are not the
+    module's weights widened)."""
+    run = runs(name)
+    weights, _ = consolidate(run / "checkpoints")
+    module = module_states(run)
+    assert set(weights) - {LM_HEAD} == set(module) - {LM_HEAD}
+    total = inexact = 0
+    for key, value in module.items():
+        if key == LM_HEAD:
+            continue
+        master = weights[key]
+        assert value.dtype == torch.bfloat16 and master.dtype == torch.float32, key
+        assert master.shape == value.shape, key
+        assert torch.equal(master.to(torch.bfloat16), value), key
+        assert ((master - value.float()).abs() <= value.float().abs() * 2**-8).all(), key  # half a bf16 ulp
+        total += master.numel()
+        inexact += int((master != master.to(torch.bfloat16).float()).sum())
+    assert inexact > 0.9 * total, (inexact, total)
+
+
+def test_every_zero_stage_consolidates_to_the_same_weights(runs):
+    """All runs start from the same initialisation and data. Two updates at a warm-up learning
+    rate move no weight by more than ~1e-4, while a tensor put in the wrong place or a
+    partition taken from the wrong rank is off by the init's scale (0.02) or more."""
+    reference, _ = consolidate(runs("zero2") / "checkpoints")
+    keys = sorted(set(reference) - {LM_HEAD})
+    for name in ("zero0", "zero1", "zero3"):
+        weights, client = consolidate(runs(name) / "checkpoints")
+        assert client["step"] == STEPS
+        assert sorted(set(weights) - {LM_HEAD}) == keys, name
+        inexact = 0
+        for key in keys:
+            assert weights[key].dtype == torch.float32, (name, key)
+            torch.testing.assert_close(weights[key], reference[key], rtol=0, atol=2e-4, msg=f"{name} {key}")
+            inexact += int((weights[key] != weights[key].to(torch.bfloat16).float()).sum())
+        assert inexact > 0, name  # fp32 masters, not the bf16 weights
+
+
+def test_fp32_stage0_exports_the_module_weights_exactly(runs, tmp_path):
+    run = runs("zero0_fp32")
+    module = module_states(run)
+    assert all(v.dtype == torch.float32 for v in module.values())
+    weights, _ = consolidate(run / "checkpoints")
+    for key, value in module.items():
+        assert torch.equal(weights[key], value), key
+
+    hf_dir = tmp_path / "hf"
+    export_cli(run / "checkpoints", "--out", hf_dir)
+    exported = import_hf(hf_dir).state_dict()
+    for key, value in module.items():
+        assert torch.equal(exported[key], value), key
+    ours, _ = model_from_checkpoint(run)
+    hf = OpenAIGPTLMHeadModel.from_pretrained(hf_dir).eval()
+    ids = random_ids(1)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=0, atol=1e-5)
+
+
+def test_safetensors_format_reads_back_identical_weights(runs, tmp_path):
+    run = runs("zero2")
+    out = tmp_path / "st"
+    export_cli(run / "checkpoints", "--out", out, "--format", "safetensors")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "gpt1_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer.model",
+    ]
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert TOKENS in names and LM_HEAD not in names  # our names, the tied head stored once
+    ours, _ = model_from_checkpoint(run / "checkpoints")
+    assert json.loads((out / "gpt1_config.json").read_text()) == ours.config.to_dict()
+    model, tokenizer = load_model(out)
+    assert not model.training
+    assert_same_weights(model, ours)
+    assert model.lm_head.weight is model.tokens_embed.weight
+    assert tokenizer == out / "tokenizer.model"
+
+
+def test_load_model_from_a_run_finds_its_tokenizer(runs):
+    run = runs("zero2")
+    reference, _ = model_from_checkpoint(run / "checkpoints")
+    for source, tag in (
+        (run / "checkpoints", None),
+        (run, None),
+        (run / "checkpoints" / TAG, None),
+        (run, TAG),
+    ):
+        model, tokenizer = load_model(source, tag)
+        assert tokenizer == run / "tokenizer.model", source
+        assert not model.training
+        assert_same_weights(model, reference)
+        assert model.lm_head.weight is model.tokens_embed.weight
+
+
+def test_an_unfinished_newer_save_is_skipped(runs, tmp_path):
+    ckpt = copy_checkpoints(runs("zero2"), tmp_path)
+    newer = ckpt / f"step{STEPS + 1:08d}"
+    shutil.copytree(ckpt / TAG, newer)
+    (newer / "COMPLETE").unlink()  # as a save killed half-way leaves it
+    _, client = consolidate(ckpt)
+    assert client["tag"] == TAG
+    with pytest.raises(CheckpointError, match="incomplete"):
+        consolidate(ckpt, newer.name)
+
+
+def test_incomplete_checkpoint_is_refused(runs, tmp_path):
+    ckpt = copy_checkpoints(runs("zero2"), tmp_path)
+    (ckpt / TAG / "COMPLETE").unlink()
+    out = export_cli(ckpt / TAG, "--out", tmp_path / "a", ok=False)
+    assert "incomplete" in out.stderr and TAG in out.stderr
+    out = export_cli(ckpt, "--tag", TAG, "--out", tmp_path / "b", ok=False)
+    assert "incomplete" in out.stderr
+    out = export_cli(ckpt, "--out", tmp_path / "c", ok=False)  # no complete tag left
+    assert "no complete checkpoint" in out.stderr
+    for out_dir in ("a", "b", "c"):
+        assert not (tmp_path / out_dir / "model.safetensors").exists()
+
+
+def test_directory_without_checkpoints_is_refused(tmp_path):
+    empty = tmp_path / "checkpoints"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        consolidate(empty)
+    with pytest.raises(FileNotFoundError, match="no such checkpoint directory"):
+        consolidate(tmp_path / "missing")
+
+
+def test_missing_tag_is_an_error_naming_it(runs, tmp_path):
+    out = export_cli(
+        runs("zero2") / "checkpoints", "--tag", "step00000099", "--out", tmp_path / "hf", ok=False
+    )
+    assert "step00000099" in out.stderr
+    assert not (tmp_path / "hf" / "model.safetensors").exists()
+
+
+def truncate(file: Path) -> None:
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize(
+    ("name", "file"),
+    [
+        ("zero0", MODEL_STATES),
+        ("zero1", MODEL_STATES),
+        ("zero1", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"),
+        ("zero2", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"),
+        ("zero3", "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"),
+        ("zero3", "zero_pp_rank_1_mp_rank_00_model_states.pt"),
+    ],
+)
+def test_truncated_file_is_an_error_naming_it(runs, tmp_path, name, file):
+    ckpt = copy_checkpoints(runs(name), tmp_path)
+    assert (ckpt / TAG / file).is_file()
+    truncate(ckpt / TAG / file)
+    with pytest.raises(CheckpointError, match=file):
+        consolidate(ckpt)
+
+
+def test_cli_names_a_truncated_optimizer_file(runs, tmp_path):
+    ckpt = copy_checkpoints(runs("zero2"), tmp_path)
+    file = "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    truncate(ckpt / TAG / file)
+    out = export_cli(ckpt, "--out", tmp_path / "hf", ok=False)
+    assert file in out.stderr and "unreadable" in out.stderr
+    assert not (tmp_path / "hf" / "model.safetensors").exists()
+
+
+def test_checkpoint_whose_head_differs_from_the_table_is_refused(runs, tmp_path):
+    ckpt = copy_checkpoints(runs("zero0_fp32"), tmp_path)
+    path = ckpt / TAG / MODEL_STATES
+    states = torch.load(path, map_location="cpu", weights_only=False)
+    states["module"][LM_HEAD] = states["module"][TOKENS].clone() + 1e-3
+    torch.save(states, path)
+    with pytest.raises(CheckpointError, match="differs"):
+        model_from_checkpoint(ckpt)
+    out = export_cli(ckpt, "--out", tmp_path / "hf", ok=False)
+    assert LM_HEAD in out.stderr
+
+
+SMALL_GPT = GPTConfig(vocab_size=97, n_positions=16, n_embd=32, n_layer=2, n_head=2, n_inner=128)
+
+
+@pytest.mark.parametrize("with_head", [True, False])
+def test_fine_tuned_state_dict_gives_the_gpt_with_a_tied_head(with_head):
+    torch.manual_seed(0)
+    gpt = GPT(SMALL_GPT).state_dict()
+    task = {f"gpt.{k}": v.clone() for k, v in gpt.items() if with_head or k != LM_HEAD}
+    if with_head:
+        task[f"gpt.{LM_HEAD}"] = task[f"gpt.{TOKENS}"]
+    task["head.weight"] = torch.randn(3, SMALL_GPT.n_embd)
+    task["head.bias"] = torch.zeros(3)
+    weights = _gpt_weights(task, "finetuned")
+    assert set(weights) == set(gpt)
+    assert weights[LM_HEAD] is weights[TOKENS]
+    model = GPT(SMALL_GPT)
+    model.load_state_dict(weights)  # strict: nothing missing, nothing left over
+    for key, value in gpt.items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_untied_head_is_refused():
+    gpt = GPT(SMALL_GPT).state_dict()
+    plain = {k: v.clone() for k, v in gpt.items()}
+    plain[LM_HEAD] = plain[TOKENS] * 2
+    with pytest.raises(CheckpointError, match="differs"):
+        _gpt_weights(plain, "plain")
+    task = {f"gpt.{k}": v for k, v in plain.items()}
+    with pytest.raises(CheckpointError, match="differs"):
+        _gpt_weights(task, "finetuned")
+    without_table = {k: v for k, v in gpt.items() if k != TOKENS}
+    with pytest.raises(CheckpointError, match=TOKENS):
+        _gpt_weights(without_table, "broken")
