@@ -53,6 +53,10 @@ class RunConfig:
     """Seed of the initialisation, the data order and the dropout masks."""
     resume: str = "auto"
     """``auto`` (newest complete checkpoint in run_dir, else start), ``none``, or a checkpoint path."""
+    init: str | None = None
+    """Start from these weights instead of a random init (continued pretraining): an HF
+    directory, our safetensors export, or a run's checkpoints. Weights only: step, optimiser
+    and data order start afresh. A checkpoint of this run (``resume``) takes precedence."""
     sample_interval: int = 1000
     """Steps between generated samples written to TensorBoard (0: never)."""
     sample_prompt: str = "The"

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from data_prep.common import sha256_file
 from data_prep.tokenizer import MODEL_NAME, Tokenizer
 from gpt1_ds import checkpoint, distributed
 from gpt1_ds.config import RunConfig, load_ds_config, parse_value, resolve_ds_config
@@ -187,6 +188,22 @@ def build_engine(model: GPT, ds_cfg: dict[str, Any]) -> tuple[Any, Any]:
     return engine, scheduler
 
 
+def load_init(model: GPT, source: str, tok: Tokenizer) -> None:
+    """Copy pretrained weights into ``model``; the shapes and the tokenizer must be the same."""
+    from gpt1_ds.export import load_model
+
+    pretrained, tokenizer = load_model(source)
+    shape = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner")
+    ours, theirs = model.config.to_dict(), pretrained.config.to_dict()
+    differ = {k: (theirs[k], ours[k]) for k in shape if ours[k] != theirs[k]}
+    if differ:
+        raise ValueError(f"init={source}: the model differs from the run config's: {differ} (init, run)")
+    if tokenizer is not None and sha256_file(tokenizer) != tok.sha256:
+        raise ValueError(f"init={source}: its tokenizer {tokenizer} is not the dataset's")
+    model.load_state_dict(pretrained.state_dict())
+    log.info("initialised from %s", source)
+
+
 def main(argv: list[str] | None = None) -> int:
     preempt = Preemption()  # from the start: a signal during start-up is honoured after the first step
     args, run_over, ds_over = parse_args(argv)
@@ -242,7 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     if run.activation_checkpointing and "activation_checkpointing" in ds_cfg:
         deepspeed.checkpointing.configure(None, deepspeed_config=ds_cfg)
     torch.manual_seed(run.seed)
-    engine, scheduler = build_engine(GPT(model_cfg), ds_cfg)
+    model = GPT(model_cfg)
+    if run.init:
+        load_init(model, run.init, tok)
+    engine, scheduler = build_engine(model, ds_cfg)
 
     # ---- resume --------------------------------------------------------------------------
     found = checkpoint.find_resume(ckpt_dir, run.resume) if rank == 0 else None

@@ -433,3 +433,34 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(prepared, tmp_path, fre
     )
     assert out.returncode == 1, out.stderr[-2000:]
     assert re.search(r"step \d+: loss is (nan|inf); stopping", out.stderr)
+
+
+def test_continued_pretraining_from_an_hf_export(prepared, tmp_path, free_port):
+    first = tmp_path / "first"
+    fast = ["ds.optimizer.params.lr=3e-3", "ds.scheduler.params.warmup_num_steps=1"]
+    train(prepared, first, "max_steps=8", "eval_interval=8", *fast, port=free_port)
+    hf = tmp_path / "hf"
+    export = subprocess.run(
+        [sys.executable, "-m", "gpt1_ds.export", str(first / "checkpoints"), "--out", str(hf)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert export.returncode == 0, export.stderr[-3000:]
+    second = tmp_path / "second"
+    out = train(prepared, second, "max_steps=2", f"init={hf}", port=free_port + 1)
+    assert f"initialised from {hf}" in out.stderr
+    # The same weights and the same validation batches: the new run starts where the first ended.
+    assert scalars(second, "val/loss")[0] == pytest.approx(scalars(first, "val/loss")[8], abs=2e-3)
+    assert scalars(second, "val/loss")[0] < scalars(first, "val/loss")[0] - 0.05
+    wrong = train(
+        prepared,
+        tmp_path / "wrong",
+        "max_steps=2",
+        f"init={hf}",
+        "model_overrides.n_layer=3",
+        port=free_port + 2,
+        check=False,
+    )
+    assert wrong.returncode != 0
+    assert "the model differs from the run config's: {'n_layer': (2, 3)} (init, run)" in wrong.stderr
