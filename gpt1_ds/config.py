@@ -302,4 +302,10 @@ def resolve_ds_config(
         raise ValueError(f"{where}: fp16.enabled is true, but DeepSpeed has no fp16 on the CPU: use bf16")
     if ds.get("fp16", {}).get("enabled") and "initial_scale_power" not in ds["fp16"]:
         raise ValueError(f"{where}: fp16 needs an explicit initial_scale_power (e.g. 16)")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage == 0 and ds.get("bf16", {}).get("enabled") and ds.get("data_types", {}).get("grad_accum_dtype"):
+        raise ValueError(  # DeepSpeed's own error comes from deep inside initialize()
+            f"{where}: ZeRO stage 0 with bf16 takes no data_types.grad_accum_dtype (DeepSpeed refuses the "
+            "mix): remove it, as ds_configs/zero0.json does"
+        )
     return ds

@@ -96,6 +96,8 @@ def _split_flat(flat: torch.Tensor, shapes: dict[str, torch.Size], where: Path) 
             raise CheckpointError(f"{where}: fp32 weights end before parameter {name!r}")
         out[name] = flat[offset : offset + n].view(shape).clone()
         offset += n
+    if offset != flat.numel():
+        raise CheckpointError(f"{where}: {flat.numel() - offset} fp32 values belong to no parameter")
     return out
 
 
@@ -128,11 +130,17 @@ def _bf16_optimizer_weights(tag_dir: Path, states: dict[str, Any]) -> dict[str, 
 
 def _group_shapes(states: dict[str, Any], where: Path) -> list[dict[str, torch.Size]]:
     """Names and shapes of the optimiser's parameter groups, in order. Stage 0 does not save
-    them: they follow from the model config and ``param_groups`` (the order train.py used)."""
+    them: they follow from the model config and ``param_groups`` (the order train.py used;
+    a fine-tuned model, ``gpt1_ds.finetune.TaskModel``, holds its GPT as ``gpt`` and a ``head``)."""
     if states.get("param_shapes"):
         return states["param_shapes"]
     with torch.device("meta"):
-        model = GPT(_config_of(states, where))
+        model: torch.nn.Module = GPT(_config_of(states, where))
+        task = (states.get("config") or {}).get("task")
+        if task is not None:
+            model = torch.nn.ModuleDict(
+                {"gpt": model, "head": torch.nn.Linear(model.config.n_embd, task["num_outputs"])}
+            )
     names = {id(p): n for n, p in model.named_parameters()}
     return [{names[id(p)]: p.shape for p in g["params"]} for g in param_groups(model, 0.0)]
 

@@ -24,6 +24,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import time
 from collections import Counter
 from dataclasses import asdict
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from data_prep.tokenizer import Tokenizer
+from data_prep.tokenizer import MODEL_NAME, Tokenizer
 from gpt1_ds import checkpoint, distributed
 from gpt1_ds.config import FinetuneConfig, load_ds_config, resolve_ds_config
 from gpt1_ds.export import load_model
@@ -193,8 +194,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str], l
     return args, over, ds_over
 
 
-def load_backbone(cfg: FinetuneConfig) -> tuple[GPT, Tokenizer]:
-    """The pretrained GPT (or a random one) and its tokenizer, checked against each other."""
+def load_backbone(cfg: FinetuneConfig) -> tuple[GPT, Tokenizer, Path]:
+    """The pretrained GPT (or a random one), its tokenizer and the tokenizer's path, checked
+    against each other."""
     if cfg.init == "none":
         gpt, found = GPT(GPTConfig.from_preset(cfg.model, **cfg.model_overrides)), None
     else:
@@ -208,7 +210,7 @@ def load_backbone(cfg: FinetuneConfig) -> tuple[GPT, Tokenizer]:
             f"tokenizer {path} has {tok.sp.get_piece_size()} pieces, the model's vocab_size is "
             f"{gpt.config.vocab_size}"
         )
-    return gpt.train(), tok
+    return gpt.train(), tok, Path(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     train_examples = data.read(cfg.train, train=True)[: cfg.max_train_examples]
     dev_examples = data.read(cfg.dev)
     torch.manual_seed(cfg.seed)
-    gpt, tok = load_backbone(cfg)
+    gpt, tok, tok_path = load_backbone(cfg)
     n_ctx = gpt.config.n_positions
     train_set = encode(train_examples, data, tok, n_ctx)
     dev_set = encode(dev_examples, data, tok, n_ctx)
@@ -244,6 +246,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{cfg.train}: {len(train_set)} examples make no full step of {ds_cfg['train_batch_size']}"
         )
     total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+    layout = {
+        "world_size": world,
+        "micro_batch_size": cfg.micro_batch_size,
+        "accumulation": accum,
+        "train_examples": len(train_set),
+        "labels": data.labels,
+    }
     model = TaskModel(gpt, data, cfg.lm_coef, cfg.clf_pdrop)
     engine, scheduler = build_engine(model, ds_cfg)
 
@@ -253,10 +262,18 @@ def main(argv: list[str] | None = None) -> int:
     step, history, best = 0, [], None
     if found[0] is not None:
         client = checkpoint.load(engine, *found[0])
+        if client.get("layout") != layout:
+            raise ValueError(
+                f"checkpoint {found[0][0] / found[0][1]} was written with {client.get('layout')}, this "
+                f"run has {layout}: the epochs would not line up; resume with the same settings or "
+                "resume=none"
+            )
         step, history, best = client["step"], client["history"], client["best"]
         log.info("resumed from %s at step %d", found[0][0] / found[0][1], step)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if tok_path.resolve() != (run_dir / MODEL_NAME).resolve():  # the run's models carry their tokenizer
+            shutil.copyfile(tok_path, run_dir / MODEL_NAME)
         checkpoint.clear_preempted(run_dir)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
         (run_dir / "ds_config.json").write_text(json.dumps(ds_cfg, indent=2))
@@ -293,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             "step": step,
             "history": history,
             "best": best,
+            "layout": layout,
             "rng": {"scheme": "dropout_seed(seed, rank, step, micro)", "seed": cfg.seed},
             "config": {
                 "finetune": asdict(cfg),

@@ -86,6 +86,10 @@ class TaskData:
             raise ValueError(f"similarity must be regression or binary, got {self.similarity!r}")
         if self.labels is None and self.task in FIXED_LABELS:
             self.labels = list(FIXED_LABELS[self.task])
+        elif self.labels is not None:
+            if any(isinstance(x, bool) for x in self.labels):
+                raise ValueError(f"labels {self.labels}: YAML read yes/no as booleans; quote them")
+            self.labels = [str(x) for x in self.labels]  # labels=[0,1] as in the files' text
         self.fields = self.fields or list(DEFAULT_FIELDS[self.kind])
         self.skipped = 0
 
@@ -112,13 +116,20 @@ class TaskData:
         path = Path(path)
         raw = list(self._rows(path))
         if train and self.labels is None and self.kind in ("classification", "entailment"):
-            self.labels = sorted({str(row[self.label_field]) for _, row in raw if self.label_field in row})
+            # the labels of the rows that are whole (a skipped row must not add a class)
+            self.labels = sorted({str(row[self.label_field]) for _, row in raw if self._whole(row)})
             log.info("labels from %s: %s", path, self.labels)
         out = []
         for line, row in raw:
             where = f"{path}:{line}"
             try:
-                out.append(self._example(row, where))
+                example = self._example(row, where)
+                if out and self.kind == "multiple_choice" and len(example.texts[1]) != len(out[0].texts[1]):
+                    raise DataError(
+                        f"{where}: {len(example.texts[1])} choices, but {out[0].where} has "
+                        f"{len(out[0].texts[1])}; every example needs the same number"
+                    )
+                out.append(example)
             except DataError as e:
                 if self.on_error == "raise":
                     raise
@@ -127,6 +138,12 @@ class TaskData:
         if not out:
             raise DataError(f"{path}: no examples")
         return out
+
+    def _whole(self, row: dict[str, Any]) -> bool:
+        """Not malformed, every field present and every text non-empty."""
+        if "__error__" in row or any(f not in row for f in [*self.fields, self.label_field]):
+            return False
+        return all(isinstance(row[f], str) and row[f].strip() for f in self.fields)
 
     def _rows(self, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         """(line number, row) pairs; format from the task or the file name."""

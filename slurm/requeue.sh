@@ -8,14 +8,15 @@
 # shell only; it is forwarded to the srun step, whose tasks finish the step in flight, save a
 # checkpoint, write RUN_DIR/PREEMPTED and exit with 75. Only then is the job requeued, at most
 # MAX_REQUEUES times (default 20); the requeued job (SLURM_RESTART_COUNT >= 1) resumes from
-# that checkpoint (resume=auto). A run that finishes or fails is never requeued. The marker
-# file decides, not only the exit code: with --kill-on-bad-exit srun terminates the ranks still
-# shutting down when the first one exits with 75, and then reports their 143.
+# that checkpoint (resume=auto). The marker counts, not only the exit code: with
+# --kill-on-bad-exit srun terminates the ranks still shutting down when the first one exits with
+# 75, and then reports their 143. A run that dies after USR1 without a checkpoint (e.g. still
+# starting) is requeued too. A run that finishes, or fails with no USR1, is never requeued.
 
 PREEMPTED=75
 
 requeueable_srun() {
-    local restarts=${SLURM_RESTART_COUNT:-0} max=${MAX_REQUEUES:-20} rc signalled=0 srun_pid=""
+    local restarts=${SLURM_RESTART_COUNT:-0} max=${MAX_REQUEUES:-20} rc last signalled=0 srun_pid=""
     forward() {
         signalled=1
         echo "$(date -Is) USR1: asking the training tasks to checkpoint and stop"
@@ -25,23 +26,32 @@ requeueable_srun() {
     rm -f "$RUN_DIR/PREEMPTED"
     srun --kill-on-bad-exit=1 "$@" &
     srun_pid=$!
+    [ "$signalled" = 1 ] && kill -USR1 "$srun_pid" 2>/dev/null  # it came before srun started
     # A trap runs only while the shell waits on a background child: wait until srun is really gone.
     while true; do
         wait "$srun_pid"
         rc=$?
         kill -0 "$srun_pid" 2>/dev/null || break
     done
-    if [ "$rc" -eq "$PREEMPTED" ] || { [ "$signalled" = 1 ] && [ -f "$RUN_DIR/PREEMPTED" ]; }; then
+    if [ "$rc" -gt 128 ]; then  # the last wait may have been cut short by the trap: srun's own status
+        wait "$srun_pid" 2>/dev/null
+        last=$?
+        [ "$last" -ne 127 ] && rc=$last
+    fi
+    # Requeue when the run saved a preemption checkpoint (exit 75, or its marker when srun reports
+    # another code), or when it died after USR1 came (e.g. during start-up, before its handler):
+    # resume=auto then continues from the newest complete checkpoint.
+    if [ "$rc" -eq "$PREEMPTED" ] || [ -f "$RUN_DIR/PREEMPTED" ] || { [ "$signalled" = 1 ] && [ "$rc" -ne 0 ]; }; then
         rc=$PREEMPTED
         if [ "$restarts" -lt "$max" ]; then
             echo "$(date -Is) checkpoint saved; requeueing job $SLURM_JOB_ID (restart $((restarts + 1)) of at most $max)"
-            scontrol requeue "$SLURM_JOB_ID"  # this sends TERM to this script too: nothing may follow
+            # scontrol sends TERM to this script too once it has requeued: nothing may follow
+            scontrol requeue "$SLURM_JOB_ID" || { echo "$(date -Is) scontrol requeue failed"; exit "$rc"; }
             exit 0
         fi
         echo "$(date -Is) checkpoint saved; requeue cap $max reached, not requeueing"
         exit "$rc"
     fi
-    [ "$signalled" = 1 ] && echo "$(date -Is) USR1 came, but training exited with $rc: no requeue"
     echo "$(date -Is) training exited with $rc"
     exit "$rc"
 }

@@ -12,6 +12,7 @@ import torch
 from conftest import REPO
 
 from data_prep.tokenizer import MODEL_NAME, Tokenizer
+from gpt1_ds.export import load_model
 from gpt1_ds.finetune import TaskModel, epoch_batches
 from gpt1_ds.model import GPT, GPTConfig
 from gpt1_ds.tasks import TaskData, collate, encode
@@ -180,6 +181,26 @@ def test_rte_from_a_pretraining_checkpoint(prepared, tmp_path, free_port):
     assert 0 <= h["accuracy"] <= 1 and "f1" in h and h["loss"] > 0
     assert "epoch 1 (step 10): dev accuracy" in out.stderr
     assert results["best"]["tag"] == "step00000010"
+    # the fine-tuned run carries its tokenizer, and its GPT exports like a pretraining run's
+    model, tokenizer = load_model(run / "checkpoints")
+    assert tokenizer == run / MODEL_NAME and tokenizer.read_bytes() == (pre / MODEL_NAME).read_bytes()
+    assert model.config.n_positions == 64 and model.lm_head.weight is model.tokens_embed.weight
+    # a resume with another batch layout would shift the epochs: refused, naming both
+    again = finetune(
+        run,
+        "--task=rte",
+        f"--train={GLUE / 'rte' / 'train.tsv'}",
+        f"--dev={GLUE / 'rte' / 'dev.tsv'}",
+        f"--init={pre / 'checkpoints'}",
+        "epochs=2",
+        "max_train_examples=320",
+        "micro_batch_size=4",
+        port=free_port + 2,
+        check=False,
+    )
+    assert again.returncode != 0
+    assert "'micro_batch_size': 8" in again.stderr and "'micro_batch_size': 4" in again.stderr
+    assert "the epochs would not line up" in again.stderr
 
 
 def test_bad_label_in_dev_fails_before_training(prepared, tmp_path, free_port):

@@ -156,3 +156,23 @@ def test_metrics():
     assert sim == {"pearson": pytest.approx(-1.0), "spearman": pytest.approx(-1.0)}
     mc = metrics(np.array([0, 2, 1]), np.array([0, 2, 2]), TaskData("multiple_choice"))
     assert mc == {"accuracy": pytest.approx(2 / 3)}
+
+
+def test_label_settings_are_text_and_skipped_rows_add_no_class(tmp_path):
+    assert TaskData("classification", labels=[0, 1]).labels == ["0", "1"]
+    with pytest.raises(ValueError, match="booleans; quote them"):
+        TaskData("classification", labels=[True, False])
+    data = TaskData("classification", on_error="skip")
+    rows = "text\tlabel\ngood\tpos\n\tneg\nbad\tneutral\nfine\tpos\n"  # line 3: no text
+    examples = data.read(write(tmp_path / "t.tsv", rows), train=True)
+    assert data.labels == ["neutral", "pos"] and len(examples) == 3 and data.skipped == 1
+
+
+def test_multiple_choice_needs_the_same_number_of_choices(tmp_path):
+    rows = [
+        {"context": "c", "choices": ["a", "b"], "label": 0},
+        {"context": "d", "choices": ["a", "b", "e"], "label": 2},
+    ]
+    path = write(tmp_path / "mc.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"mc\.jsonl:2: 3 choices, but \S+mc\.jsonl:1 has 2"):
+        TaskData("multiple_choice").read(path)
