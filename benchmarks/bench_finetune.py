@@ -144,6 +144,16 @@ def finetune(task: str, init: str, args: argparse.Namespace, shape: dict, tokeni
     return {"seconds": seconds, **results}
 
 
+def val_ppl(run_dir: Path) -> str:
+    """``first → last`` validation perplexity of a pretraining run, from its TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    ppl = acc.Scalars("val/ppl")
+    return f"{ppl[0].value:,.0f} at step {ppl[0].step} → {ppl[-1].value:,.1f} at step {ppl[-1].step}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument(
@@ -203,7 +213,8 @@ def main() -> None:
         "fine-tuning s": "{:.0f}",
     }
     pre = (
-        f"pretrained for {args.pretrain_steps} steps ({pretrain_seconds:.0f} s) on the embedded books"
+        f"pretrained for {args.pretrain_steps} steps ({pretrain_seconds:.0f} s) on the embedded books "
+        f"(validation perplexity {val_ppl(source.parent)})"
         if pretrain_seconds is not None
         else f"pretrained: `{source}`"
     )
