@@ -114,11 +114,14 @@ def exit_now(code: int) -> NoReturn:
     Called after the process group is destroyed and every file is closed. Tearing down the
     communication and DeepSpeed's C++ objects at interpreter exit sometimes aborts a rank
     ("terminate called without an active exception"), which turns a finished run into a
-    failed one; ``os._exit`` skips that teardown.
+    failed one; ``os._exit`` skips that teardown (MPI, if mpi4py started it, is finalised first).
     """
     import logging
 
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
+    mpi = sys.modules.get("mpi4py.MPI")  # under mpirun: MPI wants its finalize, or it calls the exit abnormal
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
     os._exit(code)
