@@ -40,7 +40,7 @@ CORPUS ?= ../shared/corpus
 
 DEMO_OVERRIDES ?= ds.scheduler.params.warmup_num_steps=30 ds.optimizer.params.lr=5e-4
 # The tiny model fine-tunes with a larger learning rate than GPT-1's 6.25e-5 (meant for 117M).
-DEMO_FINETUNE_OVERRIDES ?= epochs=2 log_interval=50 ds.optimizer.params.lr=2.5e-4
+DEMO_FINETUNE_OVERRIDES ?= epochs=2 log_interval=50 ds.optimizer.params.lr=5e-4
 
 demo: setup
 	$(PY) -m data_prep.prepare --input data/sample --out $(DEMO_DIR)/data --vocab-size 8192 \
