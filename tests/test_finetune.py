@@ -221,3 +221,42 @@ def test_bad_label_in_dev_fails_before_training(prepared, tmp_path, free_port):
     assert out.returncode != 0
     assert f"{dev}:2: unknown label '3'; the label set is ['0', '1']" in out.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("launcher", ["python", "mpirun"])
+def test_other_launchers(launcher, prepared, tmp_path, free_port):
+    """One process, and two MPI ranks found through mpi4py: the same script, the same result files."""
+    run = tmp_path / launcher
+    args = [
+        "-m",
+        "gpt1_ds.finetune",
+        "--task=sst2",
+        f"--train={GLUE / 'sst2' / 'stsa.binary.dev'}",
+        f"--dev={GLUE / 'sst2' / 'stsa.binary.dev'}",
+        "--init=none",
+        f"--tokenizer={prepared / MODEL_NAME}",
+        f"--run-dir={run}",
+        "model=tiny",
+        "model_overrides.vocab_size=2000",
+        "model_overrides.n_layer=1",
+        "max_train_examples=128",
+        "epochs=1",
+    ]
+    cmd = [sys.executable, *args]
+    if launcher == "mpirun":
+        cmd = [
+            str(BIN / "mpirun"),
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "-np",
+            "2",
+            "-x",
+            f"MASTER_PORT={free_port}",
+            *cmd,
+        ]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
+    ranks = 1 if launcher == "python" else 2
+    assert f"{ranks} ranks × micro-batch 8" in out.stderr
+    (h,) = json.loads((run / "results.json").read_text())["history"]
+    assert h["step"] == 4  # 128 examples in steps of 32, on 1 rank as on 2
