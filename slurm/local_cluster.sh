@@ -2,7 +2,8 @@
 # A one-machine SLURM cluster, to try the sbatch templates and to test them.
 #
 #   slurm/local_cluster.sh up       install SLURM + munge if missing (Debian, root), write the
-#                                   config, start munged, slurmctld and slurmd, wait for the node
+#                                   config, start munged, slurmctld (with an empty job queue)
+#                                   and slurmd, wait for the node
 #   slurm/local_cluster.sh status   the node's state, or "down"
 #   slurm/local_cluster.sh down     stop the daemons (by pid)
 #   slurm/local_cluster.sh env      print the export line client commands need (SLURM_CONF)
@@ -81,7 +82,9 @@ up() {
         munged --key-file="$DIR/munge.key" --socket="$DIR/munge/munge.socket" \
             --pid-file="$DIR/run/munged.pid" --log-file="$DIR/log/munged.log" --seed-file="$DIR/munge/seed"
     fi
-    running "$DIR/run/slurmctld.pid" || slurmctld -f "$CONF"
+    # -c: a fresh controller state. Jobs of an earlier `up` are not recovered: one left "running"
+    # by a daemon that was killed would hold the node's CPUs until SLURM times it out.
+    running "$DIR/run/slurmctld.pid" || slurmctld -c -f "$CONF"
     running "$DIR/run/slurmd.pid" || slurmd -f "$CONF"
     for _ in $(seq 1 300); do
         state=$(sinfo -h -o %T 2>/dev/null | head -1 || true)
