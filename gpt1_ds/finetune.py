@@ -52,6 +52,7 @@ from gpt1_ds.train import (
     build_engine,
     dropout_seed,
     memory_metrics,
+    parse_launch_args,
     setup_logging,
 )
 
@@ -132,7 +133,7 @@ def epoch_batches(n: int, micro: int, rank: int, world: int, seed: int, epoch: i
 
 def evaluate(
     engine: Any, dev: list[Encoded], data: TaskData, batch: int, pad_id: int, device: torch.device
-) -> tuple[dict[str, float], np.ndarray]:
+) -> dict[str, float]:
     """Dev metrics (and the task loss) over every rank's share; every rank gets the same numbers."""
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = list(range(rank, len(dev), world))
@@ -149,13 +150,13 @@ def evaluate(
             if i >= len(chunks):
                 continue
             pred = predictions(scores, data.regression).tolist()
-            for j, p, s, y in zip(idx, pred, scores.float(), b["labels"], strict=True):
-                loss = (
-                    F.mse_loss(s.squeeze(-1), y.float())
-                    if data.regression
-                    else F.cross_entropy(s[None], y[None])
-                )
-                out.append((j, float(p), float(loss)))
+            scores, labels = scores.float(), b["labels"]
+            losses = (
+                F.mse_loss(scores.squeeze(-1), labels.float(), reduction="none")
+                if data.regression
+                else F.cross_entropy(scores, labels, reduction="none")
+            ).tolist()
+            out += zip(idx, map(float, pred), losses, strict=True)
     engine.train()
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, out)
@@ -164,34 +165,19 @@ def evaluate(
     labels = np.array([dev[r[0]].label for r in rows])
     result = metrics(preds, labels, data)
     result["loss"] = float(np.mean([r[2] for r in rows]))
-    return result, preds
+    return result
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str], list[str]]:
-    parser = argparse.ArgumentParser(
-        prog="gpt1_ds.finetune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    flags = ("task", "train", "dev", "init", "run_dir", "tokenizer")
+    return parse_launch_args(
+        argv,
+        "gpt1_ds.finetune",
+        __doc__,
+        DEFAULT_DS_CONFIG,
+        "fine-tuning config YAML (FinetuneConfig fields)",
+        {flag: f"the config's {flag}" for flag in flags},
     )
-    parser.add_argument(
-        "--deepspeed_config",
-        "--ds-config",
-        dest="ds_config",
-        default=DEFAULT_DS_CONFIG,
-        help="DeepSpeed JSON",
-    )
-    parser.add_argument("--config", help="fine-tuning config YAML (FinetuneConfig fields)")
-    for flag in ("task", "train", "dev", "init", "run-dir", "tokenizer"):
-        parser.add_argument(f"--{flag}", help=f"the config's {flag.replace('-', '_')}")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
-    parser.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", help="key=value (config) or ds.key=value (DeepSpeed JSON)")
-    args = parser.parse_args(argv)
-    over = [o for o in args.overrides if not o.startswith("ds.")]
-    ds_over = [o[3:] for o in args.overrides if o.startswith("ds.")]
-    for flag in ("task", "train", "dev", "init", "run_dir", "tokenizer"):
-        value = getattr(args, flag)
-        if value is not None:
-            over.append(f"{flag}={json.dumps(value)}")
-    return args, over, ds_over
 
 
 def load_backbone(cfg: FinetuneConfig) -> tuple[GPT, Tokenizer, Path]:
@@ -385,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
             window_steps, window_time = 0, 0.0
         end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
         if end_of_epoch:
-            result, _ = evaluate(engine, dev_set, data, 2 * cfg.micro_batch_size, tok.pad_id, device)
+            result = evaluate(engine, dev_set, data, 2 * cfg.micro_batch_size, tok.pad_id, device)
             history.append({"step": step, "epoch": (step - 1) // steps_per_epoch + 1, **result})
             monitor.scalars({f"dev/{k}": v for k, v in result.items()}, step)
             improved = best is None or result[key] > best[key]

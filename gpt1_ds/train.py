@@ -48,33 +48,53 @@ PREEMPTED_EXIT = 75
 DEFAULT_DS_CONFIG = "ds_configs/zero2.json"
 
 
-def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str], list[str]]:
+def parse_launch_args(
+    argv: list[str] | None,
+    prog: str,
+    description: str,
+    default_ds_config: str,
+    config_help: str,
+    flags: dict[str, str],
+) -> tuple[argparse.Namespace, list[str], list[str]]:
+    """The command line shared by train.py and finetune.py: ``--deepspeed_config``, ``--config``,
+    the launchers' own flags, ``flags`` (``--name`` → the config's ``name``), then ``key=value``
+    (config) and ``ds.key=value`` (DeepSpeed JSON) overrides. Returns (args, config overrides,
+    DeepSpeed overrides); a flag given becomes a config override after the others."""
     parser = argparse.ArgumentParser(
-        prog="gpt1_ds.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "--deepspeed_config",
         "--ds-config",
         dest="ds_config",
-        default=DEFAULT_DS_CONFIG,
-        help=f"DeepSpeed JSON (default {DEFAULT_DS_CONFIG})",
+        default=default_ds_config,
+        help=f"DeepSpeed JSON (default {default_ds_config})",
     )
-    parser.add_argument("--config", help="run config YAML (configs/gpt1.yaml, configs/tiny-cpu.yaml)")
-    parser.add_argument("--data", help="dataset directory (overrides the config's data)")
-    parser.add_argument("--run-dir", help="run directory (overrides the config's run_dir)")
+    parser.add_argument("--config", help=config_help)
+    for flag, help_text in flags.items():
+        parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, help=help_text)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     parser.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument(
-        "overrides", nargs="*", help="key=value (run config) or ds.key=value (DeepSpeed JSON)"
-    )
+    parser.add_argument("overrides", nargs="*", help="key=value (config) or ds.key=value (DeepSpeed JSON)")
     args = parser.parse_args(argv)
-    run_over = [o for o in args.overrides if not o.startswith("ds.")]
+    over = [o for o in args.overrides if not o.startswith("ds.")]
     ds_over = [o[3:] for o in args.overrides if o.startswith("ds.")]
-    if args.data:
-        run_over.append(f"data={args.data}")
-    if args.run_dir:
-        run_over.append(f"run_dir={args.run_dir}")
-    return args, run_over, ds_over
+    over += [f"{flag}={json.dumps(getattr(args, flag))}" for flag in flags if getattr(args, flag) is not None]
+    return args, over, ds_over
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str], list[str]]:
+    return parse_launch_args(
+        argv,
+        "gpt1_ds.train",
+        __doc__,
+        DEFAULT_DS_CONFIG,
+        "run config YAML (configs/gpt1.yaml, configs/tiny-cpu.yaml)",
+        {
+            "data": "dataset directory (overrides the config's data)",
+            "run_dir": "run directory (overrides the config's run_dir)",
+        },
+    )
 
 
 def apply_ds_overrides(ds: dict[str, Any], overrides: list[str]) -> None:
