@@ -27,7 +27,7 @@ from pathlib import Path
 import benchlib
 import torch
 
-from gpt1_ds.export import load_model
+from gpt1_ds.loading import load_model
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -43,11 +43,15 @@ from pathlib import Path
 import ftfy
 from tqdm import tqdm
 
-from data_prep.common import Comm, atomic_write_text, balance, get_comm, setup_logging
+from data_prep.common import Comm, balance, get_comm
+from gpt1_ds.env import setup_logging
+from gpt1_ds.files import atomic_write_text
 
 log = logging.getLogger("data_prep.clean")
 
 FORMAT_VERSION = 1
+SPLITS_NAME = "splits.json"
+"""``DATASET/clean/splits.json``: the settings, each split's document ids, each document's size."""
 SPLITS = ("train", "val", "test")
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".txt.bz2", ".txt.xz")
 _OPENERS = {".gz": gzip.decompress, ".bz2": bz2.decompress, ".xz": lzma.decompress}
@@ -326,7 +330,7 @@ def run(args: argparse.Namespace, comm: Comm) -> dict | None:
         "split_seed": args.split_seed,
     }
     atomic_write_text(
-        out / "splits.json",
+        out / SPLITS_NAME,
         json.dumps(
             {
                 "format_version": FORMAT_VERSION,
@@ -383,6 +387,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split-seed", type=int, default=0)
 
 
+def read_splits(dataset_dir: str | Path) -> dict:
+    """``clean/splits.json`` of a dataset directory."""
+    path = Path(dataset_dir) / "clean" / SPLITS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: run data_prep.clean first")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON: {e}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m data_prep.clean",
@@ -393,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     comm = get_comm()
-    setup_logging(comm)
+    setup_logging(comm.rank, comm.size)
     run(args, comm)
 
 

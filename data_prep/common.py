@@ -1,18 +1,13 @@
-"""Shared plumbing of the data-prep steps: MPI ranks, atomic files, hashes, logging."""
+"""Shared plumbing of the data-prep steps: MPI ranks and work balance."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("data_prep")
+from gpt1_ds.env import launched_world_size, mpi_launched
 
-# Environment variables that MPI launchers set on every rank, with the world size.
-_MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE")
-_MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
+log = logging.getLogger("data_prep")
 
 
 class Comm:
@@ -41,16 +36,6 @@ class Comm:
         return self._comm.bcast(obj, root=0) if self._comm is not None else obj
 
 
-def _expected_world_size() -> int | None:
-    """World size as the launcher announced it, if any."""
-    for var in _MPI_SIZE_VARS:
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    if os.environ.get("SLURM_STEP_ID", "").isdigit() and os.environ.get("SLURM_STEP_NUM_TASKS", "").isdigit():
-        return int(os.environ["SLURM_STEP_NUM_TASKS"])  # inside an srun step
-    return None
-
-
 def get_comm() -> Comm:
     """COMM_WORLD when launched by mpirun/srun, else a single-process world.
 
@@ -58,10 +43,9 @@ def get_comm() -> Comm:
     PMI plugin that does not match the MPI library) would run N copies of the same
     work over the same files: it is refused.
     """
-    expected = _expected_world_size()
-    launched = any(v in os.environ for v in _MPI_SIZE_VARS + _MPI_RANK_VARS)
+    expected = launched_world_size()
     comm = Comm()
-    if launched or (expected or 1) > 1:
+    if mpi_launched() or (expected or 1) > 1:
         from mpi4py import MPI
 
         comm = Comm(MPI.COMM_WORLD)
@@ -82,38 +66,3 @@ def balance(sizes: list[int], ranks: int) -> list[list[int]]:
         owned[r].append(i)
         loads[r] += sizes[i]
     return [sorted(o) for o in owned]
-
-
-def setup_logging(comm: Comm, verbose: bool = False) -> None:
-    """INFO on rank 0, WARNING on the other ranks (they speak only when something is wrong)."""
-    level = logging.DEBUG if verbose else logging.INFO
-    logging.basicConfig(
-        level=level if comm.is_root else logging.WARNING,
-        format=f"%(asctime)s [rank {comm.rank}] %(levelname)s %(message)s"
-        if comm.size > 1
-        else "%(asctime)s %(levelname)s %(message)s",
-        datefmt="%H:%M:%S",
-    )
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary name, renamed when complete."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))

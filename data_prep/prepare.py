@@ -18,7 +18,8 @@ import sys
 import time
 
 from data_prep import clean, shard, tokenizer, verify
-from data_prep.common import get_comm, setup_logging
+from data_prep.common import get_comm
+from gpt1_ds.env import setup_logging
 
 log = logging.getLogger("data_prep.prepare")
 
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.data = args.out
     comm = get_comm()
-    setup_logging(comm)
+    setup_logging(comm.rank, comm.size)
     start = time.perf_counter()
 
     clean.run(args, comm)

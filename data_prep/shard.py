@@ -25,7 +25,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,14 +33,8 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
-from data_prep.common import (
-    Comm,
-    atomic_write_text,
-    balance,
-    get_comm,
-    setup_logging,
-    sha256_file,
-)
+from data_prep.clean import read_splits
+from data_prep.common import Comm, balance, get_comm
 from data_prep.manifest import (
     DTYPE,
     FORMAT_VERSION,
@@ -50,7 +43,9 @@ from data_prep.manifest import (
     encode_block,
     shard_name,
 )
-from data_prep.tokenizer import MODEL_NAME, Tokenizer
+from gpt1_ds.env import setup_logging
+from gpt1_ds.files import atomic_write_text, atomic_writer, sha256_file
+from gpt1_ds.tokenizer import MODEL_NAME, Tokenizer, load_tokenizer
 
 log = logging.getLogger("data_prep.shard")
 
@@ -143,23 +138,18 @@ def build_shard(
     if stream.max(initial=0) >= 2**16:
         raise ValueError(f"token id {int(stream.max())} does not fit {DTYPE}")
     sequences = pack(stream.astype(np.uint16), args.seq_len, tok.pad_id)
-    tmp = out_dir / f".{plan.name}.tmp{os.getpid()}"
     k = args.sequences_per_sample
     samples = 0
-    with open(tmp, "wb") as f:
-        with wds.TarWriter(f, mtime=TAR_MTIME, user="gpt1-ds", group="gpt1-ds") as writer:
-            for start in range(0, len(sequences), k):
-                writer.write(
-                    {
-                        "__key__": f"{plan.index:06d}-{start // k:06d}",
-                        SAMPLE_EXT: encode_block(sequences[start : start + k]),
-                    }
-                )
-                samples += 1
-        f.flush()
-        os.fsync(f.fileno())
     final = out_dir / plan.name
-    os.replace(tmp, final)
+    with atomic_writer(final) as f, wds.TarWriter(f, mtime=TAR_MTIME, user="gpt1-ds", group="gpt1-ds") as w:
+        for start in range(0, len(sequences), k):
+            w.write(
+                {
+                    "__key__": f"{plan.index:06d}-{start // k:06d}",
+                    SAMPLE_EXT: encode_block(sequences[start : start + k]),
+                }
+            )
+            samples += 1
     entry = {
         "name": plan.name,
         "samples": samples,
@@ -308,11 +298,8 @@ def shard_split(
 
 def run(args: argparse.Namespace, comm: Comm) -> dict[str, dict]:
     data_dir = Path(args.data)
-    splits_file = data_dir / "clean" / "splits.json"
-    if not splits_file.is_file():
-        raise FileNotFoundError(f"{splits_file}: run data_prep.clean first")
-    splits = json.loads(splits_file.read_text())
-    tok = Tokenizer(data_dir / MODEL_NAME)
+    splits = read_splits(data_dir)
+    tok = load_tokenizer(data_dir / MODEL_NAME)
     if tok.vocab_size > 2**16:
         raise ValueError(f"{tok.path}: vocab of {tok.vocab_size} does not fit {DTYPE} shards")
     manifests = {}
@@ -354,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     comm = get_comm()
-    setup_logging(comm)
+    setup_logging(comm.rank, comm.size)
     run(args, comm)
 
 

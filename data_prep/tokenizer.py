@@ -1,4 +1,4 @@
-"""Step 2: a sentencepiece BPE tokenizer trained on the train split; and its runtime wrapper.
+"""Step 2: a sentencepiece BPE tokenizer trained on the train split (used through ``gpt1_ds.tokenizer``).
 
 GPT-1 used spaCy tokenisation plus 40,000 BPE merges (40,478 tokens in all);
 here one sentencepiece BPE model of ``--vocab-size`` pieces (default 40,478)
@@ -6,9 +6,7 @@ replaces both. ``byte_fallback`` spells any character the vocabulary lacks as
 bytes, so no input is ever unknown. The text is not normalised (identity rule,
 whitespace kept) so that decoding gives back the cleaned text exactly.
 
-Reserved ids: ``<pad>`` 0, ``<unk>`` 1, ``<eod>`` 2 (end of document), then the
-fine-tuning control tokens ``<start>``, ``<delim>``, ``<extract>`` (never produced
-from text), then ``\\n`` as a piece of its own (the paragraph separator).
+The reserved ids are listed in ``gpt1_ds.tokenizer``.
 
 Training reads paragraphs of the train documents: a deterministic sample
 (``--seed``) bounded by ``--max-sentences`` and ``--sample-bytes``, so memory
@@ -27,90 +25,28 @@ import random
 import time
 from pathlib import Path
 
-import numpy as np
 import sentencepiece as spm
 
-from data_prep.common import atomic_write_bytes, atomic_write_text, get_comm, setup_logging
+from data_prep.clean import read_splits
+from data_prep.common import get_comm
+from gpt1_ds.env import setup_logging
+from gpt1_ds.files import atomic_write_bytes, atomic_write_text
+from gpt1_ds.tokenizer import (
+    CONTROL,
+    EOD,
+    GPT1_VOCAB_SIZE,
+    INFO_NAME,
+    MODEL_NAME,
+    NEWLINE,
+    PAD,
+    UNK,
+    SentencePieceTokenizer,
+)
 
 log = logging.getLogger("data_prep.tokenizer")
 
 FORMAT_VERSION = 1
-MODEL_NAME = "tokenizer.model"
-INFO_NAME = "tokenizer.json"
-PAD, UNK, EOD = "<pad>", "<unk>", "<eod>"
-CONTROL = ("<start>", "<delim>", "<extract>")
-NEWLINE = "\n"
 MAX_SENTENCE_BYTES = 4096  # sentencepiece skips longer training sentences; longer paragraphs are cut
-
-
-class Tokenizer:
-    """A trained tokenizer: encode/decode with exact round trips, and its special ids."""
-
-    def __init__(self, model_path: str | Path) -> None:
-        self.path = Path(model_path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path}: no tokenizer model")
-        data = self.path.read_bytes()
-        self.sp = spm.SentencePieceProcessor(model_proto=data)
-        self.sha256 = hashlib.sha256(data).hexdigest()
-        self.vocab_size = self.sp.get_piece_size()
-        ids = {p: self.sp.piece_to_id(p) for p in (PAD, EOD, *CONTROL, NEWLINE)}
-        if ids[PAD] != 0 or ids[EOD] != 2 or ids[NEWLINE] == self.sp.unk_id():
-            raise ValueError(f"{self.path}: not a gpt1-ds tokenizer (special pieces missing)")
-        self.pad_id, self.eod_id, self.newline_id = ids[PAD], ids[EOD], ids[NEWLINE]
-        self.start_id, self.delim_id, self.extract_id = (ids[c] for c in CONTROL)
-
-    def special_ids(self) -> dict[str, int]:
-        return {
-            "pad": self.pad_id,
-            "unk": self.sp.unk_id(),
-            "eod": self.eod_id,
-            "start": self.start_id,
-            "delim": self.delim_id,
-            "extract": self.extract_id,
-            "newline": self.newline_id,
-        }
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``; each line is encoded on its own, joined by the newline id."""
-        return self.encode_batch([text])[0].tolist()
-
-    def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[np.ndarray]:
-        """Ids of each text as a uint32 array (newline-joined lines, as ``encode``)."""
-        lines, counts = [], []
-        for text in texts:
-            parts = text.split("\n")
-            lines.extend(parts)
-            counts.append(len(parts))
-        encoded = self.sp.encode(lines, num_threads=num_threads)
-        out, i = [], 0
-        for n in counts:
-            pieces = encoded[i : i + n]
-            i += n
-            total = sum(len(p) for p in pieces) + n - 1
-            arr = np.empty(total, dtype=np.uint32)
-            pos = 0
-            for j, p in enumerate(pieces):
-                if j:
-                    arr[pos] = self.newline_id
-                    pos += 1
-                arr[pos : pos + len(p)] = p
-                pos += len(p)
-            out.append(arr)
-        return out
-
-    def decode(self, ids: list[int] | np.ndarray) -> str:
-        """Text of ``ids``; special ids other than newline are dropped."""
-        ids = [int(i) for i in ids]
-        lines, current = [], []
-        for i in ids:
-            if i == self.newline_id:
-                lines.append(current)
-                current = []
-            else:
-                current.append(i)
-        lines.append(current)
-        return "\n".join(self.sp.decode(line) for line in lines)
 
 
 def _chunks(paragraph: str, limit: int = MAX_SENTENCE_BYTES // 4) -> list[str]:
@@ -143,13 +79,13 @@ def training_sentences(docs: list[Path], max_sentences: int, sample_bytes: int, 
 def train(
     docs: list[Path],
     out_dir: Path,
-    vocab_size: int = 40478,
+    vocab_size: int = GPT1_VOCAB_SIZE,
     max_sentences: int = 2_000_000,
     sample_bytes: int = 200_000_000,
     seed: int = 0,
     num_threads: int = 1,
     fingerprint: str = "",
-) -> Tokenizer:
+) -> SentencePieceTokenizer:
     """Train the BPE model on ``docs``; writes tokenizer.model and tokenizer.json atomically."""
     start = time.perf_counter()
     sentences = training_sentences(docs, max_sentences, sample_bytes, seed)
@@ -158,7 +94,7 @@ def train(
     model = _train_bytes(sentences, vocab_size, seed, num_threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out_dir / MODEL_NAME, model)
-    tok = Tokenizer(out_dir / MODEL_NAME)
+    tok = SentencePieceTokenizer(out_dir / MODEL_NAME)
     settings = {
         "vocab_size": vocab_size,
         "max_sentences": max_sentences,
@@ -233,17 +169,14 @@ def load_info(dataset_dir: str | Path) -> dict:
 
 def train_docs(dataset_dir: Path) -> tuple[list[Path], str]:
     """The cleaned train documents listed in ``clean/splits.json``, and a fingerprint of them."""
-    splits_file = dataset_dir / "clean" / "splits.json"
-    if not splits_file.is_file():
-        raise FileNotFoundError(f"{splits_file}: run data_prep.clean first")
-    splits = json.loads(splits_file.read_text())
+    splits = read_splits(dataset_dir)
     train_ids = splits["splits"]["train"]
     fingerprint = json.dumps([splits["settings"], [(d, splits["docs"][d]["bytes"]) for d in train_ids]])
     docs = [dataset_dir / "clean" / "docs" / f"{d}.txt" for d in train_ids]
     return docs, hashlib.sha256(fingerprint.encode()).hexdigest()
 
 
-def ensure_tokenizer(dataset_dir: str | Path, force: bool = False, **settings) -> Tokenizer:
+def ensure_tokenizer(dataset_dir: str | Path, force: bool = False, **settings) -> SentencePieceTokenizer:
     """The dataset's tokenizer: the one on disk when it was trained on the same train split
     with the same settings, else a newly trained one."""
     dataset_dir = Path(dataset_dir)
@@ -251,7 +184,7 @@ def ensure_tokenizer(dataset_dir: str | Path, force: bool = False, **settings) -
     if not force and (dataset_dir / MODEL_NAME).is_file():
         try:
             info = load_info(dataset_dir)
-            tok = Tokenizer(dataset_dir / MODEL_NAME)
+            tok = SentencePieceTokenizer(dataset_dir / MODEL_NAME)
         except (OSError, ValueError):
             info, tok = {}, None
         wanted = {k: v for k, v in settings.items() if k != "num_threads"}
@@ -268,7 +201,7 @@ def ensure_tokenizer(dataset_dir: str | Path, force: bool = False, **settings) -
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--vocab-size", type=int, default=40478)
+    parser.add_argument("--vocab-size", type=int, default=GPT1_VOCAB_SIZE)
     parser.add_argument("--max-sentences", type=int, default=2_000_000, help="most paragraphs to train on")
     parser.add_argument(
         "--sample-bytes", type=int, default=200_000_000, help="most bytes of text to train on"
@@ -288,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     add_arguments(parser)
     args = parser.parse_args(argv)
     comm = get_comm()
-    setup_logging(comm)
+    setup_logging(comm.rank, comm.size)
     if comm.is_root:  # one process trains; other ranks (if any) have nothing to do
         ensure_tokenizer(args.out, force=args.force, **tokenizer_settings(args))
     comm.barrier()

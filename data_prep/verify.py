@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.common import sha256_file
 from data_prep.manifest import SAMPLE_EXT, decode_block, read_manifest
-from data_prep.tokenizer import MODEL_NAME, Tokenizer
+from gpt1_ds.files import sha256_file
+from gpt1_ds.tokenizer import MODEL_NAME, load_tokenizer
 
 
 def verify_shard(path: Path, entry: dict, manifest: dict) -> list[str]:
@@ -74,7 +74,7 @@ def verify(data_dir: str | Path, splits: list[str] | None = None) -> list[str]:
     data_dir = Path(data_dir)
     problems: list[str] = []
     try:
-        tok = Tokenizer(data_dir / MODEL_NAME)
+        tok = load_tokenizer(data_dir / MODEL_NAME)
     except (OSError, ValueError) as e:
         return [str(e)]
     names = splits or sorted(p.parent.name for p in data_dir.glob("*/manifest.json"))

@@ -1,22 +1,24 @@
-"""Checkpoints: DeepSpeed's ``save_checkpoint`` plus what makes a save safe to resume from.
+"""Checkpoints: DeepSpeed's ``save_checkpoint`` plus what makes a save safe to resume from,
+the typed client state that every gpt1-ds checkpoint carries, and the run directory.
 
-Layout: ``RUN/checkpoints/step00001000/`` (DeepSpeed's files, any ZeRO stage and
-world size) holding ``COMPLETE`` once every rank has finished writing, and
-``RUN/checkpoints/latest`` naming the newest complete tag, replaced atomically
-after the marker. A save killed half-way leaves a tag without ``COMPLETE``:
-``--resume auto`` never picks it, and the next save removes it. The last
-``keep_checkpoints`` complete tags are kept.
+Layout (``RunDir``): ``RUN/checkpoints/step00001000/`` (DeepSpeed's files, any ZeRO stage
+and world size) holding ``COMPLETE`` once every rank has finished writing, and
+``RUN/checkpoints/latest`` naming the newest complete tag, replaced atomically after the
+marker. A save killed half-way leaves a tag without ``COMPLETE``: ``resume=auto`` never
+picks it, and the next save removes it. The last ``keep_checkpoints`` complete tags are kept.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
+
+from gpt1_ds.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,119 @@ PREEMPTED = "PREEMPTED"
 """``RUN/PREEMPTED``: written after a checkpoint taken on a signal, removed when a run starts.
 Job scripts read it rather than exit codes, which a launcher may replace (srun with
 --kill-on-bad-exit terminates the slower ranks when the first one exits)."""
+FORMAT_VERSION = 1
+"""Version of ``ClientState``. 0: checkpoints written before it had one (read as well)."""
+DROPOUT_SCHEME = "dropout_seed(seed, rank, step, micro)"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: incomplete, corrupted, inconsistent or too new."""
+
+
+def dropout_seed(seed: int, rank: int, step: int, micro: int) -> int:
+    """The RNG seed of one micro-batch: dropout is a function of (seed, rank, step), so a
+    resumed run draws the same masks as the uninterrupted one without saving RNG states."""
+    return (((seed * 1_000_003 + rank) * 1_000_003 + step) * 1024 + micro) % (2**63)
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The files of one training or fine-tuning run."""
+
+    path: Path
+
+    @classmethod
+    def of_checkpoints(cls, ckpt_dir: Path) -> RunDir:
+        return cls(Path(ckpt_dir).parent)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / "tensorboard"
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def ds_config(self) -> Path:
+        return self.path / "ds_config.json"
+
+    @property
+    def preempted(self) -> Path:
+        return self.path / PREEMPTED
+
+
+@dataclass
+class ClientState:
+    """What a checkpoint holds beside DeepSpeed's state: written by ``gpt1_ds.train`` and
+    ``gpt1_ds.finetune``, read by their resume and by ``gpt1_ds.loading``."""
+
+    kind: str = "pretrain"
+    """``pretrain`` or ``finetune``."""
+    step: int = 0
+    """Optimiser steps done."""
+    seed: int = 0
+    """The run's seed (dropout masks follow ``DROPOUT_SCHEME``)."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """The run's settings (``RunConfig`` or ``FinetuneConfig`` as a mapping)."""
+    model_config: dict[str, Any] | None = None
+    """``GPTConfig.to_dict()`` of the model."""
+    tokens_seen: int = 0
+    """Pretraining: tokens trained on."""
+    val_ppl: float | None = None
+    """Pretraining: the last validation perplexity."""
+    loader: dict[str, Any] | None = None
+    """Pretraining: ``TrainLoader.state_dict()``, for an exact resume."""
+    task: dict[str, Any] | None = None
+    """Fine-tuning: ``kind``, ``labels`` and ``num_outputs`` of the task head."""
+    layout: dict[str, Any] | None = None
+    """Fine-tuning: world size, batch layout and examples; a resume must have the same."""
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """Fine-tuning: the dev metrics of every epoch."""
+    best: dict[str, Any] | None = None
+    """Fine-tuning: the best epoch's metrics and tag."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The mapping handed to DeepSpeed (the layout of format 0, plus version and kind)."""
+        config: dict[str, Any] = {"run" if self.kind == "pretrain" else "finetune": self.config}
+        config["model_config"] = self.model_config
+        if self.task is not None:
+            config["task"] = self.task
+        out = {k: v for k, v in vars(self).items() if k not in ("config", "model_config", "task", "seed")}
+        rng = {"scheme": DROPOUT_SCHEME, "seed": self.seed}
+        return {"format_version": FORMAT_VERSION, **out, "rng": rng, "config": config}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str | Path) -> ClientState:
+        """From a checkpoint's client state, of this format or an older one (format 0 has no
+        ``format_version`` and no ``kind``: a fine-tuning run's config is under ``finetune``)."""
+        version = data.get("format_version", 0)
+        if version > FORMAT_VERSION:
+            raise CheckpointError(
+                f"{where}: client state format {version}; this code reads up to {FORMAT_VERSION}"
+            )
+        scheme = (data.get("rng") or {}).get("scheme", DROPOUT_SCHEME)
+        if scheme != DROPOUT_SCHEME:
+            raise CheckpointError(f"{where}: dropout scheme {scheme!r}, this code draws {DROPOUT_SCHEME!r}")
+        config = data.get("config") or {}
+        kind = data.get("kind") or ("finetune" if "finetune" in config else "pretrain")
+        return cls(
+            kind=kind,
+            step=data.get("step", 0),
+            seed=(data.get("rng") or {}).get("seed", 0),
+            config=config.get("run" if kind == "pretrain" else "finetune") or {},
+            model_config=config.get("model_config"),
+            task=config.get("task"),
+            **{
+                k: data[k]
+                for k in ("tokens_seen", "val_ppl", "loader", "layout", "history", "best")
+                if k in data
+            },
+        )
 
 
 def tag_for(step: int) -> str:
@@ -56,25 +171,14 @@ def find_resume(ckpt_dir: Path, resume: str) -> tuple[Path, str] | None:
     raise FileNotFoundError(f"resume={resume!r}: no complete checkpoint there (a tag needs {COMPLETE})")
 
 
-def save(
-    engine: Any,
-    ckpt_dir: Path,
-    step: int,
-    client_state: dict[str, Any],
-    keep: int,
-    protect: str | None = None,
-) -> str:
+def save(engine: Any, ckpt_dir: Path, state: ClientState, keep: int, protect: str | None = None) -> str:
     """Collective: every rank calls it. Returns the tag. ``protect``: a tag that pruning keeps."""
-    tag = tag_for(step)
-    rank = dist.get_rank()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    tag = tag_for(state.step)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state.to_dict(), save_latest=False)
     dist.barrier()  # every rank's shards are on disk
-    if rank == 0:
-        marker = ckpt_dir / tag / COMPLETE
-        marker.write_text(f"{step}\n")
-        tmp = ckpt_dir / f".{LATEST}.tmp"
-        tmp.write_text(tag)
-        os.replace(tmp, ckpt_dir / LATEST)
+    if dist.get_rank() == 0:
+        (ckpt_dir / tag / COMPLETE).write_text(f"{state.step}\n")
+        atomic_write_text(ckpt_dir / LATEST, tag)
         prune(ckpt_dir, keep, protect)
     dist.barrier()
     return tag
@@ -94,21 +198,29 @@ def prune(ckpt_dir: Path, keep: int, protect: str | None = None) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def load(engine: Any, ckpt_dir: Path, tag: str) -> dict[str, Any]:
+def load(engine: Any, ckpt_dir: Path, tag: str) -> ClientState:
     """Load a complete checkpoint into the engine; returns its client state."""
     path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None or client is None:  # DeepSpeed only warns when it finds nothing
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
-    return client
+    return ClientState.from_dict(client, ckpt_dir / tag)
 
 
-def mark_preempted(run_dir: Path, step: int) -> None:
+def resume(engine: Any, ckpt_dir: Path, setting: str) -> tuple[ClientState, Path] | None:
+    """Collective: rank 0 finds the checkpoint that ``setting`` names (``find_resume``), every
+    rank loads it. Returns its client state and path, or None to start afresh."""
+    found = [find_resume(ckpt_dir, setting) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(found)
+    if found[0] is None:
+        return None
+    return load(engine, *found[0]), found[0][0] / found[0][1]
+
+
+def mark_preempted(run_dir: RunDir, step: int) -> None:
     """Rank 0, after the signal's checkpoint is complete."""
-    tmp = run_dir / f".{PREEMPTED}.tmp"
-    tmp.write_text(f"{step}\n")
-    os.replace(tmp, run_dir / PREEMPTED)
+    atomic_write_text(run_dir.preempted, f"{step}\n")
 
 
-def clear_preempted(run_dir: Path) -> None:
+def clear_preempted(run_dir: RunDir) -> None:
     """Rank 0, when a run starts."""
-    (run_dir / PREEMPTED).unlink(missing_ok=True)
+    run_dir.preempted.unlink(missing_ok=True)

@@ -226,13 +226,24 @@ def parse_value(text: str) -> Any:
         return yaml.safe_load(text) if text else ""
 
 
-def load_ds_config(path: str | Path) -> dict[str, Any]:
+def load_ds_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The DeepSpeed JSON at ``path`` with ``a.b=value`` overrides applied (``ds.`` stripped)."""
     try:
-        return json.loads(Path(path).read_text())
+        ds = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such DeepSpeed config") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON: {e}") from None
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"override ds.{item!r} is not ds.key=value")
+        node = ds
+        *path_, last = key.split(".")
+        for part in path_:
+            node = node.setdefault(part, {})
+        node[last] = parse_value(value)
+    return ds
 
 
 def _fill(value: Any, computed: int, where: str) -> int:

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from typing import NoReturn
 
 import torch
+
+from gpt1_ds.env import free_port, launcher
 
 
 def first_host(nodelist: str) -> str:
@@ -45,26 +46,6 @@ def first_host(nodelist: str) -> str:
     return prefix + first
 
 
-def launcher() -> str:
-    """Which launcher started this process."""
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return "env"  # deepspeed, torchrun, or a mapping done before
-    if "OMPI_COMM_WORLD_SIZE" in env or "MV2_COMM_WORLD_SIZE" in env:
-        return "mpi"  # mpirun; inside an allocation SLURM_PROCID is 0 on every rank, so this comes first
-    if all(v in env for v in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID")):
-        return "slurm"  # an srun step, whatever its --mpi plugin
-    if "PMI_SIZE" in env or "PMIX_RANK" in env:
-        return "mpi"
-    return "single"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def setup_env() -> str:
     """Fill the torch.distributed variables for this launcher; returns its name."""
     kind = launcher()
@@ -78,7 +59,7 @@ def setup_env() -> str:
     elif kind == "single":
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(_free_port()))
+        env.setdefault("MASTER_PORT", str(free_port()))
     return kind
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from gpt1_ds.model import GPT
+from gpt1_ds.tokenizer import load_tokenizer
 
 log = logging.getLogger("gpt1_ds.generate")
 
@@ -169,15 +170,14 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
 
-    from data_prep.tokenizer import Tokenizer
-    from gpt1_ds.export import load_model
+    from gpt1_ds.loading import load_model
     from gpt1_ds.model import describe
 
     model, tok_path = load_model(args.source, args.tag)
     tok_path = args.tokenizer or tok_path
     if tok_path is None:
         parser.error(f"no tokenizer.model found for {args.source}: pass --tokenizer")
-    tok = Tokenizer(tok_path)
+    tok = load_tokenizer(tok_path)
     if tok.vocab_size != model.config.vocab_size:
         parser.error(
             f"the tokenizer {tok_path} has {tok.vocab_size} pieces but the model's vocabulary is "

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from gpt1_ds.model import GPT, GPTConfig
+from gpt1_ds.files import atomic_write_bytes, atomic_write_text
+from gpt1_ds.model import GPT, LM_HEAD, TOKENS_EMBED, GPTConfig
 
 HF_PREFIX = "transformer."
-HF_LM_HEAD = "lm_head.weight"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 LEGACY_WEIGHTS_NAME = "pytorch_model.bin"
@@ -87,10 +87,10 @@ def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """Our state dict in HF layout, ``lm_head.weight`` included (it is the token table)."""
     out: dict[str, torch.Tensor] = {}
     for key, value in model.state_dict().items():
-        if key == HF_LM_HEAD:
+        if key == LM_HEAD:
             continue
         out[HF_PREFIX + key] = value.t() if _CONV1D.match(key) else value
-    out[HF_LM_HEAD] = out[HF_PREFIX + "tokens_embed.weight"]
+    out[LM_HEAD] = out[HF_PREFIX + TOKENS_EMBED]
     return out
 
 
@@ -103,7 +103,7 @@ def from_hf_state_dict(state: dict[str, torch.Tensor], config: GPTConfig) -> dic
     ours: dict[str, torch.Tensor] = {}
     lm_head = None
     for key, value in state.items():
-        if key == HF_LM_HEAD:
+        if key == LM_HEAD:
             lm_head = value
             continue
         name = key[len(HF_PREFIX) :] if key.startswith(HF_PREFIX) else key
@@ -111,7 +111,7 @@ def from_hf_state_dict(state: dict[str, torch.Tensor], config: GPTConfig) -> dic
             continue
         ours[name] = value.t() if _CONV1D.match(name) else value
     with torch.device("meta"):
-        expected = {k: v.shape for k, v in GPT(config).state_dict().items() if k != HF_LM_HEAD}
+        expected = {k: v.shape for k, v in GPT(config).state_dict().items() if k != LM_HEAD}
     missing = sorted(set(expected) - set(ours))
     unexpected = sorted(set(ours) - set(expected))
     if missing or unexpected:
@@ -119,9 +119,9 @@ def from_hf_state_dict(state: dict[str, torch.Tensor], config: GPTConfig) -> dic
     for key, shape in expected.items():
         if ours[key].shape != shape:
             raise ValueError(f"HF tensor {key!r} has shape {tuple(ours[key].shape)}, expected {tuple(shape)}")
-    if lm_head is not None and not torch.equal(lm_head, ours["tokens_embed.weight"]):
+    if lm_head is not None and not torch.equal(lm_head, ours[TOKENS_EMBED]):
         raise ValueError("HF lm_head.weight differs from tokens_embed.weight: GPT-1 ties them")
-    ours[HF_LM_HEAD] = ours["tokens_embed.weight"]
+    ours[LM_HEAD] = ours[TOKENS_EMBED]
     return ours
 
 
@@ -133,14 +133,10 @@ def export_hf(model: GPT, path: str | Path, metadata: dict[str, str] | None = No
     state = {
         k: v.detach().to("cpu", torch.float32).contiguous()
         for k, v in to_hf_state_dict(model).items()
-        if k != HF_LM_HEAD  # tied: safetensors stores each tensor once; HF re-ties on load
+        if k != LM_HEAD  # tied: safetensors stores each tensor once; HF re-ties on load
     }
-    tmp = path / (WEIGHTS_NAME + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt", **(metadata or {})})
-    tmp.replace(path / WEIGHTS_NAME)
-    tmp = path / (CONFIG_NAME + ".tmp")
-    tmp.write_text(json.dumps(config_to_hf(model.config), indent=2) + "\n")
-    tmp.replace(path / CONFIG_NAME)
+    atomic_write_bytes(path / WEIGHTS_NAME, save(state, metadata={"format": "pt", **(metadata or {})}))
+    atomic_write_text(path / CONFIG_NAME, json.dumps(config_to_hf(model.config), indent=2) + "\n")
     return path
 
 

@@ -22,15 +22,21 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
+from gpt1_ds.tokenizer import GPT1_VOCAB_SIZE
+
 IGNORE_INDEX = -100
 """Target value that the loss skips (padding, prompt tokens in fine-tuning)."""
+TOKENS_EMBED = "tokens_embed.weight"
+"""State-dict name of the token table."""
+LM_HEAD = "lm_head.weight"
+"""State-dict name of the LM head: the token table itself (tied), in ours and in HF's layout."""
 
 
 @dataclass(frozen=True)
 class GPTConfig:
     """Sizes and regularisation of a GPT-1-style model."""
 
-    vocab_size: int = 40478
+    vocab_size: int = GPT1_VOCAB_SIZE
     """Rows of the token table (and columns of the tied LM head)."""
     n_positions: int = 512
     """Rows of the learned position table: the longest sequence the model takes."""

@@ -1,0 +1,66 @@
+"""The process's environment: which launcher started it, logging per rank, a free port.
+
+Shared by the training processes (``gpt1_ds.distributed``) and the data-prep steps
+(``data_prep.common``); imports nothing heavy, so an MPI rank of data prep starts fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE")
+"""Variables that MPI launchers set on every rank, holding the world size."""
+MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
+
+
+def launcher() -> str:
+    """Which launcher started this process: ``env`` (deepspeed, torchrun, or a mapping done
+    before), ``mpi``, ``slurm`` (an srun step) or ``single``."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return "env"
+    if "OMPI_COMM_WORLD_SIZE" in env or "MV2_COMM_WORLD_SIZE" in env:
+        return "mpi"  # mpirun; inside an allocation SLURM_PROCID is 0 on every rank, so this comes first
+    if all(v in env for v in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID")):
+        return "slurm"  # an srun step, whatever its --mpi plugin
+    if "PMI_SIZE" in env or "PMIX_RANK" in env:
+        return "mpi"
+    return "single"
+
+
+def launched_world_size() -> int | None:
+    """The world size an MPI launcher or an srun step announced, if any."""
+    for var in MPI_SIZE_VARS:
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    if os.environ.get("SLURM_STEP_ID", "").isdigit() and os.environ.get("SLURM_STEP_NUM_TASKS", "").isdigit():
+        return int(os.environ["SLURM_STEP_NUM_TASKS"])
+    return None
+
+
+def mpi_launched() -> bool:
+    """Whether an MPI launcher's variables are present."""
+    return any(v in os.environ for v in MPI_SIZE_VARS + MPI_RANK_VARS)
+
+
+def setup_logging(rank: int = 0, world: int = 1, verbose: bool = False) -> None:
+    """INFO on rank 0 (DEBUG if ``verbose``), WARNING on the others; DeepSpeed's chatter muted."""
+    level = logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(
+        level=level if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s"
+        if world > 1
+        else "%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("DeepSpeed", "deepspeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,340 @@
+"""What pretraining (``gpt1_ds.train``) and fine-tuning (``gpt1_ds.finetune``) share: the
+command line, the process's context, the DeepSpeed engine, the run directory, resume, and
+the loop itself with its logging, preemption and teardown.
+
+``Loop.run`` is the step loop: ``train_step`` (the subclass's optimiser step) → the ranks
+agree on whether to stop (a non-finite loss, a signal) → the window of logged values →
+``log_window`` every ``log_interval`` steps → ``after_step`` (evaluation, samples,
+checkpoints) → on a signal, exit 75 after the checkpoint. A subclass builds its data, model
+and engine (everything that can contradict is checked before any compute), then
+``main`` reads: setup → ``resume`` → ``start`` → ``run`` → ``finish``.
+
+Exit codes: 0 done; 75 preempted (SIGUSR1 or SIGTERM: the step in flight was finished and a
+checkpoint saved; rerun with ``resume=auto`` to continue); 1 on error (e.g. a NaN/Inf loss,
+named with its step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from gpt1_ds import checkpoint, distributed
+from gpt1_ds.checkpoint import ClientState, RunDir, dropout_seed
+from gpt1_ds.env import setup_logging
+from gpt1_ds.files import atomic_write_text
+from gpt1_ds.metrics import Monitor
+from gpt1_ds.model import param_groups
+from gpt1_ds.tokenizer import INFO_NAME, MODEL_NAME
+
+log = logging.getLogger(__name__)
+
+PREEMPTED_EXIT = 75
+T = TypeVar("T")
+
+
+def parse_launch_args(
+    argv: list[str] | None,
+    prog: str,
+    description: str | None,
+    default_ds_config: str,
+    config_help: str,
+    flags: dict[str, str],
+) -> tuple[argparse.Namespace, list[str], list[str]]:
+    """The command line of train.py and finetune.py: ``--deepspeed_config``, ``--config``, the
+    launchers' own flags, ``flags`` (``--name`` → the config's ``name``), then ``key=value``
+    (config) and ``ds.key=value`` (DeepSpeed JSON) overrides. Returns (args, config overrides,
+    DeepSpeed overrides); a flag given becomes a config override after the others."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--deepspeed_config",
+        "--ds-config",
+        dest="ds_config",
+        default=default_ds_config,
+        help=f"DeepSpeed JSON (default {default_ds_config})",
+    )
+    parser.add_argument("--config", help=config_help)
+    for flag, help_text in flags.items():
+        parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, help=help_text)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    parser.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="key=value (config) or ds.key=value (DeepSpeed JSON)")
+    args = parser.parse_args(argv)
+    over = [o for o in args.overrides if not o.startswith("ds.")]
+    ds_over = [o[3:] for o in args.overrides if o.startswith("ds.")]
+    over += [f"{flag}={json.dumps(getattr(args, flag))}" for flag in flags if getattr(args, flag) is not None]
+    return args, over, ds_over
+
+
+class Preemption:
+    """SIGUSR1/SIGTERM set a flag; the loop finishes its step, saves and exits. Installed
+    first thing, so that a signal during start-up is honoured after the first step."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.signal = signum
+
+
+@dataclass(frozen=True)
+class Context:
+    """This process in the job: its rank, the world size and its device."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @classmethod
+    def start(cls) -> Context:
+        """Initialise torch.distributed for whichever launcher started the process."""
+        rank, world, local_rank = distributed.init()
+        setup_logging(rank, world=2)  # the rank in every line, also in a world of one
+        return cls(rank, world, distributed.device(local_rank))
+
+
+def build_engine(model: torch.nn.Module, ds_cfg: dict[str, Any]) -> tuple[Any, Any]:
+    """The DeepSpeed engine and its LR scheduler, with weight decay through parameter groups.
+
+    DeepSpeed's schedulers start at iteration -1 and step after each update, so the
+    first two updates would both get lr(0); one step here makes update s (from 0)
+    use lr(s): 0 → peak over the warm-up, and lr 0 exactly at the last update.
+    """
+    import deepspeed
+
+    weight_decay = ds_cfg.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, weight_decay), config=ds_cfg
+    )
+    if scheduler is not None and getattr(scheduler, "last_batch_iteration", 0) == -1:
+        scheduler.step()
+    return engine, scheduler
+
+
+def memory_metrics(device: torch.device) -> dict[str, float]:
+    if device.type == "cuda":
+        return {
+            "memory/allocated_gb": torch.cuda.memory_allocated(device) / 2**30,
+            "memory/peak_gb": torch.cuda.max_memory_allocated(device) / 2**30,
+        }
+    import psutil
+
+    return {"memory/rss_gb": psutil.Process().memory_info().rss / 2**30}
+
+
+def in_lockstep(batches: Iterable[T], count: int, device: torch.device) -> Iterator[T | None]:
+    """``batches`` (``count`` of them on this rank), then None until every rank has had as many
+    turns: under ZeRO-3 each forward gathers parameters from all ranks, so every rank must run
+    as many forwards (a None turn runs one that counts nothing)."""
+    n = torch.tensor([count], device=device)
+    dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    it = iter(batches)
+    for _ in range(int(n.item())):
+        yield next(it, None)
+
+
+def precision(ds_cfg: dict[str, Any]) -> str:
+    if ds_cfg.get("bf16", {}).get("enabled"):
+        return "bf16"
+    return "fp16" if ds_cfg.get("fp16", {}).get("enabled") else "fp32"
+
+
+class Window:
+    """Logged values summed over the steps since the last log line, and their time."""
+
+    def __init__(self) -> None:
+        self.sum: torch.Tensor | None = None
+        self.steps, self.seconds = 0, 0.0
+
+    def add(self, values: torch.Tensor, seconds: float) -> None:
+        v = values.detach().double()
+        self.sum = v if self.sum is None else self.sum + v
+        self.steps, self.seconds = self.steps + 1, self.seconds + seconds
+
+    def mean_over_ranks(self, world: int) -> list[float]:
+        """The mean of each value over the window's steps and every rank (collective)."""
+        total = self.sum.clone()
+        dist.all_reduce(total)
+        return (total / (world * self.steps)).tolist()
+
+    @property
+    def step_time(self) -> float:
+        return self.seconds / self.steps
+
+    def reset(self) -> None:
+        self.__init__()
+
+
+class Loop:
+    """The step loop of a run (see the module docstring); a subclass supplies the steps."""
+
+    name = "train"
+
+    def __init__(
+        self,
+        ctx: Context,
+        run_dir: RunDir,
+        engine: Any,
+        scheduler: Any,
+        total_steps: int,
+        state: ClientState,
+        log_interval: int,
+        preempt: Preemption,
+    ) -> None:
+        self.ctx, self.run_dir, self.engine, self.scheduler = ctx, run_dir, engine, scheduler
+        self.total_steps, self.state, self.log_interval, self.preempt = (
+            total_steps,
+            state,
+            log_interval,
+            preempt,
+        )
+        self.monitor = Monitor(None)
+        self.window = Window()
+
+    # ---- what a subclass provides ---------------------------------------------------------
+    def train_step(self) -> torch.Tensor:
+        """One optimiser step; the step's logged values [loss, ...] (mean over micro-batches)."""
+        raise NotImplementedError
+
+    def log_window(self, means: list[float], step_time: float) -> None:
+        raise NotImplementedError
+
+    def after_step(self, preempted: bool) -> None:
+        """Evaluation, samples and checkpoints after a step (a checkpoint when ``preempted``)."""
+        raise NotImplementedError
+
+    def check_resume(self, state: ClientState, path: Path) -> None:
+        """Refuse a checkpoint this run cannot continue (before its state is taken)."""
+
+    # ---- shared ---------------------------------------------------------------------------
+    def resume(self, setting: str) -> bool:
+        """Continue from the checkpoint ``setting`` names (``auto``, ``none``, a path)."""
+        found = checkpoint.resume(self.engine, self.run_dir.checkpoints, setting)
+        if found is None:
+            return False
+        state, path = found
+        self.check_resume(state, path)
+        self.state = state
+        log.info("resumed from %s at step %d", path, state.step)
+        return True
+
+    def start(self, config_yaml: str, ds_cfg: dict[str, Any], tokenizer: Path) -> None:
+        """Write the run's files (rank 0) and open its TensorBoard log. The tokenizer is kept
+        with the run, so that its checkpoints are usable on their own."""
+        if self.ctx.rank == 0:
+            self.run_dir.path.mkdir(parents=True, exist_ok=True)
+            checkpoint.clear_preempted(self.run_dir)
+            atomic_write_text(self.run_dir.config, config_yaml)
+            atomic_write_text(self.run_dir.ds_config, json.dumps(ds_cfg, indent=2))
+            for name in (MODEL_NAME, INFO_NAME):
+                src, dst = tokenizer.parent / name, self.run_dir.path / name
+                if src.is_file() and src.resolve() != dst.resolve():
+                    shutil.copyfile(src, dst)
+        step = self.state.step
+        log_dir = str(self.run_dir.tensorboard) if self.ctx.rank == 0 else None
+        self.monitor = Monitor(log_dir, purge_step=step + 1 if step else None)
+
+    def micro_steps(
+        self,
+        accum: int,
+        seed: int,
+        batch: Callable[[int], T],
+        loss: Callable[[T], tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        """``accum`` forward/backward passes and the engine's update; dropout seeded per
+        micro-batch (``dropout_seed``). ``loss(batch)`` gives the loss and the logged values."""
+        total = None
+        for micro in range(accum):
+            b = batch(micro)
+            torch.manual_seed(dropout_seed(seed, self.ctx.rank, self.state.step, micro))
+            value, logged = loss(b)
+            self.engine.backward(value)
+            self.engine.step()
+            logged = logged.detach().float() / accum
+            total = logged if total is None else total + logged
+        return total
+
+    def due(self, interval: int) -> bool:
+        return self.state.step % interval == 0 or self.state.step == self.total_steps
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0] if self.scheduler is not None else self.engine.get_lr()[0]
+
+    def save(self, reason: str, keep: int, protect: str | None = None) -> str:
+        tag = checkpoint.save(self.engine, self.run_dir.checkpoints, self.state, keep, protect)
+        log.info("checkpoint %s (%s)", self.run_dir.checkpoints / tag, reason)
+        return tag
+
+    def _agree_to_stop(self, values: torch.Tensor) -> tuple[bool, bool]:
+        """(a non-finite loss, a signal) on any rank: every rank stops at the same step."""
+        flags = torch.tensor(
+            [float(not bool(torch.isfinite(values).all())), float(self.preempt.signal is not None)],
+            device=self.ctx.device,
+        )
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return bool(flags[0]), bool(flags[1])
+
+    def run(self) -> int:
+        """Steps until ``total_steps``, a signal (75) or a non-finite loss (1)."""
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.state.step,
+            desc=self.name,
+            unit="step",
+            disable=self.ctx.rank != 0,
+            dynamic_ncols=True,
+            leave=False,
+        )
+        code = 0
+        while self.state.step < self.total_steps:
+            start = time.perf_counter()
+            values = self.train_step()
+            self.state.step += 1
+            non_finite, preempted = self._agree_to_stop(values)
+            if non_finite:
+                tags = checkpoint.complete_tags(self.run_dir.checkpoints)[-1:] or "no checkpoint"
+                log.error(
+                    "step %d: loss is %s; stopping (resume from %s)", self.state.step, values[0].item(), tags
+                )
+                code = 1
+                break
+            self.window.add(values, time.perf_counter() - start)
+            bar.update(1)
+            if self.due(self.log_interval):
+                self.log_window(self.window.mean_over_ranks(self.ctx.world), self.window.step_time)
+                self.window.reset()
+            self.after_step(preempted)
+            self.monitor.flush()
+            if preempted:
+                if self.ctx.rank == 0:
+                    checkpoint.mark_preempted(self.run_dir, self.state.step)
+                code = PREEMPTED_EXIT
+                break
+        bar.close()
+        self.monitor.close()
+        return code
+
+    def finish(self, code: int) -> int:
+        """Say how the run ended, leave the process group; returns the exit code."""
+        if code == PREEMPTED_EXIT:
+            step = self.state.step
+            log.warning("preempted at step %d: checkpoint saved, exiting with %d", step, PREEMPTED_EXIT)
+        dist.barrier()
+        dist.destroy_process_group()
+        return code

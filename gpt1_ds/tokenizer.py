@@ -1,0 +1,125 @@
+"""The runtime tokenizer: what training, fine-tuning, generation and data prep encode with.
+
+``Tokenizer`` is the interface (encode, decode, special ids, vocab size, sha256);
+``SentencePieceTokenizer`` implements it for the sentencepiece BPE model that
+``data_prep.tokenizer`` trains; ``load_tokenizer`` opens one from its file. A second
+kind of tokenizer implements the same few members.
+
+Reserved ids of a gpt1-ds sentencepiece model: ``<pad>`` 0, ``<unk>`` 1, ``<eod>`` 2 (end of
+document), then the fine-tuning control tokens ``<start>``, ``<delim>``, ``<extract>`` (never
+produced from text), then ``\\n`` as a piece of its own (the paragraph separator).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+MODEL_NAME = "tokenizer.model"
+"""The sentencepiece model, in a dataset, a run directory and an export."""
+INFO_NAME = "tokenizer.json"
+"""gpt1-ds's metadata of a tokenizer (sha256, settings, special ids), beside the model."""
+PAD, UNK, EOD = "<pad>", "<unk>", "<eod>"
+CONTROL = ("<start>", "<delim>", "<extract>")
+NEWLINE = "\n"
+GPT1_VOCAB_SIZE = 40478
+"""GPT-1's vocabulary: 40,000 BPE merges plus the base symbols (the ``gpt1`` preset's vocab_size)."""
+
+
+class Tokenizer(Protocol):
+    """What the rest of gpt1-ds needs of a tokenizer."""
+
+    path: Path
+    sha256: str
+    vocab_size: int
+    pad_id: int
+    eod_id: int
+    newline_id: int
+    start_id: int
+    delim_id: int
+    extract_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[np.ndarray]: ...
+
+    def decode(self, ids: list[int] | np.ndarray) -> str: ...
+
+    def special_ids(self) -> dict[str, int]: ...
+
+
+class SentencePieceTokenizer:
+    """A gpt1-ds sentencepiece model: encode/decode with exact round trips, and its special ids."""
+
+    def __init__(self, model_path: str | Path) -> None:
+        import sentencepiece as spm
+
+        self.path = Path(model_path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: no tokenizer model")
+        data = self.path.read_bytes()
+        self.sp = spm.SentencePieceProcessor(model_proto=data)
+        self.sha256 = hashlib.sha256(data).hexdigest()
+        self.vocab_size = self.sp.get_piece_size()
+        ids = {p: self.sp.piece_to_id(p) for p in (PAD, EOD, *CONTROL, NEWLINE)}
+        if ids[PAD] != 0 or ids[EOD] != 2 or ids[NEWLINE] == self.sp.unk_id():
+            raise ValueError(f"{self.path}: not a gpt1-ds tokenizer (special pieces missing)")
+        self.pad_id, self.eod_id, self.newline_id = ids[PAD], ids[EOD], ids[NEWLINE]
+        self.start_id, self.delim_id, self.extract_id = (ids[c] for c in CONTROL)
+
+    def special_ids(self) -> dict[str, int]:
+        return {
+            "pad": self.pad_id,
+            "unk": self.sp.unk_id(),
+            "eod": self.eod_id,
+            "start": self.start_id,
+            "delim": self.delim_id,
+            "extract": self.extract_id,
+            "newline": self.newline_id,
+        }
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; each line is encoded on its own, joined by the newline id."""
+        return self.encode_batch([text])[0].tolist()
+
+    def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[np.ndarray]:
+        """Ids of each text as a uint32 array (newline-joined lines, as ``encode``)."""
+        lines, counts = [], []
+        for text in texts:
+            parts = text.split("\n")
+            lines.extend(parts)
+            counts.append(len(parts))
+        encoded = self.sp.encode(lines, num_threads=num_threads)
+        out, i = [], 0
+        for n in counts:
+            pieces = encoded[i : i + n]
+            i += n
+            total = sum(len(p) for p in pieces) + n - 1
+            arr = np.empty(total, dtype=np.uint32)
+            pos = 0
+            for j, p in enumerate(pieces):
+                if j:
+                    arr[pos] = self.newline_id
+                    pos += 1
+                arr[pos : pos + len(p)] = p
+                pos += len(p)
+            out.append(arr)
+        return out
+
+    def decode(self, ids: list[int] | np.ndarray) -> str:
+        """Text of ``ids``; special ids other than newline are dropped."""
+        lines: list[list[int]] = [[]]
+        for i in map(int, ids):
+            if i == self.newline_id:
+                lines.append([])
+            else:
+                lines[-1].append(i)
+        return "\n".join(self.sp.decode(line) for line in lines)
+
+
+def load_tokenizer(path: str | Path) -> SentencePieceTokenizer:
+    """The tokenizer stored at ``path`` (a ``tokenizer.model`` file)."""
+    return SentencePieceTokenizer(path)
