@@ -2,6 +2,8 @@
 #
 #   make demo     set up, then run the main job on the CPU
 #   make test     set up, then lint and run the test suite
+#   make test-fast  set up, lint, then run the tests not marked slow (slow ones start
+#                 processes or take more than a few seconds): a check in under two minutes
 #   make bench    set up, then run every benchmark in benchmarks/ and write this
 #                 machine's section of benchmarks/RESULTS.md (and results.json)
 #
@@ -22,7 +24,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.gpt1-ds-setup
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -38,20 +40,24 @@ $(STAMP): pyproject.toml Makefile
 DEMO_DIR ?= runs/demo
 CORPUS ?= ../shared/corpus
 
-DEMO_OVERRIDES ?= ds.scheduler.params.warmup_num_steps=30 ds.optimizer.params.lr=5e-4
-# The tiny model fine-tunes with a larger learning rate than GPT-1's 6.25e-5 (meant for 117M).
-DEMO_FINETUNE_OVERRIDES ?= epochs=2 log_interval=50 ds.optimizer.params.lr=5e-4
+# The demo's profiles: the tiny model's run (and how its data is prepared: `prep`), then
+# its SST-2 fine-tuning. Extra key=value / ds.key=value overrides: DEMO_OVERRIDES,
+# DEMO_FINETUNE_OVERRIDES.
+DEMO_PROFILE ?= configs/tiny-cpu.yaml
+DEMO_FINETUNE_PROFILE ?= configs/tiny-cpu-finetune.yaml
+DEMO_OVERRIDES ?=
+DEMO_FINETUNE_OVERRIDES ?=
+PROFILE_PREP = $(PY) -c 'import sys, yaml; print(" ".join(yaml.safe_load(open(sys.argv[1]))["prep"]))'
 
 demo: setup
-	$(PY) -m data_prep.prepare --input data/sample --out $(DEMO_DIR)/data --vocab-size 8192 \
-		--seq-len 128 --shard-bytes 1000000 --val-fraction 0.15 --test-fraction 0.15
+	$(PY) -m data_prep.prepare --input data/sample --out $(DEMO_DIR)/data $$($(PROFILE_PREP) $(DEMO_PROFILE))
 	rm -rf $(DEMO_DIR)/run
 	$(VENV)/bin/deepspeed --num_gpus 2 gpt1_ds/train.py --deepspeed_config ds_configs/zero2.json \
-		--config configs/tiny-cpu.yaml --data $(DEMO_DIR)/data --run-dir $(DEMO_DIR)/run $(DEMO_OVERRIDES)
+		--config $(DEMO_PROFILE) --data $(DEMO_DIR)/data --run-dir $(DEMO_DIR)/run $(DEMO_OVERRIDES)
 	rm -rf $(DEMO_DIR)/sst2
 	$(VENV)/bin/deepspeed --num_gpus 2 gpt1_ds/finetune.py --deepspeed_config ds_configs/finetune.json \
-		--task sst2 --train data/glue/sst2/stsa.binary.train --dev data/glue/sst2/stsa.binary.dev \
-		--init $(DEMO_DIR)/run/checkpoints --run-dir $(DEMO_DIR)/sst2 $(DEMO_FINETUNE_OVERRIDES)
+		--config $(DEMO_FINETUNE_PROFILE) --init $(DEMO_DIR)/run/checkpoints --run-dir $(DEMO_DIR)/sst2 \
+		$(DEMO_FINETUNE_OVERRIDES)
 	$(PY) -m gpt1_ds.export $(DEMO_DIR)/run/checkpoints --out $(DEMO_DIR)/hf
 	$(PY) -m gpt1_ds.generate $(DEMO_DIR)/hf --prompt "It was" --prompt "The ship" --max-new-tokens 40 --seed 0
 	$(PY) -m gpt1_ds.plot $(DEMO_DIR)/run --out $(DEMO_DIR)/curves.png
@@ -62,6 +68,9 @@ lint: setup
 
 test: setup lint
 	$(PY) -m pytest
+
+test-fast: setup lint
+	$(PY) -m pytest -m "not slow"
 
 # BENCH_ARGS: e.g. --only model,train or --quick (benchmarks/run_all.py --help).
 BENCH_ARGS ?=

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,14 +34,10 @@ from pathlib import Path
 
 import benchlib
 
+from gpt1_ds.env import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 VARIANTS = ["plain", "plain+ac", "ds-z0", "ds-z1", "ds-z2", "ds-z2+ac"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_variant(preset: str, variant: str, batch: int, seq_len: int, steps: int, warmup: int) -> dict:
@@ -87,7 +82,7 @@ def run_variant(preset: str, variant: str, batch: int, seq_len: int, steps: int,
         ds = resolve_ds_config(ds, run, 1, lambda a: 10**6, f"zero{stage}.json", device.type)
         if ac:
             deepspeed.checkpointing.configure(None, deepspeed_config=ds)
-        from gpt1_ds.train import build_engine
+        from gpt1_ds.runner import build_engine
 
         engine, _ = build_engine(GPT(config), ds)
 

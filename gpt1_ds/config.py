@@ -21,9 +21,42 @@ import yaml
 from gpt1_ds.model import GPTConfig
 
 
+class Settings:
+    """What the run configs share: YAML in and out, ``key=value`` overrides, checks."""
+
+    what = "run"
+    positive: tuple[str, ...] = ()
+    """Fields that must be positive integers."""
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None, overrides: list[str] | None = None) -> Any:
+        """The YAML file (if any) with ``key=value`` overrides (``model_overrides.n_layer=2``)."""
+        config = cls(**read_settings(cls, path, overrides))
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        for name in (*self.positive, "max_steps"):
+            value = getattr(self, name)
+            if (value is not None or name != "max_steps") and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{self.what} setting {name} must be a positive integer, got {value!r}")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(asdict(self), sort_keys=False)
+
+
 @dataclass
-class RunConfig:
+class RunConfig(Settings):
     """Everything about a pretraining run that is not in the DeepSpeed JSON."""
+
+    positive = (
+        "micro_batch_size",
+        "epochs",
+        "log_interval",
+        "eval_interval",
+        "checkpoint_interval",
+        "keep_checkpoints",
+    )
 
     model: str = "gpt1"
     """Model preset (``GPTConfig.from_preset``): ``gpt1`` or ``tiny``."""
@@ -75,36 +108,20 @@ class RunConfig:
     """Recompute each block in the backward pass (DeepSpeed's checkpointing when configured)."""
     peak_flops: float | None = None
     """Device peak FLOP/s for MFU; None: from the device name (H100, H200, A100), else no MFU."""
-
-    @classmethod
-    def from_yaml(cls, path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-        """The YAML file (if any) with ``key=value`` overrides (``model_overrides.n_layer=2``)."""
-        config = cls(**read_settings(cls, path, overrides))
-        config.validate()
-        return config
+    ds: dict[str, Any] = field(default_factory=dict)
+    """DeepSpeed JSON values this profile changes, by dotted key (``optimizer.params.lr: 5.0e-4``);
+    the command line's ``ds.key=value`` come after."""
+    prep: list[str] = field(default_factory=list)
+    """The ``data_prep.prepare`` flags that make ``data`` for this profile (``make demo`` and the
+    benchmarks prepare with them; training itself reads the dataset's manifest)."""
 
     def validate(self) -> None:
-        for name in (
-            "micro_batch_size",
-            "epochs",
-            "log_interval",
-            "eval_interval",
-            "checkpoint_interval",
-            "keep_checkpoints",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"run setting {name} must be a positive integer, got {value!r}")
-        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
-            raise ValueError(f"run setting max_steps must be a positive integer, got {self.max_steps!r}")
+        super().validate()
         self.model_config()  # unknown presets and bad model fields fail here
 
     def model_config(self) -> GPTConfig:
         overrides = {**self.model_overrides, "activation_checkpointing": self.activation_checkpointing}
         return GPTConfig.from_preset(self.model, **overrides)
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(asdict(self), sort_keys=False)
 
 
 def read_settings(cls: type, path: str | Path | None, overrides: list[str] | None) -> dict[str, Any]:
@@ -140,7 +157,7 @@ def read_settings(cls: type, path: str | Path | None, overrides: list[str] | Non
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(Settings):
     """A fine-tuning run (``gpt1_ds.finetune``); GPT-1's recipe by default. Batch, learning rate
     (6.25e-5), schedule and precision are in the DeepSpeed JSON (ds_configs/finetune.json)."""
 
@@ -192,29 +209,18 @@ class FinetuneConfig:
     """Seed of the head's init, the data order and the dropout masks."""
     resume: str = "auto"
     """``auto`` (newest complete checkpoint in run_dir), ``none``, or a checkpoint path."""
+    ds: dict[str, Any] = field(default_factory=dict)
+    """DeepSpeed JSON values this profile changes, by dotted key; ``ds.key=value`` come after."""
 
-    @classmethod
-    def from_yaml(cls, path: str | Path | None, overrides: list[str] | None = None) -> FinetuneConfig:
-        config = cls(**read_settings(cls, path, overrides))
-        config.validate()
-        return config
+    what = "fine-tuning"
+    positive = ("micro_batch_size", "epochs", "log_interval", "keep_checkpoints")
 
     def validate(self) -> None:
-        for name in ("micro_batch_size", "epochs", "log_interval", "keep_checkpoints"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"fine-tuning setting {name} must be a positive integer, got {value!r}")
-        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
-            raise ValueError(
-                f"fine-tuning setting max_steps must be a positive integer, got {self.max_steps!r}"
-            )
+        super().validate()
         if not self.train or not self.dev:
             raise ValueError("fine-tuning needs a training file and a dev file (--train, --dev)")
         if self.lm_coef < 0 or not 0 <= self.clf_pdrop < 1 or not 0 <= self.warmup_fraction < 1:
             raise ValueError("lm_coef must be >= 0, clf_pdrop and warmup_fraction in [0, 1)")
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(asdict(self), sort_keys=False)
 
 
 def parse_value(text: str) -> Any:
@@ -226,24 +232,32 @@ def parse_value(text: str) -> Any:
         return yaml.safe_load(text) if text else ""
 
 
-def load_ds_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """The DeepSpeed JSON at ``path`` with ``a.b=value`` overrides applied (``ds.`` stripped)."""
+def load_ds_config(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The DeepSpeed JSON at ``path`` with ``{"a.b": value}`` overrides applied."""
     try:
         ds = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such DeepSpeed config") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON: {e}") from None
-    for item in overrides or []:
+    for key, value in (overrides or {}).items():
+        node = ds
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return ds
+
+
+def parse_overrides(items: list[str], prefix: str = "") -> dict[str, Any]:
+    """``key=value`` strings as {key: parsed value}; ``prefix`` names them in errors."""
+    out = {}
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"override ds.{item!r} is not ds.key=value")
-        node = ds
-        *path_, last = key.split(".")
-        for part in path_:
-            node = node.setdefault(part, {})
-        node[last] = parse_value(value)
-    return ds
+            raise ValueError(f"override {prefix}{item!r} is not {prefix}key=value")
+        out[key] = parse_value(value)
+    return out
 
 
 def _fill(value: Any, computed: int, where: str) -> int:

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from gpt1_ds import distributed
 from gpt1_ds.checkpoint import ClientState, RunDir, tag_for
-from gpt1_ds.config import FinetuneConfig, load_ds_config, resolve_ds_config
+from gpt1_ds.config import FinetuneConfig
 from gpt1_ds.files import atomic_write_text
 from gpt1_ds.heads import TaskModel, predictions, task_loss_of
 from gpt1_ds.loading import load_model
@@ -44,6 +44,7 @@ from gpt1_ds.runner import (
     Loop,
     Preemption,
     build_engine,
+    deepspeed_config,
     in_lockstep,
     memory_metrics,
     parse_launch_args,
@@ -142,14 +143,7 @@ class Finetuning(Loop):
         self.train_set = encode(self.train_examples, self.data, self.tok, gpt.config.n_positions)
         self.dev_set = encode(self.dev_examples, self.data, self.tok, gpt.config.n_positions)
         per_rank = len(self.train_set) // ctx.world // cfg.micro_batch_size
-        self.ds_cfg = resolve_ds_config(
-            load_ds_config(ds_path, ds_over),
-            cfg,
-            ctx.world,
-            lambda a: per_rank // a,
-            ds_path,
-            ctx.device.type,
-        )
+        self.ds_cfg = deepspeed_config(ds_path, cfg, ds_over, ctx, lambda accum: per_rank // accum)
         self.accum = self.ds_cfg["gradient_accumulation_steps"]
         self.steps_per_epoch = per_rank // self.accum
         if self.steps_per_epoch < 1:
@@ -324,12 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     args, over, ds_over = parse_args(argv)
     cfg = FinetuneConfig.from_yaml(args.config, over)
     loop = Finetuning(cfg, Context.start(), args.ds_config, ds_over, preempt)
-    loop.resume(cfg.resume)
-    loop.start(cfg.to_yaml(), loop.ds_cfg, loop.tok.path)
-    loop.describe()
-    code = loop.run()
-    loop.report(code)
-    return loop.finish(code)
+    return loop.execute(cfg.resume, cfg.to_yaml())
 
 
 if __name__ == "__main__":

@@ -33,11 +33,12 @@ from tqdm import tqdm
 
 from gpt1_ds import checkpoint, distributed
 from gpt1_ds.checkpoint import ClientState, RunDir, dropout_seed
+from gpt1_ds.config import FinetuneConfig, RunConfig, load_ds_config, parse_overrides, resolve_ds_config
 from gpt1_ds.env import setup_logging
 from gpt1_ds.files import atomic_write_text
 from gpt1_ds.metrics import Monitor
 from gpt1_ds.model import param_groups
-from gpt1_ds.tokenizer import INFO_NAME, MODEL_NAME
+from gpt1_ds.tokenizer import INFO_NAME, MODEL_NAME, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,15 @@ def build_engine(model: torch.nn.Module, ds_cfg: dict[str, Any]) -> tuple[Any, A
     return engine, scheduler
 
 
+def deepspeed_config(
+    path: str, cfg: RunConfig | FinetuneConfig, ds_over: list[str], ctx: Context, steps_per_epoch: Callable
+) -> dict[str, Any]:
+    """The DeepSpeed JSON at ``path`` with the profile's ``ds`` values and the command line's
+    ``ds.key=value`` applied, its ``"auto"`` values filled and checked (``resolve_ds_config``)."""
+    raw = load_ds_config(path, {**cfg.ds, **parse_overrides(ds_over, "ds.")})
+    return resolve_ds_config(raw, cfg, ctx.world, steps_per_epoch, path, ctx.device.type)
+
+
 def memory_metrics(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         return {
@@ -182,9 +192,12 @@ class Window:
 
 
 class Loop:
-    """The step loop of a run (see the module docstring); a subclass supplies the steps."""
+    """The step loop of a run (see the module docstring); a subclass supplies the steps and
+    sets ``ds_cfg`` (the resolved DeepSpeed JSON) and ``tok`` before calling ``__init__``."""
 
     name = "train"
+    ds_cfg: dict[str, Any]
+    tok: Tokenizer
 
     def __init__(
         self,
@@ -222,7 +235,26 @@ class Loop:
     def check_resume(self, state: ClientState, path: Path) -> None:
         """Refuse a checkpoint this run cannot continue (before its state is taken)."""
 
+    def describe(self) -> None:
+        """Log what the run will do, once its files are written."""
+
+    def begin(self) -> None:
+        """Work before the first step (e.g. a validation pass at step 0)."""
+
+    def report(self, code: int) -> None:
+        """Log how the run ended."""
+
     # ---- shared ---------------------------------------------------------------------------
+    def execute(self, resume: str, config_yaml: str) -> int:
+        """The whole run once set up: resume → start → the loop → finish; the exit code."""
+        self.resume(resume)
+        self.start(config_yaml)
+        self.describe()
+        self.begin()
+        code = self.run()
+        self.report(code)
+        return self.finish(code)
+
     def resume(self, setting: str) -> bool:
         """Continue from the checkpoint ``setting`` names (``auto``, ``none``, a path)."""
         found = checkpoint.resume(self.engine, self.run_dir.checkpoints, setting)
@@ -234,16 +266,16 @@ class Loop:
         log.info("resumed from %s at step %d", path, state.step)
         return True
 
-    def start(self, config_yaml: str, ds_cfg: dict[str, Any], tokenizer: Path) -> None:
+    def start(self, config_yaml: str) -> None:
         """Write the run's files (rank 0) and open its TensorBoard log. The tokenizer is kept
         with the run, so that its checkpoints are usable on their own."""
         if self.ctx.rank == 0:
             self.run_dir.path.mkdir(parents=True, exist_ok=True)
             checkpoint.clear_preempted(self.run_dir)
             atomic_write_text(self.run_dir.config, config_yaml)
-            atomic_write_text(self.run_dir.ds_config, json.dumps(ds_cfg, indent=2))
+            atomic_write_text(self.run_dir.ds_config, json.dumps(self.ds_cfg, indent=2))
             for name in (MODEL_NAME, INFO_NAME):
-                src, dst = tokenizer.parent / name, self.run_dir.path / name
+                src, dst = self.tok.path.parent / name, self.run_dir.path / name
                 if src.is_file() and src.resolve() != dst.resolve():
                     shutil.copyfile(src, dst)
         step = self.state.step

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from gpt1_ds import distributed
 from gpt1_ds.checkpoint import ClientState, RunDir
-from gpt1_ds.config import RunConfig, load_ds_config, resolve_ds_config
+from gpt1_ds.config import RunConfig
 from gpt1_ds.data import EvalLoader, TrainLoader
 from gpt1_ds.generate import sample
 from gpt1_ds.loading import init_from
@@ -43,6 +43,7 @@ from gpt1_ds.runner import (
     Loop,
     Preemption,
     build_engine,
+    deepspeed_config,
     in_lockstep,
     memory_metrics,
     parse_launch_args,
@@ -133,9 +134,7 @@ class Pretraining(Loop):
             data_dir / "val", run.micro_batch_size, max_batches=run.eval_batches, **ranks, **checks
         )
         n_micro = len(self.train_loader)
-        self.ds_cfg = resolve_ds_config(
-            load_ds_config(ds_path, ds_over), run, ctx.world, lambda a: n_micro // a, ds_path, ctx.device.type
-        )
+        self.ds_cfg = deepspeed_config(ds_path, run, ds_over, ctx, lambda accum: n_micro // accum)
         self.accum = self.ds_cfg["gradient_accumulation_steps"]
         if n_micro < self.accum:
             raise ValueError(
@@ -244,6 +243,10 @@ class Pretraining(Loop):
                 + f" | ETA {timedelta(seconds=int((total - step) * step_time))}"
             )
 
+    def begin(self) -> None:
+        if self.state.step == 0:
+            self.validate()
+
     def validate(self) -> None:
         val_loss, self.state.val_ppl = evaluate(self.engine, self.val_loader, self.ctx.device)
         step = self.state.step
@@ -288,14 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     args, run_over, ds_over = parse_args(argv)
     run = RunConfig.from_yaml(args.config, run_over)
     loop = Pretraining(run, Context.start(), args.ds_config, ds_over, preempt)
-    loop.resume(run.resume)
-    loop.start(run.to_yaml(), loop.ds_cfg, loop.tok.path)
-    loop.describe()
-    if loop.state.step == 0:
-        loop.validate()
-    code = loop.run()
-    loop.report(code)
-    return loop.finish(code)
+    return loop.execute(run.resume, run.to_yaml())
 
 
 if __name__ == "__main__":

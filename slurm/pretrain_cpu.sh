@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The CPU profile of slurm/pretrain.sh: the tiny preset on a CPU-only cluster (such as
+# The CPU profile of slurm/pretrain.sh: the demo profile (configs/tiny-cpu.yaml: the tiny
+# preset, its warm-up and learning rate) on a CPU-only cluster (such as
 # slurm/local_cluster.sh), 2 tasks, no GPUs. Same settings and behaviour; other defaults.
 #
 #   sbatch slurm/pretrain_cpu.sh
@@ -18,6 +19,5 @@
 export CONFIG=${CONFIG:-configs/tiny-cpu.yaml}
 export DATA=${DATA:-runs/demo/data}
 export RUN_DIR=${RUN_DIR:-runs/slurm-cpu}
-export OVERRIDES=${OVERRIDES:-ds.scheduler.params.warmup_num_steps=30}
 # shellcheck source=slurm/pretrain.sh
 source "${SLURM_SUBMIT_DIR:-.}/slurm/pretrain.sh"

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import REPO
 
@@ -56,6 +57,7 @@ def squeeze(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+@pytest.mark.slow
 def test_quick_model_run_writes_json_and_replaces_its_section(tmp_path: Path) -> None:
     hand_written = HAND_WRITTEN
     original = hand_written + "\n" + OTHER_SECTION
@@ -137,6 +139,7 @@ def test_machine_key_names_the_gpu_or_the_cpu_and_the_cores() -> None:
     assert run_all_module.machine_key(gpu) == "gpu-2x-nvidia-h100-80gb-hbm3-16c"
 
 
+@pytest.mark.slow
 def test_loader_quick_json_holds_numeric_rows(tmp_path: Path) -> None:
     out_json = tmp_path / "loader.json"
     out = subprocess.run(

@@ -17,6 +17,7 @@ import webdataset as wds
 
 from data_prep.manifest import FORMAT_VERSION, MANIFEST_NAME, encode_block, shard_name
 from gpt1_ds.data import EvalLoader, ShardError, TrainLoader
+from gpt1_ds.env import free_port
 from gpt1_ds.model import IGNORE_INDEX
 
 SEQ = 8  # sequence length of the numbered test shards
@@ -279,8 +280,9 @@ def _rank_main(rank: int, world: int, port: int, source: str, out_dir: str) -> N
     dist.destroy_process_group()
 
 
-def test_resume_and_split_in_a_real_2_process_gloo_group(numbered, tmp_path, free_port):
-    mp.spawn(_rank_main, args=(2, free_port, str(numbered), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.slow
+def test_resume_and_split_in_a_real_2_process_gloo_group(numbered, tmp_path):
+    mp.spawn(_rank_main, args=(2, free_port(), str(numbered), str(tmp_path)), nprocs=2, join=True)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for r in results:
         assert r["resumed"] == r["reference"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,17 +14,12 @@ from conftest import REPO
 from safetensors import safe_open
 from test_train import train
 
-from gpt1_ds.export import (
-    LM_HEAD,
-    TOKENS,
-    CheckpointError,
-    _gpt_weights,
-    consolidate,
-    load_model,
-    model_from_checkpoint,
-)
+from gpt1_ds.checkpoint import CheckpointError
+from gpt1_ds.env import free_port
 from gpt1_ds.hf import import_hf
-from gpt1_ds.model import GPT, GPTConfig
+from gpt1_ds.loading import _gpt_weights, consolidate, load_model, model_from_checkpoint
+from gpt1_ds.model import GPT, LM_HEAD, GPTConfig
+from gpt1_ds.model import TOKENS_EMBED as TOKENS
 
 transformers = pytest.importorskip("transformers")
 OpenAIGPTLMHeadModel = transformers.OpenAIGPTLMHeadModel
@@ -42,12 +36,6 @@ RUNS = {
     "zero3": ("zero3", ()),
     "zero0_fp32": ("zero0", ("ds.bf16.enabled=false",)),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +103,7 @@ def copy_checkpoints(run: Path, dest: Path) -> Path:
     return Path(shutil.copytree(run / "checkpoints", dest / "checkpoints"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["zero0", "zero1", "zero2", "zero3"])
 def test_hf_export_gives_the_logits_of_the_checkpoint(runs, tmp_path, name):
     run = runs(name)
@@ -137,8 +126,8 @@ def test_hf_export_gives_the_logits_of_the_checkpoint(runs, tmp_path, name):
         names = f.keys()
         assert {f.get_slice(k).get_dtype() for k in names} == {"F32"}
 
-    ours, client = model_from_checkpoint(run / "checkpoints")
-    assert client["step"] == STEPS and client["tag"] == TAG
+    ours, ckpt = model_from_checkpoint(run / "checkpoints")
+    assert ckpt.state.step == STEPS and ckpt.tag == TAG
     hf, info = OpenAIGPTLMHeadModel.from_pretrained(hf_dir, output_loading_info=True)
     hf.eval()
     assert not info["missing_keys"] and not info["unexpected_keys"], info
@@ -157,6 +146,7 @@ def test_hf_export_gives_the_logits_of_the_checkpoint(runs, tmp_path, name):
     assert tokenizer == hf_dir / "tokenizer.model"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["zero0", "zero1", "zero2"])
 def test_consolidated_weights_are_the_fp32_masters_of_the_bf16_module(runs, name):
     """Stages 0-2 keep the full bf16 module beside the fp32 masters: every module weight is its
@@ -180,6 +170,7 @@ def test_consolidated_weights_are_the_fp32_masters_of_the_bf16_module(runs, name
     assert inexact > 0.9 * total, (inexact, total)
 
 
+@pytest.mark.slow
 def test_every_zero_stage_consolidates_to_the_same_weights(runs):
     """All runs start from the same initialisation and data. Two updates at a warm-up learning
     rate move no weight by more than ~1e-4, while a tensor put in the wrong place or a
@@ -187,8 +178,8 @@ def test_every_zero_stage_consolidates_to_the_same_weights(runs):
     reference, _ = consolidate(runs("zero2") / "checkpoints")
     keys = sorted(set(reference) - {LM_HEAD})
     for name in ("zero0", "zero1", "zero3"):
-        weights, client = consolidate(runs(name) / "checkpoints")
-        assert client["step"] == STEPS
+        weights, ckpt = consolidate(runs(name) / "checkpoints")
+        assert ckpt.state.step == STEPS
         assert sorted(set(weights) - {LM_HEAD}) == keys, name
         inexact = 0
         for key in keys:
@@ -198,6 +189,7 @@ def test_every_zero_stage_consolidates_to_the_same_weights(runs):
         assert inexact > 0, name  # fp32 masters, not the bf16 weights
 
 
+@pytest.mark.slow
 def test_fp32_stage0_exports_the_module_weights_exactly(runs, tmp_path):
     run = runs("zero0_fp32")
     module = module_states(run)
@@ -218,6 +210,7 @@ def test_fp32_stage0_exports_the_module_weights_exactly(runs, tmp_path):
         torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_safetensors_format_reads_back_identical_weights(runs, tmp_path):
     run = runs("zero2")
     out = tmp_path / "st"
@@ -240,6 +233,7 @@ def test_safetensors_format_reads_back_identical_weights(runs, tmp_path):
     assert tokenizer == out / "tokenizer.model"
 
 
+@pytest.mark.slow
 def test_load_model_from_a_run_finds_its_tokenizer(runs):
     run = runs("zero2")
     reference, _ = model_from_checkpoint(run / "checkpoints")
@@ -256,17 +250,19 @@ def test_load_model_from_a_run_finds_its_tokenizer(runs):
         assert model.lm_head.weight is model.tokens_embed.weight
 
 
+@pytest.mark.slow
 def test_an_unfinished_newer_save_is_skipped(runs, tmp_path):
     ckpt = copy_checkpoints(runs("zero2"), tmp_path)
     newer = ckpt / f"step{STEPS + 1:08d}"
     shutil.copytree(ckpt / TAG, newer)
     (newer / "COMPLETE").unlink()  # as a save killed half-way leaves it
-    _, client = consolidate(ckpt)
-    assert client["tag"] == TAG
+    _, found = consolidate(ckpt)
+    assert found.tag == TAG
     with pytest.raises(CheckpointError, match="incomplete"):
         consolidate(ckpt, newer.name)
 
 
+@pytest.mark.slow
 def test_incomplete_checkpoint_is_refused(runs, tmp_path):
     ckpt = copy_checkpoints(runs("zero2"), tmp_path)
     (ckpt / TAG / "COMPLETE").unlink()
@@ -289,6 +285,7 @@ def test_directory_without_checkpoints_is_refused(tmp_path):
         consolidate(tmp_path / "missing")
 
 
+@pytest.mark.slow
 def test_missing_tag_is_an_error_naming_it(runs, tmp_path):
     out = export_cli(
         runs("zero2") / "checkpoints", "--tag", "step00000099", "--out", tmp_path / "hf", ok=False
@@ -302,6 +299,7 @@ def truncate(file: Path) -> None:
     file.write_bytes(data[: len(data) // 2])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "file"),
     [
@@ -321,6 +319,7 @@ def test_truncated_file_is_an_error_naming_it(runs, tmp_path, name, file):
         consolidate(ckpt)
 
 
+@pytest.mark.slow
 def test_cli_names_a_truncated_optimizer_file(runs, tmp_path):
     ckpt = copy_checkpoints(runs("zero2"), tmp_path)
     file = "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"
@@ -330,6 +329,7 @@ def test_cli_names_a_truncated_optimizer_file(runs, tmp_path):
     assert not (tmp_path / "hf" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_checkpoint_whose_head_differs_from_the_table_is_refused(runs, tmp_path):
     ckpt = copy_checkpoints(runs("zero0_fp32"), tmp_path)
     path = ckpt / TAG / MODEL_STATES

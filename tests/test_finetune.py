@@ -11,11 +11,13 @@ import pytest
 import torch
 from conftest import REPO
 
-from data_prep.tokenizer import MODEL_NAME, Tokenizer
-from gpt1_ds.export import load_model
-from gpt1_ds.finetune import TaskModel, epoch_batches
+from gpt1_ds.env import free_port
+from gpt1_ds.finetune import epoch_batches
+from gpt1_ds.heads import TaskModel
+from gpt1_ds.loading import load_model
 from gpt1_ds.model import GPT, GPTConfig
 from gpt1_ds.tasks import TaskData, collate, encode
+from gpt1_ds.tokenizer import MODEL_NAME, load_tokenizer
 
 BIN = Path(sys.executable).parent
 GLUE = REPO / "data" / "glue"
@@ -29,7 +31,7 @@ def tiny_model(data: TaskData, lm_coef: float = 0.5, seed: int = 0) -> TaskModel
 
 @pytest.fixture(scope="module")
 def rte(prepared):
-    tok = Tokenizer(prepared / MODEL_NAME)
+    tok = load_tokenizer(prepared / MODEL_NAME)
     data = TaskData("rte")
     examples = data.read(GLUE / "rte" / "dev.tsv", train=True)
     enc = encode(examples, data, tok, TINY["n_positions"])
@@ -52,7 +54,7 @@ def test_head_reads_the_extract_state_also_with_padding(rte):
 
 
 def test_similarity_adds_both_orders_and_multiple_choice_scores_each_choice(prepared, tmp_path):
-    tok = Tokenizer(prepared / MODEL_NAME)
+    tok = load_tokenizer(prepared / MODEL_NAME)
     sim = TaskData("similarity")
     row = {"sentence1": "the ship sailed at dawn", "sentence2": "it was late", "label": 4.0}
     (tmp_path / "s.jsonl").write_text(json.dumps(row) + "\n")
@@ -123,7 +125,8 @@ def finetune(tmp: Path, *args: str, port: int, check: bool = True) -> subprocess
     return out
 
 
-def test_sst2_two_ranks_beats_the_majority_class(prepared, tmp_path, free_port):
+@pytest.mark.slow
+def test_sst2_two_ranks_beats_the_majority_class(prepared, tmp_path):
     """A tiny model from random init, 2 epochs of SST-2 on 2 ranks (a higher lr than GPT-1's
     6.25e-5, which is meant for a pretrained model)."""
     run = tmp_path / "sst2"
@@ -139,7 +142,7 @@ def test_sst2_two_ranks_beats_the_majority_class(prepared, tmp_path, free_port):
         "epochs=2",
         "log_interval=50",
         "ds.optimizer.params.lr=5e-4",
-        port=free_port,
+        port=free_port(),
     )
     results = json.loads((run / "results.json").read_text())
     assert results["majority_dev"] == pytest.approx(444 / 872)
@@ -157,13 +160,14 @@ def test_sst2_two_ranks_beats_the_majority_class(prepared, tmp_path, free_port):
     assert ds["scheduler"]["params"]["warmup_max_lr"] == 5e-4
 
 
-def test_rte_from_a_pretraining_checkpoint(prepared, tmp_path, free_port):
+@pytest.mark.slow
+def test_rte_from_a_pretraining_checkpoint(prepared, tmp_path):
     """Pretrain 4 steps (train.py), then fine-tune RTE from that checkpoint; the run reports accuracy."""
     sys.path.insert(0, str(REPO / "tests"))
     from test_train import train
 
     pre = tmp_path / "pre"
-    train(prepared, pre, "max_steps=4", port=free_port)
+    train(prepared, pre, "max_steps=4", port=free_port())
     assert (pre / MODEL_NAME).is_file()  # the run keeps its tokenizer: --init needs nothing else
     run = tmp_path / "rte"
     out = finetune(
@@ -174,7 +178,7 @@ def test_rte_from_a_pretraining_checkpoint(prepared, tmp_path, free_port):
         f"--init={pre / 'checkpoints'}",
         "epochs=1",
         "max_train_examples=320",
-        port=free_port + 1,
+        port=free_port(),
     )
     results = json.loads((run / "results.json").read_text())
     (h,) = results["history"]
@@ -195,7 +199,7 @@ def test_rte_from_a_pretraining_checkpoint(prepared, tmp_path, free_port):
         "epochs=2",
         "max_train_examples=320",
         "micro_batch_size=4",
-        port=free_port + 2,
+        port=free_port(),
         check=False,
     )
     assert again.returncode != 0
@@ -203,7 +207,8 @@ def test_rte_from_a_pretraining_checkpoint(prepared, tmp_path, free_port):
     assert "the epochs would not line up" in again.stderr
 
 
-def test_bad_label_in_dev_fails_before_training(prepared, tmp_path, free_port):
+@pytest.mark.slow
+def test_bad_label_in_dev_fails_before_training(prepared, tmp_path):
     dev = tmp_path / "dev"
     dev.write_text("1 a fine film .\n3 what a label .\n")
     out = finetune(
@@ -215,7 +220,7 @@ def test_bad_label_in_dev_fails_before_training(prepared, tmp_path, free_port):
         f"--tokenizer={prepared / MODEL_NAME}",
         "model=tiny",
         "model_overrides.vocab_size=2000",
-        port=free_port,
+        port=free_port(),
         check=False,
     )
     assert out.returncode != 0
@@ -223,8 +228,9 @@ def test_bad_label_in_dev_fails_before_training(prepared, tmp_path, free_port):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["python", "mpirun"])
-def test_other_launchers(launcher, prepared, tmp_path, free_port):
+def test_other_launchers(launcher, prepared, tmp_path):
     """One process, and two MPI ranks found through mpi4py: the same script, the same result files."""
     run = tmp_path / launcher
     args = [
@@ -251,7 +257,7 @@ def test_other_launchers(launcher, prepared, tmp_path, free_port):
             "-np",
             "2",
             "-x",
-            f"MASTER_PORT={free_port}",
+            f"MASTER_PORT={free_port()}",
             *cmd,
         ]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)

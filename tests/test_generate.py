@@ -204,6 +204,7 @@ def hf_dir(prepared, tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_cli_generates_from_an_hf_directory(hf_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("The moon\n\n")
@@ -220,6 +221,7 @@ def test_cli_generates_from_an_hf_directory(hf_dir, tmp_path):
     assert no_cache.stdout == out.stdout
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_missing_tokenizer_and_a_too_long_prompt(hf_dir, tmp_path):
     bare = tmp_path / "a" / "b" / "bare"  # no tokenizer in the folders above either
     shutil.copytree(hf_dir, bare, ignore=shutil.ignore_patterns("tokenizer.*"))

@@ -12,6 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from gpt1_ds.env import free_port
 from gpt1_ds.model import GPT, IGNORE_INDEX, GPTConfig, _causal_attention_math, param_groups
 
 
@@ -215,12 +216,13 @@ DS_CHECKPOINT_SCRIPT = textwrap.dedent(
 )
 
 
-def test_deepspeed_activation_checkpointing_matches(tmp_path, free_port):
+@pytest.mark.slow
+def test_deepspeed_activation_checkpointing_matches(tmp_path):
     """With DeepSpeed's activation checkpointing configured, blocks go through it."""
     script = tmp_path / "ds_ckpt.py"
     script.write_text(DS_CHECKPOINT_SCRIPT)
     out = subprocess.run(
-        [sys.executable, str(script), str(free_port)],
+        [sys.executable, str(script), str(free_port())],
         capture_output=True,
         text=True,
         timeout=300,
@@ -251,6 +253,7 @@ def test_param_groups_decay_exactly_the_matrices_once():
     torch.optim.AdamW(groups, lr=1e-3)
 
 
+@pytest.mark.slow
 def test_demo_entry_point_prints_both_presets():
     out = subprocess.run(
         [sys.executable, "-m", "gpt1_ds.model", "--seq-len", "16"],

@@ -14,6 +14,8 @@ from test_train import scalars, train
 
 from gpt1_ds.plot import PANELS, plot
 
+pytestmark = pytest.mark.slow  # the module's fixture trains a run
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

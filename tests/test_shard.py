@@ -17,8 +17,8 @@ from conftest import REPO, SAMPLE_BOOKS, run_prepare
 
 from data_prep.manifest import decode_block, read_manifest
 from data_prep.shard import pack
-from data_prep.tokenizer import MODEL_NAME, Tokenizer
 from data_prep.verify import verify
+from gpt1_ds.tokenizer import MODEL_NAME, load_tokenizer
 
 
 def dataset_files(root: Path) -> dict[str, bytes]:
@@ -49,7 +49,7 @@ def test_pack_makes_every_token_but_the_first_a_target_once():
 
 def test_manifest_totals_add_up_and_dataset_verifies(prepared):
     assert verify(prepared) == []
-    tok = Tokenizer(prepared / MODEL_NAME)
+    tok = load_tokenizer(prepared / MODEL_NAME)
     splits = json.loads((prepared / "clean" / "splits.json").read_text())["splits"]
     for split in ("train", "val", "test"):
         m = read_manifest(prepared / split)
@@ -70,7 +70,7 @@ def test_manifest_totals_add_up_and_dataset_verifies(prepared):
 
 
 def test_decoding_a_books_tokens_gives_back_its_cleaned_text(prepared):
-    tok = Tokenizer(prepared / MODEL_NAME)
+    tok = load_tokenizer(prepared / MODEL_NAME)
     for split in ("train", "val", "test"):
         m = read_manifest(prepared / split)
         stream = np.concatenate(
@@ -85,6 +85,7 @@ def test_decoding_a_books_tokens_gives_back_its_cleaned_text(prepared):
             assert tok.decode(tokens[:-1]) == text
 
 
+@pytest.mark.slow
 def test_two_runs_and_two_mpi_ranks_give_identical_bytes(prepared, tmp_path):
     run_prepare(tmp_path / "again")
     run_prepare(tmp_path / "mpi", mpi_ranks=2)
@@ -99,6 +100,7 @@ def test_two_runs_and_two_mpi_ranks_give_identical_bytes(prepared, tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_rerun_skips_whole_shards_and_redoes_damaged_ones(prepared, tmp_path):
     out = tmp_path / "ds"
     run_prepare(out)
@@ -115,6 +117,7 @@ def test_rerun_skips_whole_shards_and_redoes_damaged_ones(prepared, tmp_path):
     assert f"({len(shards)} written, 0 kept)" in result.stderr
 
 
+@pytest.mark.slow
 def test_sigkill_after_the_first_shard_then_rerun_completes_identically(prepared, tmp_path):
     out = tmp_path / "killed"
     run_prepare(out, extra=["--splits", "val"])  # clean + tokenizer + a first split, as a run would
@@ -158,6 +161,7 @@ def test_sigkill_after_the_first_shard_then_rerun_completes_identically(prepared
     assert not list((out / "train").glob(".shard-*"))  # no temporary file left behind
 
 
+@pytest.mark.slow
 def test_verify_detects_a_tokenizer_mismatch_and_a_corrupt_shard(prepared, tmp_path):
     import shutil
 
@@ -187,6 +191,7 @@ def test_verify_detects_a_tokenizer_mismatch_and_a_corrupt_shard(prepared, tmp_p
     assert "vocab_size 2000, tokenizer has 1500" in cli.stderr
 
 
+@pytest.mark.slow
 def test_each_step_has_help():
     for step in ("clean", "tokenizer", "shard", "verify", "prepare"):
         out = subprocess.run(
@@ -195,6 +200,7 @@ def test_each_step_has_help():
         assert out.returncode == 0 and "usage:" in out.stdout, step
 
 
+@pytest.mark.slow
 def test_a_size_one_world_under_a_multi_task_launch_is_refused(tmp_path):
     env = {**os.environ, "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2"}
     out = subprocess.run(
@@ -207,6 +213,7 @@ def test_a_size_one_world_under_a_multi_task_launch_is_refused(tmp_path):
     assert out.returncode != 0 and "MPI world of size 1" in out.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ranks", [2])
 def test_mpi_clean_splits_files_between_ranks(tmp_path, ranks):
     run_prepare(tmp_path / "ds", books=SAMPLE_BOOKS, mpi_ranks=ranks, extra=["--no-verify"])

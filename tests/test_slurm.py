@@ -15,6 +15,8 @@ from test_train import SMALL, scalars
 
 from data_prep.verify import verify
 
+pytestmark = pytest.mark.slow  # every test submits SLURM jobs
+
 CLUSTER = REPO / "slurm" / "local_cluster.sh"
 
 

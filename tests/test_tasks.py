@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from data_prep.tokenizer import MODEL_NAME, Tokenizer
 from gpt1_ds.model import IGNORE_INDEX
 from gpt1_ds.tasks import (
     DataError,
@@ -22,13 +21,14 @@ from gpt1_ds.tasks import (
     pearson,
     spearman,
 )
+from gpt1_ds.tokenizer import MODEL_NAME, Tokenizer, load_tokenizer
 
 GLUE = REPO / "data" / "glue"
 
 
 @pytest.fixture(scope="module")
 def tok(prepared) -> Tokenizer:
-    return Tokenizer(prepared / MODEL_NAME)
+    return load_tokenizer(prepared / MODEL_NAME)
 
 
 def write(path: Path, text: str) -> Path:

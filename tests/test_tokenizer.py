@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 
-from data_prep.tokenizer import INFO_NAME, MODEL_NAME, Tokenizer, ensure_tokenizer, train, train_docs
+from data_prep.tokenizer import ensure_tokenizer, train, train_docs
+from gpt1_ds.tokenizer import INFO_NAME, MODEL_NAME, load_tokenizer
 
 
 def test_special_ids_and_info(prepared):
-    tok = Tokenizer(prepared / MODEL_NAME)
+    tok = load_tokenizer(prepared / MODEL_NAME)
     info = json.loads((prepared / INFO_NAME).read_text())
     assert info["sha256"] == tok.sha256 and info["vocab_size"] == tok.vocab_size == 2000
     assert info["special_ids"] == tok.special_ids()
@@ -17,7 +18,7 @@ def test_special_ids_and_info(prepared):
 
 
 def test_round_trip_is_exact_on_a_whole_book(prepared):
-    tok = Tokenizer(prepared / MODEL_NAME)
+    tok = load_tokenizer(prepared / MODEL_NAME)
     docs, _ = train_docs(prepared)
     text = docs[0].read_text(encoding="utf-8")
     ids = tok.encode(text)
@@ -27,7 +28,7 @@ def test_round_trip_is_exact_on_a_whole_book(prepared):
 
 
 def test_byte_fallback_never_gives_unknown(prepared):
-    tok = Tokenizer(prepared / MODEL_NAME)
+    tok = load_tokenizer(prepared / MODEL_NAME)
     text = "Snow \u2603, kanji \u6f22\u5b57, emoji \U0001f600, tabs\tand  double  spaces\n\nend"
     ids = tok.encode(text)
     assert tok.special_ids()["unk"] not in ids
@@ -35,7 +36,7 @@ def test_byte_fallback_never_gives_unknown(prepared):
 
 
 def test_control_tokens_are_never_produced_from_text(prepared):
-    tok = Tokenizer(prepared / MODEL_NAME)
+    tok = load_tokenizer(prepared / MODEL_NAME)
     ids = tok.encode("<start> <delim> <extract> <eod> <pad>")
     assert not {tok.start_id, tok.delim_id, tok.extract_id, tok.eod_id, tok.pad_id} & set(ids)
 
@@ -55,4 +56,4 @@ def test_training_is_deterministic_and_reused_when_up_to_date(prepared, tmp_path
         max_sentences=settings["max_sentences"],
         sample_bytes=settings["sample_bytes"],
     )
-    assert kept.sha256 == Tokenizer(prepared / MODEL_NAME).sha256
+    assert kept.sha256 == load_tokenizer(prepared / MODEL_NAME).sha256

@@ -17,7 +17,10 @@ import pytest
 from conftest import REPO
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from gpt1_ds.train import PREEMPTED_EXIT
+from gpt1_ds.env import free_port
+from gpt1_ds.runner import PREEMPTED_EXIT
+
+pytestmark = pytest.mark.slow  # every test starts training processes
 
 BIN = Path(sys.executable).parent
 # A small model on the test dataset (vocab 2000, sequences of 64), a small global batch.
@@ -92,13 +95,13 @@ def train(
     run_dir: Path,
     *overrides: str,
     launcher: str = "torchrun",
-    port: int = 29700,
+    port: int | None = None,
     ds_config: str = "ds_configs/zero2.json",
     check: bool = True,
     **popen,
 ) -> subprocess.CompletedProcess:
     cmd = [
-        *command(launcher, port, ds_config),
+        *command(launcher, free_port() if port is None else port, ds_config),
         "--data",
         str(data),
         "--run-dir",
@@ -126,7 +129,7 @@ SCHEDULE_SCRIPT = textwrap.dedent(
     import deepspeed
     from gpt1_ds.config import RunConfig, load_ds_config, resolve_ds_config
     from gpt1_ds.model import GPT, GPTConfig
-    from gpt1_ds.train import build_engine
+    from gpt1_ds.runner import build_engine
     deepspeed.init_distributed(dist_backend="gloo")
     run = RunConfig(model="tiny", micro_batch_size=8, max_steps=4000)
     ds = resolve_ds_config(load_ds_config("ds_configs/zero2.json"), run, 8, lambda a: 10**6, "zero2.json",
@@ -146,11 +149,11 @@ SCHEDULE_SCRIPT = textwrap.dedent(
 )
 
 
-def test_schedule_read_back_from_the_engine(tmp_path, free_port):
+def test_schedule_read_back_from_the_engine(tmp_path):
     script = tmp_path / "schedule.py"
     script.write_text(SCHEDULE_SCRIPT)
     out = subprocess.run(
-        [sys.executable, str(script), str(free_port)], cwd=REPO, capture_output=True, text=True, timeout=300
+        [sys.executable, str(script), str(free_port())], cwd=REPO, capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0, out.stderr[-3000:]
     line = next(x for x in out.stdout.splitlines() if x.startswith("LRS"))
@@ -164,7 +167,7 @@ def test_schedule_read_back_from_the_engine(tmp_path, free_port):
     assert sorted(decay) == [0.0, 0.01]  # parameter groups: biases and gains not decayed
 
 
-def test_one_rank_and_two_ranks_and_zero_stages_give_the_same_losses(prepared, tmp_path, free_port):
+def test_one_rank_and_two_ranks_and_zero_stages_give_the_same_losses(prepared, tmp_path):
     common = ["max_steps=4", "data_slots=2", *FP32_NO_DROPOUT]
     train(prepared, tmp_path / "one", *common, launcher="python")
     reference = scalars(tmp_path / "one", "train/loss")
@@ -176,7 +179,7 @@ def test_one_rank_and_two_ranks_and_zero_stages_give_the_same_losses(prepared, t
             run,
             *common,
             launcher="torchrun",
-            port=free_port + stage,
+            port=free_port(),
             ds_config=f"ds_configs/zero{stage}.json",
         )
         losses = scalars(run, "train/loss")
@@ -184,7 +187,7 @@ def test_one_rank_and_two_ranks_and_zero_stages_give_the_same_losses(prepared, t
             assert losses[step] == pytest.approx(value, abs=1e-5), (stage, step)
 
 
-def test_tensorboard_holds_the_listed_tags(prepared, tmp_path, free_port):
+def test_tensorboard_holds_the_listed_tags(prepared, tmp_path):
     run = tmp_path / "run"
     train(
         prepared,
@@ -193,7 +196,7 @@ def test_tensorboard_holds_the_listed_tags(prepared, tmp_path, free_port):
         "eval_interval=2",
         "sample_interval=2",
         "sample_tokens=5",
-        port=free_port,
+        port=free_port(),
     )
     acc = EventAccumulator(str(run / "tensorboard"))
     acc.Reload()
@@ -228,14 +231,30 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
         time.sleep(0.05)
 
 
-def test_kill_9_then_resume_auto_matches_the_uninterrupted_run(prepared, tmp_path, free_port):
+def wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int = 1, timeout: float = 300) -> None:
+    """Waits until the run's event files hold train/loss for a step >= ``step``: training has
+    started and made progress (rank 0 flushes its event file every step)."""
+    deadline = time.monotonic() + timeout
+    events = run_dir / "tensorboard"
+    while True:
+        try:
+            if events.is_dir() and max(scalars(run_dir, "train/loss"), default=0) >= step:
+                return
+        except KeyError:  # no event file yet, or no train/loss in it
+            pass
+        assert proc.poll() is None, proc.stderr.read()[-3000:] if proc.stderr else "ended early"
+        assert time.monotonic() < deadline, f"train/loss never reached step {step}"
+        time.sleep(0.1)
+
+
+def test_kill_9_then_resume_auto_matches_the_uninterrupted_run(prepared, tmp_path):
     steps = ["max_steps=12", "checkpoint_interval=4", "ds.bf16.enabled=false"]
-    train(prepared, tmp_path / "straight", *steps, port=free_port)
+    train(prepared, tmp_path / "straight", *steps, port=free_port())
     reference = scalars(tmp_path / "straight", "train/loss")
 
     run = tmp_path / "killed"
     cmd = [
-        *command("torchrun", free_port + 1),
+        *command("torchrun", free_port()),
         "--data",
         str(prepared),
         "--run-dir",
@@ -250,7 +269,7 @@ def test_kill_9_then_resume_auto_matches_the_uninterrupted_run(prepared, tmp_pat
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (run / "checkpoints" / "step00000012").exists(), "killed too late"
-    out = train(prepared, run, *steps, "resume=auto", port=free_port + 2)
+    out = train(prepared, run, *steps, "resume=auto", port=free_port())
     assert "resumed from" in out.stderr
     losses = scalars(run, "train/loss")
     assert sorted(losses) == list(range(1, 13))  # every step once, none twice
@@ -258,13 +277,12 @@ def test_kill_9_then_resume_auto_matches_the_uninterrupted_run(prepared, tmp_pat
         assert losses[step] == pytest.approx(reference[step], abs=1e-5), step
 
 
-def test_sigusr1_saves_and_exits_preempted_then_resumes(prepared, tmp_path, free_port):
+def test_sigusr1_saves_and_exits_preempted_then_resumes(prepared, tmp_path):
     run = tmp_path / "run"
     steps = ["max_steps=400", "checkpoint_interval=1000"]
-    cmd = [*command("python", free_port), "--data", str(prepared), "--run-dir", str(run), *SMALL, *steps]
+    cmd = [*command("python", free_port()), "--data", str(prepared), "--run-dir", str(run), *SMALL, *steps]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_for(run / "tensorboard", proc)
-    time.sleep(3)
+    wait_for_step(run, proc)
     proc.send_signal(signal.SIGUSR1)
     assert proc.wait(timeout=120) == PREEMPTED_EXIT
     tags = sorted(p.name for p in (run / "checkpoints").iterdir() if (p / "COMPLETE").exists())
@@ -277,23 +295,24 @@ def test_sigusr1_saves_and_exits_preempted_then_resumes(prepared, tmp_path, free
         "max_steps=" + str(saved + 3),
         "checkpoint_interval=1000",
         launcher="python",
-        port=free_port + 1,
+        port=free_port(),
     )
     assert f"at step {saved}" in out.stderr
     assert max(scalars(run, "train/loss")) == saved + 3
 
 
 @pytest.mark.parametrize("launcher", ["deepspeed", "mpirun"])
-def test_launchers_run_two_ranks(prepared, tmp_path, free_port, launcher):
-    out = train(prepared, tmp_path / launcher, "max_steps=2", launcher=launcher, port=free_port)
+def test_launchers_run_two_ranks(prepared, tmp_path, launcher):
+    out = train(prepared, tmp_path / launcher, "max_steps=2", launcher=launcher, port=free_port())
     assert "2 ranks" in out.stderr + out.stdout
     assert len(scalars(tmp_path / launcher, "train/loss")) == 2
 
 
-def test_two_nodes_over_loopback_match_one_node(prepared, tmp_path, free_port):
+def test_two_nodes_over_loopback_match_one_node(prepared, tmp_path):
     common = ["max_steps=3", "data_slots=2", *FP32_NO_DROPOUT]
-    train(prepared, tmp_path / "one_node", *common, port=free_port)
+    train(prepared, tmp_path / "one_node", *common, port=free_port())
     reference = scalars(tmp_path / "one_node", "train/loss")
+    port = free_port()  # one rendezvous for the two nodes of this launch
     procs = []
     for node in (0, 1):
         cmd = [
@@ -307,7 +326,7 @@ def test_two_nodes_over_loopback_match_one_node(prepared, tmp_path, free_port):
             "--master_addr",
             "127.0.0.1",
             "--master_port",
-            str(free_port + 1),
+            str(port),
             "gpt1_ds/train.py",
             "--deepspeed_config",
             "ds_configs/zero2.json",
@@ -329,14 +348,14 @@ def test_two_nodes_over_loopback_match_one_node(prepared, tmp_path, free_port):
         assert losses[step] == pytest.approx(value, abs=1e-5)
 
 
-def test_contradictions_fail_before_any_compute(prepared, tmp_path, free_port):
+def test_contradictions_fail_before_any_compute(prepared, tmp_path):
     out = train(
         prepared,
         tmp_path / "a",
         "max_steps=2",
         "ds.train_batch_size=6",
         launcher="python",
-        port=free_port,
+        port=free_port(),
         check=False,
     )
     assert out.returncode != 0 and "train_batch_size 6 is not a multiple of micro_batch_size 4" in out.stderr
@@ -346,7 +365,7 @@ def test_contradictions_fail_before_any_compute(prepared, tmp_path, free_port):
         "max_steps=2",
         "ds.train_micro_batch_size_per_gpu=2",
         launcher="python",
-        port=free_port,
+        port=free_port(),
         check=False,
     )
     assert "train_micro_batch_size_per_gpu" in out.stderr and "is 2, but the run needs 4" in out.stderr
@@ -356,7 +375,7 @@ def test_contradictions_fail_before_any_compute(prepared, tmp_path, free_port):
         "max_steps=2",
         "model_overrides.vocab_size=1000",
         launcher="python",
-        port=free_port,
+        port=free_port(),
         check=False,
     )
     assert "vocab_size 2000 exceeds the model's 1000" in out.stderr
@@ -366,18 +385,18 @@ def test_contradictions_fail_before_any_compute(prepared, tmp_path, free_port):
         "max_steps=2",
         "model_overrides.n_positions=128",
         launcher="python",
-        port=free_port,
+        port=free_port(),
         check=False,
     )
     assert "seq_len 64 is shorter than the model's 128" in out.stderr
     out = train(
-        prepared, tmp_path / "e", "max_steps=2", "epochs=0", launcher="python", port=free_port, check=False
+        prepared, tmp_path / "e", "max_steps=2", "epochs=0", launcher="python", port=free_port(), check=False
     )
     assert "epochs must be a positive integer" in out.stderr
     assert not (tmp_path / "a" / "checkpoints").exists()
 
 
-def test_loss_falls_on_real_books(prepared, tmp_path, free_port):
+def test_loss_falls_on_real_books(prepared, tmp_path):
     run = tmp_path / "run"
     train(
         prepared,
@@ -387,7 +406,7 @@ def test_loss_falls_on_real_books(prepared, tmp_path, free_port):
         "eval_interval=150",
         "ds.optimizer.params.lr=0.003",
         "ds.scheduler.params.warmup_num_steps=15",
-        port=free_port,
+        port=free_port(),
     )
     val = scalars(run, "val/loss")
     train_loss = scalars(run, "train/loss")
@@ -396,30 +415,30 @@ def test_loss_falls_on_real_books(prepared, tmp_path, free_port):
 
 
 @pytest.mark.parametrize("name", ["zero0", "zero1", "zero3", "zero2_offload"])
-def test_every_shipped_ds_config_trains_as_it_stands(prepared, tmp_path, free_port, name):
+def test_every_shipped_ds_config_trains_as_it_stands(prepared, tmp_path, name):
     """bf16 as the files say (zero2 runs in the other tests; the offload builds DeepSpeed's CPU Adam)."""
     run = tmp_path / name
     train(
-        prepared, run, "max_steps=2", launcher="python", port=free_port, ds_config=f"ds_configs/{name}.json"
+        prepared, run, "max_steps=2", launcher="python", port=free_port(), ds_config=f"ds_configs/{name}.json"
     )
     assert sorted(scalars(run, "train/loss")) == [1, 2]
     assert json.loads((run / "ds_config.json").read_text())["bf16"]["enabled"] is True
 
 
-def test_fp16_config_is_refused_on_a_cpu_with_a_clear_error(prepared, tmp_path, free_port):
+def test_fp16_config_is_refused_on_a_cpu_with_a_clear_error(prepared, tmp_path):
     out = train(
         prepared,
         tmp_path / "fp16",
         "max_steps=1",
         launcher="python",
-        port=free_port,
+        port=free_port(),
         ds_config="ds_configs/zero2_fp16.json",
         check=False,
     )
     assert out.returncode != 0 and "fp16.enabled is true, but DeepSpeed has no fp16 on the CPU" in out.stderr
 
 
-def test_a_non_finite_loss_stops_the_run_naming_the_step(prepared, tmp_path, free_port):
+def test_a_non_finite_loss_stops_the_run_naming_the_step(prepared, tmp_path):
     out = train(
         prepared,
         tmp_path / "nan",
@@ -428,17 +447,17 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(prepared, tmp_path, fre
         "ds.scheduler.params.warmup_num_steps=2",
         "ds.gradient_clipping=0",
         launcher="python",
-        port=free_port,
+        port=free_port(),
         check=False,
     )
     assert out.returncode == 1, out.stderr[-2000:]
     assert re.search(r"step \d+: loss is (nan|inf); stopping", out.stderr)
 
 
-def test_continued_pretraining_from_an_hf_export(prepared, tmp_path, free_port):
+def test_continued_pretraining_from_an_hf_export(prepared, tmp_path):
     first = tmp_path / "first"
     fast = ["ds.optimizer.params.lr=3e-3", "ds.scheduler.params.warmup_num_steps=1"]
-    train(prepared, first, "max_steps=8", "eval_interval=8", *fast, port=free_port)
+    train(prepared, first, "max_steps=8", "eval_interval=8", *fast, port=free_port())
     hf = tmp_path / "hf"
     export = subprocess.run(
         [sys.executable, "-m", "gpt1_ds.export", str(first / "checkpoints"), "--out", str(hf)],
@@ -448,7 +467,7 @@ def test_continued_pretraining_from_an_hf_export(prepared, tmp_path, free_port):
     )
     assert export.returncode == 0, export.stderr[-3000:]
     second = tmp_path / "second"
-    out = train(prepared, second, "max_steps=2", f"init={hf}", port=free_port + 1)
+    out = train(prepared, second, "max_steps=2", f"init={hf}", port=free_port())
     assert f"initialised from {hf}" in out.stderr
     # The same weights and the same validation batches: the new run starts where the first ended.
     assert scalars(second, "val/loss")[0] == pytest.approx(scalars(first, "val/loss")[8], abs=2e-3)
@@ -459,7 +478,7 @@ def test_continued_pretraining_from_an_hf_export(prepared, tmp_path, free_port):
         "max_steps=2",
         f"init={hf}",
         "model_overrides.n_layer=3",
-        port=free_port + 2,
+        port=free_port(),
         check=False,
     )
     assert wrong.returncode != 0
