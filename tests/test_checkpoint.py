@@ -1,10 +1,25 @@
-"""gpt1_ds.checkpoint: which tag a resume takes, pruning, and DeepSpeed's silent failure."""
+"""gpt1_ds.checkpoint: which tag a resume takes, pruning, DeepSpeed's silent failure, and the
+client state's format (checkpoints written before it had a version still load, resume, export)."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
+import torch
+from conftest import REPO
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gpt1_ds import checkpoint
+from gpt1_ds.env import free_port
+from gpt1_ds.export import export
+from gpt1_ds.loading import load_model
+from gpt1_ds.tokenizer import MODEL_NAME
 
 
 def make_tags(root, complete: list[int], partial: list[int]):
@@ -43,3 +58,113 @@ class _EngineThatFindsNothing:
 def test_a_failed_deepspeed_load_is_an_error(tmp_path):
     with pytest.raises(RuntimeError, match="could not load checkpoint"):
         checkpoint.load(_EngineThatFindsNothing(), tmp_path, "step00000100")
+
+
+# ---- checkpoints written before the client state had a format version (tests/data/legacy) ----
+
+LEGACY = Path(__file__).parent / "data" / "legacy"
+LEGACY_TINY = [
+    "model=tiny",
+    "model_overrides.n_layer=1",
+    "model_overrides.n_embd=32",
+    "model_overrides.n_head=2",
+    "model_overrides.n_inner=128",
+    "model_overrides.n_positions=64",
+    "model_overrides.vocab_size=2000",
+    "micro_batch_size=4",
+    "num_workers=0",
+    "log_interval=1",
+    "eval_interval=1000",
+    "eval_batches=2",
+    "sample_interval=0",
+    "ds.train_batch_size=8",
+    "ds.scheduler.params.warmup_num_steps=5",
+]
+
+
+def legacy_copy(name: str, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(LEGACY / name, tmp_path / name))
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "step"),
+    [
+        ("pretrain_zero2", "pretrain", 3),
+        ("pretrain_zero0_bf16", "pretrain", 2),
+        ("finetune_sst2", "finetune", 2),
+    ],
+)
+def test_a_legacy_checkpoint_reads_as_format_0_and_exports(name, kind, step, tmp_path):
+    run = legacy_copy(name, tmp_path)
+    tag = checkpoint.tag_for(step)
+    states = torch.load(run / "checkpoints" / tag / "mp_rank_00_model_states.pt", weights_only=False)
+    assert "format_version" not in states and "kind" not in states  # as written before
+    state = checkpoint.ClientState.from_dict(states, tag)
+    assert (state.kind, state.step, state.seed) == (kind, step, 1234)
+    assert state.model_config["n_embd"] == 32
+    if kind == "finetune":
+        assert state.task == {"kind": "classification", "labels": ["0", "1"], "num_outputs": 2}
+        assert state.layout["micro_batch_size"] == 8 and state.config["task"] == "sst2"
+    else:
+        assert state.loader["epoch"] == 0 and state.tokens_seen == 8 * 64 * step
+    model, tokenizer = load_model(run / "checkpoints")
+    assert tokenizer == run / MODEL_NAME and model.lm_head.weight is model.tokens_embed.weight
+    out = export(run / "checkpoints", tmp_path / "hf")
+    again, _ = load_model(out)
+    x = torch.randint(0, 2000, (2, 16))
+    torch.testing.assert_close(again(x), model(x), rtol=0, atol=1e-6)
+    # the current format writes the same layout, with its version and kind
+    written = state.to_dict()
+    assert written["format_version"] == checkpoint.FORMAT_VERSION and written["kind"] == kind
+    assert checkpoint.ClientState.from_dict(written, "again") == state
+
+
+def test_a_client_state_of_a_newer_format_is_refused():
+    with pytest.raises(checkpoint.CheckpointError, match="client state format 99"):
+        checkpoint.ClientState.from_dict({"format_version": 99, "step": 1}, "ckpt/step00000001")
+
+
+def legacy_launch(module: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MASTER_PORT": str(free_port())}
+    cmd = [sys.executable, "-m", module, *args]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    return out
+
+
+@pytest.mark.slow
+def test_a_legacy_pretraining_checkpoint_resumes_to_the_uninterrupted_losses(prepared, tmp_path):
+    """Resumed with today's code, the 3-step legacy run continues as the 6-step run did."""
+    run = legacy_copy("pretrain_zero2", tmp_path)
+    out = legacy_launch(
+        "gpt1_ds.train",
+        *("--deepspeed_config", "ds_configs/zero2.json", "--data", str(prepared), "--run-dir", str(run)),
+        *LEGACY_TINY,
+        *("max_steps=6", "checkpoint_interval=3", "keep_checkpoints=2", "ds.bf16.enabled=false"),
+    )
+    assert "at step 3" in out.stderr
+    reference = json.loads((LEGACY / "pretrain_zero2_reference.json").read_text())["train/loss"]
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    losses = {e.step: e.value for e in acc.Scalars("train/loss")}
+    assert sorted(losses) == [4, 5, 6]
+    for step, value in reference.items():
+        assert losses[int(step)] == pytest.approx(value, abs=1e-5), step
+    states = torch.load(
+        run / "checkpoints" / "step00000006" / "mp_rank_00_model_states.pt", weights_only=False
+    )
+    assert states["format_version"] == checkpoint.FORMAT_VERSION and states["step"] == 6
+
+
+@pytest.mark.slow
+def test_a_legacy_finetuning_checkpoint_resumes(tmp_path):
+    run = legacy_copy("finetune_sst2", tmp_path)
+    out = legacy_launch(
+        "gpt1_ds.finetune",
+        *("--deepspeed_config", "ds_configs/finetune.json", "--task", "sst2", "--run-dir", str(run)),
+        *("--train", "data/glue/sst2/stsa.binary.train", "--dev", str(LEGACY / "finetune_sst2_dev.txt")),
+        *("--init", str(LEGACY / "pretrain_zero2" / "checkpoints")),
+        *("max_train_examples=64", "max_steps=4", "micro_batch_size=8", "ds.train_batch_size=8"),
+    )
+    assert f"resumed from {run}/checkpoints/step00000002 at step 2" in out.stderr
+    assert json.loads((run / "results.json").read_text())["history"][-1]["step"] == 4
