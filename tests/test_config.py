@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+from dataclasses import MISSING, asdict, fields
 
-from gpt1_ds.config import RunConfig, load_ds_config, parse_value, resolve_ds_config
+import pytest
+import yaml
+from conftest import REPO
+
+from gpt1_ds.config import FinetuneConfig, RunConfig, load_ds_config, parse_value, resolve_ds_config
 
 
 def test_yaml_and_overrides(tmp_path):
@@ -62,3 +66,46 @@ def test_auto_values_are_filled_and_contradictions_refused():
     with pytest.raises(ValueError, match="fp16 on the CPU"):
         resolve_ds_config(load_ds_config("ds_configs/zero2_fp16.json"), run, 2, lambda a: 10, "f.json", "cpu")
     assert resolve_ds_config(load_ds_config("ds_configs/zero2_fp16.json"), run, 2, lambda a: 10, "f", "cuda")
+
+
+DS_CONFIGS = REPO / "ds_configs"
+PRETRAINING = sorted(p.name for p in DS_CONFIGS.glob("zero*.json"))
+SHARED = ("train_batch_size", "gradient_clipping", "optimizer", "scheduler", "steps_per_print")
+
+
+@pytest.mark.parametrize("name", PRETRAINING)
+def test_pretraining_ds_configs_agree_on_their_shared_blocks(name):
+    """Each file is complete (users hand it to DeepSpeed as it is), so the recipe is written in
+    each: it must be the same recipe. Only ZeRO, offload and precision may differ."""
+    ours, reference = load_ds_config(DS_CONFIGS / name), load_ds_config(DS_CONFIGS / "zero2.json")
+    for key in SHARED:
+        assert ours.get(key) == reference[key], f"{name}: {key} differs from zero2.json's"
+    if name == "zero2_fp16.json":  # the one fp16 file: loss scaling instead of bf16
+        assert ours["fp16"]["enabled"] and "bf16" not in ours
+        return
+    assert ours["bf16"] == reference["bf16"], name
+    # stage 0 with bf16 takes no fp32 accumulation (DeepSpeed refuses the mix: config.py)
+    assert ours.get("data_types") == (None if name == "zero0.json" else reference["data_types"]), name
+    assert "activation_checkpointing" in ours, name
+
+
+def test_finetuning_ds_config_shares_precision_and_zero_with_pretraining():
+    ours, reference = load_ds_config(DS_CONFIGS / "finetune.json"), load_ds_config(DS_CONFIGS / "zero2.json")
+    for key in ("bf16", "data_types", "zero_optimization", "gradient_clipping", "steps_per_print"):
+        assert ours[key] == reference[key], key
+    assert ours["optimizer"]["params"] == {**reference["optimizer"]["params"], "lr": 6.25e-5}  # GPT-1 §4.1
+    assert (ours["train_batch_size"], ours["scheduler"]["type"]) == (32, "WarmupDecayLR")
+
+
+def test_profiles_hold_only_known_settings_and_differ_from_the_defaults():
+    """configs/*.yaml load, and every value they set differs from the dataclass default (one
+    home for each setting: a profile holds only what it changes)."""
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        cls = FinetuneConfig if "finetune" in path.name else RunConfig
+        raw = yaml.safe_load(path.read_text())
+        loaded = asdict(cls.from_yaml(path))
+        default = {
+            f.name: f.default if f.default_factory is MISSING else f.default_factory() for f in fields(cls)
+        }
+        for key in raw:
+            assert loaded[key] != default[key], f"{path.name}: {key} restates the default"
