@@ -1,13 +1,14 @@
 """What pretraining buys: SST-2 and RTE dev accuracy of the tiny model from a random init
 against the same model pretrained on the embedded books, with the same fine-tuning budget.
 
-GPT-1's thesis in miniature. Pretraining: ``data_prep.prepare`` on ``data/sample``
-(8,192-piece tokenizer, sequences of 128) and ``gpt1_ds/train.py`` with the tiny preset
-on 2 ranks for ``--pretrain-steps``; or ``--pretrained`` names an existing run's
-checkpoints (or an HF directory) whose tokenizer comes with it. Fine-tuning:
-``gpt1_ds/finetune.py`` on 2 ranks, ``ds_configs/finetune.json``, the same epochs,
-learning rate and seed for both inits (the random init has the pretrained model's
-shape and tokenizer). Prints a markdown table; ``--json PATH`` writes it as JSON.
+GPT-1's thesis in miniature. Pretraining: the demo profile (``configs/tiny-cpu.yaml``):
+``data_prep.prepare`` on ``data/sample`` with its ``prep`` flags (8,192-piece tokenizer,
+sequences of 128) and ``gpt1_ds/train.py`` with the tiny preset and its learning rate on
+2 ranks for ``--pretrain-steps``; or ``--pretrained`` names an existing run's checkpoints
+(or an HF directory) whose tokenizer comes with it. Fine-tuning: ``gpt1_ds/finetune.py``
+on 2 ranks, ``ds_configs/finetune.json``, the same epochs, learning rate and seed for both
+inits (the random init has the pretrained model's shape and tokenizer). Prints a markdown
+table; ``--json PATH`` writes it as JSON.
 
     python benchmarks/bench_finetune.py                        # pretrain 1,500 steps, then 4 fine-tunings
     python benchmarks/bench_finetune.py --pretrained runs/demo/run/checkpoints
@@ -27,10 +28,12 @@ from pathlib import Path
 import benchlib
 import torch
 
+from gpt1_ds.config import RunConfig
 from gpt1_ds.loading import load_model
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+PROFILE = "configs/tiny-cpu.yaml"  # the demo profile: its data prep flags, model and learning rate
 GLUE = REPO / "data" / "glue"
 TASKS = {
     "sst2": (GLUE / "sst2" / "stsa.binary.train", GLUE / "sst2" / "stsa.binary.dev", 91.3),
@@ -52,6 +55,7 @@ def run(cmd: list[str], what: str) -> float:
 def pretrain(work: Path, steps: int, port: int) -> tuple[Path, float]:
     """Prepare the embedded books and pretrain the tiny model; (checkpoints dir, seconds)."""
     data, run_dir = work / "data", work / "pretrain"
+    prep = RunConfig.from_yaml(PROFILE).prep  # the demo profile's data, as `make demo` prepares it
     run(
         [
             sys.executable,
@@ -61,16 +65,7 @@ def pretrain(work: Path, steps: int, port: int) -> tuple[Path, float]:
             "data/sample",
             "--out",
             str(data),
-            "--vocab-size",
-            "8192",
-            "--seq-len",
-            "128",
-            "--shard-bytes",
-            "1000000",
-            "--val-fraction",
-            "0.15",
-            "--test-fraction",
-            "0.15",
+            *prep,
             "--quiet",
         ],
         "data prep",
@@ -87,7 +82,7 @@ def pretrain(work: Path, steps: int, port: int) -> tuple[Path, float]:
             "--deepspeed_config",
             "ds_configs/zero2.json",
             "--config",
-            "configs/tiny-cpu.yaml",
+            PROFILE,
             "--data",
             str(data),
             "--run-dir",
@@ -98,7 +93,6 @@ def pretrain(work: Path, steps: int, port: int) -> tuple[Path, float]:
             "sample_interval=0",
             "log_interval=50",
             f"ds.scheduler.params.warmup_num_steps={max(steps // 20, 1)}",
-            "ds.optimizer.params.lr=5e-4",
         ],
         "pretraining",
     )
