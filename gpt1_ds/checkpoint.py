@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,8 @@ Job scripts read it rather than exit codes, which a launcher may replace (srun w
 FORMAT_VERSION = 1
 """Version of ``ClientState``. 0: checkpoints written before it had one (read as well)."""
 DROPOUT_SCHEME = "dropout_seed(seed, rank, step, micro)"
+PROGRESS = ("step", "tokens_seen", "val_ppl", "loader", "history", "best")
+"""The ``ClientState`` fields that a resume takes from the checkpoint; the others come from the run."""
 
 
 class CheckpointError(ValueError):
@@ -43,35 +45,20 @@ def dropout_seed(seed: int, rank: int, step: int, micro: int) -> int:
     return (((seed * 1_000_003 + rank) * 1_000_003 + step) * 1024 + micro) % (2**63)
 
 
-@dataclass(frozen=True)
 class RunDir:
     """The files of one training or fine-tuning run."""
 
-    path: Path
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.checkpoints = self.path / "checkpoints"
+        self.tensorboard = self.path / "tensorboard"
+        self.config = self.path / "config.yaml"
+        self.ds_config = self.path / "ds_config.json"
+        self.preempted = self.path / PREEMPTED
 
     @classmethod
     def of_checkpoints(cls, ckpt_dir: Path) -> RunDir:
         return cls(Path(ckpt_dir).parent)
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.path / "checkpoints"
-
-    @property
-    def tensorboard(self) -> Path:
-        return self.path / "tensorboard"
-
-    @property
-    def config(self) -> Path:
-        return self.path / "config.yaml"
-
-    @property
-    def ds_config(self) -> Path:
-        return self.path / "ds_config.json"
-
-    @property
-    def preempted(self) -> Path:
-        return self.path / PREEMPTED
 
 
 @dataclass
@@ -103,6 +90,10 @@ class ClientState:
     """Fine-tuning: the dev metrics of every epoch."""
     best: dict[str, Any] | None = None
     """Fine-tuning: the best epoch's metrics and tag."""
+
+    def resumed_from(self, saved: ClientState) -> ClientState:
+        """This run's state (its settings, seed, model and task) with the progress of ``saved``."""
+        return replace(self, **{k: getattr(saved, k) for k in PROGRESS})
 
     def to_dict(self) -> dict[str, Any]:
         """The mapping handed to DeepSpeed (the layout of format 0, plus version and kind)."""

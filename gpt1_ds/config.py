@@ -27,6 +27,15 @@ class Settings:
     what = "run"
     positive: tuple[str, ...] = ()
     """Fields that must be positive integers."""
+    # Fields of both configs (documented there), which gpt1_ds.runner reads.
+    run_dir: str
+    seed: int
+    resume: str
+    log_interval: int
+    keep_checkpoints: int
+    max_steps: int | None
+    epochs: int
+    ds: dict[str, Any]
 
     @classmethod
     def from_yaml(cls, path: str | Path | None, overrides: list[str] | None = None) -> Any:
@@ -271,7 +280,7 @@ def _fill(value: Any, computed: int, where: str) -> int:
 
 def resolve_ds_config(
     ds: dict[str, Any],
-    run: RunConfig | FinetuneConfig,
+    run: Settings,
     world_size: int,
     steps_per_epoch_fn,
     where: str,

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from gpt1_ds import distributed
-from gpt1_ds.checkpoint import ClientState, RunDir, tag_for
+from gpt1_ds.checkpoint import ClientState, tag_for
 from gpt1_ds.config import FinetuneConfig
 from gpt1_ds.files import atomic_write_text
 from gpt1_ds.heads import TaskModel, predictions, task_loss_of
@@ -130,9 +130,7 @@ class Finetuning(Loop):
 
     name = "finetune"
 
-    def __init__(
-        self, cfg: FinetuneConfig, ctx: Context, ds_path: str, ds_over: list[str], preempt: Preemption
-    ):
+    def __init__(self, cfg: FinetuneConfig, ctx: Context, ds_path: str, ds_over: list[str]) -> None:
         """Data, model and config are checked before any compute."""
         self.cfg = cfg
         self.data = TaskData(cfg.task, cfg.fields, cfg.label_field, cfg.labels, cfg.similarity, cfg.on_error)
@@ -169,9 +167,7 @@ class Finetuning(Loop):
             task=task,
             layout=layout,
         )
-        super().__init__(
-            ctx, RunDir(Path(cfg.run_dir)), engine, scheduler, total, state, cfg.log_interval, preempt
-        )
+        super().__init__(cfg, ctx, engine, scheduler, total, state)
         self.order: list[list[int]] = []
         self.order_epoch = -1
         self.key = main_metric(self.data)
@@ -190,28 +186,17 @@ class Finetuning(Loop):
                 f"checkpoint {path} was written with {state.layout}, this run has {self.state.layout}: the "
                 "epochs would not line up; resume with the same settings or resume=none"
             )
-        state.config, state.seed, state.task = self.state.config, self.state.seed, self.state.task
-        state.model_config = self.state.model_config
 
     def describe(self) -> None:
-        cfg, data = self.cfg, self.data
+        cfg, data, skipped = self.cfg, self.data, self.data.skipped
+        majority = f"{100 * self.majority:.1f}%" if self.majority is not None else "n/a"
+        examples = f"{len(self.train_set)} train / {len(self.dev_set)} dev examples"
         log.info(
-            "fine-tuning %s (%s): %d train / %d dev examples%s; init %s; %d ranks × micro-batch %d "
-            "× accumulation %d = %d; %d steps (%d per epoch); lm_coef %g; majority class on dev %s",
-            cfg.task,
-            data.kind,
-            len(self.train_set),
-            len(self.dev_set),
-            f" ({data.skipped} malformed rows skipped)" if data.skipped else "",
-            cfg.init,
-            self.ctx.world,
-            cfg.micro_batch_size,
-            self.accum,
-            self.ds_cfg["train_batch_size"],
-            self.total_steps,
-            self.steps_per_epoch,
-            cfg.lm_coef,
-            f"{100 * self.majority:.1f}%" if self.majority is not None else "n/a",
+            f"fine-tuning {cfg.task} ({data.kind}): {examples}"
+            + (f" ({skipped} malformed rows skipped)" if skipped else "")
+            + f"; init {cfg.init}; {self.ctx.world} ranks × micro-batch {cfg.micro_batch_size} × "
+            f"accumulation {self.accum} = {self.ds_cfg['train_batch_size']}; {self.total_steps} steps "
+            f"({self.steps_per_epoch} per epoch); lm_coef {cfg.lm_coef:g}; majority class on dev {majority}"
         )
 
     @property
@@ -238,7 +223,7 @@ class Finetuning(Loop):
         return loss, torch.stack([loss.detach().float(), task_loss.float(), lm_loss.float()])
 
     def train_step(self) -> torch.Tensor:
-        return self.micro_steps(self.accum, self.cfg.seed, self.next_batch, self.loss)
+        return self.micro_steps(self.next_batch, self.loss)
 
     def log_window(self, means: list[float], step_time: float) -> None:
         loss, task, lm = means
@@ -287,7 +272,7 @@ class Finetuning(Loop):
         if not (end_of_epoch or preempted):
             return
         best = self.state.best
-        self.save("signal" if preempted else "end of epoch", self.cfg.keep_checkpoints, best and best["tag"])
+        self.save("signal" if preempted else "end of epoch", best and best["tag"])
         if self.ctx.rank == 0:
             results = {"task": self.cfg.task, "majority_dev": self.majority, "history": self.state.history}
             atomic_write_text(self.run_dir.path / "results.json", _json({**results, "best": best}))
@@ -295,17 +280,14 @@ class Finetuning(Loop):
                 atomic_write_text(self.run_dir.path / "best.json", _json(best))
 
     def report(self, code: int) -> None:
-        best = self.state.best
+        best, majority = self.state.best, self.majority
         if code != 0 or best is None:
             return
         log.info(
-            "done: best dev %s %.4f at step %d (%s)%s; results in %s",
-            self.key,
-            best[self.key],
-            best["step"],
-            self.run_dir.checkpoints / best["tag"],
-            f"; majority class {self.majority:.4f}" if self.majority is not None else "",
-            self.run_dir.path / "results.json",
+            f"done: best dev {self.key} {best[self.key]:.4f} at step {best['step']} "
+            f"({self.run_dir.checkpoints / best['tag']})"
+            + (f"; majority class {majority:.4f}" if majority is not None else "")
+            + f"; results in {self.run_dir.path / 'results.json'}"
         )
 
 
@@ -317,8 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     preempt = Preemption()
     args, over, ds_over = parse_args(argv)
     cfg = FinetuneConfig.from_yaml(args.config, over)
-    loop = Finetuning(cfg, Context.start(), args.ds_config, ds_over, preempt)
-    return loop.execute(cfg.resume, cfg.to_yaml())
+    return Finetuning(cfg, Context.start(), args.ds_config, ds_over).execute(preempt)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from gpt1_ds import checkpoint, distributed
 from gpt1_ds.checkpoint import ClientState, RunDir, dropout_seed
-from gpt1_ds.config import FinetuneConfig, RunConfig, load_ds_config, parse_overrides, resolve_ds_config
+from gpt1_ds.config import Settings, load_ds_config, parse_overrides, resolve_ds_config
 from gpt1_ds.env import setup_logging
 from gpt1_ds.files import atomic_write_text
 from gpt1_ds.metrics import Monitor
@@ -129,7 +129,7 @@ def build_engine(model: torch.nn.Module, ds_cfg: dict[str, Any]) -> tuple[Any, A
 
 
 def deepspeed_config(
-    path: str, cfg: RunConfig | FinetuneConfig, ds_over: list[str], ctx: Context, steps_per_epoch: Callable
+    path: str, cfg: Settings, ds_over: list[str], ctx: Context, steps_per_epoch: Callable
 ) -> dict[str, Any]:
     """The DeepSpeed JSON at ``path`` with the profile's ``ds`` values and the command line's
     ``ds.key=value`` applied, its ``"auto"`` values filled and checked (``resolve_ds_config``)."""
@@ -201,22 +201,16 @@ class Loop:
 
     def __init__(
         self,
+        cfg: Settings,
         ctx: Context,
-        run_dir: RunDir,
         engine: Any,
         scheduler: Any,
-        total_steps: int,
+        total: int,
         state: ClientState,
-        log_interval: int,
-        preempt: Preemption,
     ) -> None:
-        self.ctx, self.run_dir, self.engine, self.scheduler = ctx, run_dir, engine, scheduler
-        self.total_steps, self.state, self.log_interval, self.preempt = (
-            total_steps,
-            state,
-            log_interval,
-            preempt,
-        )
+        self.cfg, self.ctx, self.engine, self.scheduler = cfg, ctx, engine, scheduler
+        self.run_dir, self.total_steps, self.state = RunDir(cfg.run_dir), total, state
+        self.preempt: Preemption | None = None
         self.monitor = Monitor(None)
         self.window = Window()
 
@@ -245,10 +239,11 @@ class Loop:
         """Log how the run ended."""
 
     # ---- shared ---------------------------------------------------------------------------
-    def execute(self, resume: str, config_yaml: str) -> int:
+    def execute(self, preempt: Preemption) -> int:
         """The whole run once set up: resume → start → the loop → finish; the exit code."""
-        self.resume(resume)
-        self.start(config_yaml)
+        self.preempt = preempt
+        self.resume(self.cfg.resume)
+        self.start(self.cfg.to_yaml())
         self.describe()
         self.begin()
         code = self.run()
@@ -260,10 +255,10 @@ class Loop:
         found = checkpoint.resume(self.engine, self.run_dir.checkpoints, setting)
         if found is None:
             return False
-        state, path = found
-        self.check_resume(state, path)
-        self.state = state
-        log.info("resumed from %s at step %d", path, state.step)
+        saved, path = found
+        self.check_resume(saved, path)
+        self.state = self.state.resumed_from(saved)
+        log.info("resumed from %s at step %d", path, saved.step)
         return True
 
     def start(self, config_yaml: str) -> None:
@@ -283,18 +278,14 @@ class Loop:
         self.monitor = Monitor(log_dir, purge_step=step + 1 if step else None)
 
     def micro_steps(
-        self,
-        accum: int,
-        seed: int,
-        batch: Callable[[int], T],
-        loss: Callable[[T], tuple[torch.Tensor, torch.Tensor]],
+        self, batch: Callable[[int], T], loss: Callable[[T], tuple[torch.Tensor, torch.Tensor]]
     ) -> torch.Tensor:
         """``accum`` forward/backward passes and the engine's update; dropout seeded per
         micro-batch (``dropout_seed``). ``loss(batch)`` gives the loss and the logged values."""
-        total = None
+        total, accum = None, self.ds_cfg["gradient_accumulation_steps"]
         for micro in range(accum):
             b = batch(micro)
-            torch.manual_seed(dropout_seed(seed, self.ctx.rank, self.state.step, micro))
+            torch.manual_seed(dropout_seed(self.cfg.seed, self.ctx.rank, self.state.step, micro))
             value, logged = loss(b)
             self.engine.backward(value)
             self.engine.step()
@@ -308,7 +299,8 @@ class Loop:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0] if self.scheduler is not None else self.engine.get_lr()[0]
 
-    def save(self, reason: str, keep: int, protect: str | None = None) -> str:
+    def save(self, reason: str, protect: str | None = None) -> str:
+        keep = self.cfg.keep_checkpoints
         tag = checkpoint.save(self.engine, self.run_dir.checkpoints, self.state, keep, protect)
         log.info("checkpoint %s (%s)", self.run_dir.checkpoints / tag, reason)
         return tag
@@ -348,7 +340,7 @@ class Loop:
                 break
             self.window.add(values, time.perf_counter() - start)
             bar.update(1)
-            if self.due(self.log_interval):
+            if self.due(self.cfg.log_interval):
                 self.log_window(self.window.mean_over_ranks(self.ctx.world), self.window.step_time)
                 self.window.reset()
             self.after_step(preempted)

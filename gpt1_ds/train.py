@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from gpt1_ds import distributed
-from gpt1_ds.checkpoint import ClientState, RunDir
+from gpt1_ds.checkpoint import ClientState
 from gpt1_ds.config import RunConfig
 from gpt1_ds.data import EvalLoader, TrainLoader
 from gpt1_ds.generate import sample
@@ -109,7 +109,7 @@ class Pretraining(Loop):
 
     name = "train"
 
-    def __init__(self, run: RunConfig, ctx: Context, ds_path: str, ds_over: list[str], preempt: Preemption):
+    def __init__(self, run: RunConfig, ctx: Context, ds_path: str, ds_over: list[str]) -> None:
         """Everything that can contradict is checked before any compute: dataset, tokenizer,
         model, DeepSpeed config, world size."""
         data_dir = Path(run.data)
@@ -145,9 +145,7 @@ class Pretraining(Loop):
         total = run.max_steps if run.max_steps is not None else run.epochs * self.steps_per_epoch
         engine, scheduler = self._build_engine(model_cfg)
         state = ClientState("pretrain", seed=run.seed, config=asdict(run), model_config=model_cfg.to_dict())
-        super().__init__(
-            ctx, RunDir(Path(run.run_dir)), engine, scheduler, total, state, run.log_interval, preempt
-        )
+        super().__init__(run, ctx, engine, scheduler, total, state)
         self.batches = iter(())
         self.seq_len = model_cfg.n_positions
         self.tokens_per_step = self.ds_cfg["train_batch_size"] * self.seq_len
@@ -176,25 +174,15 @@ class Pretraining(Loop):
                 f"the run config asks for {self.state.model_config}"
             )
         self.train_loader.load_state_dict(state.loader)
-        state.config, state.seed = self.state.config, self.state.seed
 
     def describe(self) -> None:
-        ds, ctx = self.ds_cfg, self.ctx
+        ds, ctx, cfg = self.ds_cfg, self.ctx, self.cfg
+        stage = ds.get("zero_optimization", {}).get("stage", 0)
         log.info(
-            "gpt1-ds: %s, %d ranks (%s), micro-batch %d × accumulation %d × %d ranks = %d sequences of %d; "
-            "%d steps (%d per epoch); ZeRO stage %s; %s",
-            self.cfg.model,
-            ctx.world,
-            ctx.device.type,
-            self.cfg.micro_batch_size,
-            self.accum,
-            ctx.world,
-            ds["train_batch_size"],
-            self.seq_len,
-            self.total_steps,
-            self.steps_per_epoch,
-            ds.get("zero_optimization", {}).get("stage", 0),
-            precision(ds),
+            f"gpt1-ds: {cfg.model}, {ctx.world} ranks ({ctx.device.type}), micro-batch "
+            f"{cfg.micro_batch_size} × accumulation {self.accum} × {ctx.world} ranks = "
+            f"{ds['train_batch_size']} sequences of {self.seq_len}; {self.total_steps} steps "
+            f"({self.steps_per_epoch} per epoch); ZeRO stage {stage}; {precision(ds)}"
         )
 
     def next_batch(self, _micro: int) -> dict[str, torch.Tensor]:
@@ -211,7 +199,7 @@ class Pretraining(Loop):
         return loss, loss.detach().float().reshape(1)
 
     def train_step(self) -> torch.Tensor:
-        values = self.micro_steps(self.accum, self.cfg.seed, self.next_batch, self.loss)
+        values = self.micro_steps(self.next_batch, self.loss)
         self.state.tokens_seen += self.tokens_per_step
         return values
 
@@ -270,19 +258,16 @@ class Pretraining(Loop):
 
     def save(self, reason: str) -> str:
         self.state.loader = self.train_loader.state_dict()
-        return super().save(reason, self.cfg.keep_checkpoints)
+        return super().save(reason)
 
     def report(self, code: int) -> None:
         if code != 0:
             return
-        log.info("done: %d steps, %s tokens", self.state.step, f"{self.state.tokens_seen:,}")
-        if self.first_ppl is not None and self.state.val_ppl is not None:
-            log.info(
-                "validation perplexity: %.1f at step 0 → %.1f at step %d",
-                self.first_ppl,
-                self.state.val_ppl,
-                self.state.step,
-            )
+        state = self.state
+        log.info("done: %d steps, %s tokens", state.step, f"{state.tokens_seen:,}")
+        if self.first_ppl is not None and state.val_ppl is not None:
+            ppl = f"{self.first_ppl:.1f} at step 0 → {state.val_ppl:.1f} at step {state.step}"
+            log.info("validation perplexity: %s", ppl)
         log.info("TensorBoard: tensorboard --logdir %s", self.run_dir.tensorboard)
 
 
@@ -290,8 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     preempt = Preemption()
     args, run_over, ds_over = parse_args(argv)
     run = RunConfig.from_yaml(args.config, run_over)
-    loop = Pretraining(run, Context.start(), args.ds_config, ds_over, preempt)
-    return loop.execute(run.resume, run.to_yaml())
+    return Pretraining(run, Context.start(), args.ds_config, ds_over).execute(preempt)
 
 
 if __name__ == "__main__":
