@@ -31,6 +31,7 @@ import sentencepiece as spm
 from data_prep import clean, shard, tokenizer
 from data_prep.common import Comm
 from data_prep.manifest import read_manifest
+from gpt1_ds.tokenizer import GPT1_VOCAB_SIZE, MODEL_NAME
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -64,7 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--corpus", help="directory of books (default: the embedded sample, data/sample)")
     parser.add_argument("--list", help="file naming the books to take (one a line), e.g. books_small.txt")
-    parser.add_argument("--vocab-size", type=int, default=40478)
+    parser.add_argument("--vocab-size", type=int, default=GPT1_VOCAB_SIZE)
     parser.add_argument(
         "--tokenizer-sample-bytes",
         type=int,
@@ -97,7 +98,7 @@ def main() -> None:
     t_shard, manifests = timed(lambda: shard.run(shard_args, Comm()))
 
     # Baseline: sentencepiece alone on the same cleaned text, one process.
-    sp = spm.SentencePieceProcessor(model_file=str(ds / tokenizer.MODEL_NAME))
+    sp = spm.SentencePieceProcessor(model_file=str(ds / MODEL_NAME))
     texts = [p.read_text(encoding="utf-8") for p in sorted((ds / "clean" / "docs").glob("*.txt"))]
     t_raw, _ = timed(lambda: [sp.encode(t.split("\n"), num_threads=1) for t in texts])
 

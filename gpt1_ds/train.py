@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from gpt1_ds import distributed
+from gpt1_ds import distributed, metrics
 from gpt1_ds.checkpoint import ClientState
 from gpt1_ds.config import RunConfig
 from gpt1_ds.data import EvalLoader, TrainLoader
@@ -147,7 +147,7 @@ class Pretraining(Loop):
         state = ClientState("pretrain", seed=run.seed, config=asdict(run), model_config=model_cfg.to_dict())
         super().__init__(run, ctx, engine, scheduler, total, state)
         self.batches = iter(())
-        self.seq_len = model_cfg.n_positions
+        self.model_cfg, self.seq_len = model_cfg, model_cfg.n_positions
         self.tokens_per_step = self.ds_cfg["train_batch_size"] * self.seq_len
         self.first_ppl: float | None = None
         peak = run.peak_flops or (
@@ -207,7 +207,7 @@ class Pretraining(Loop):
         (loss,) = means
         step, total = self.state.step, self.total_steps
         tps = self.tokens_per_step / step_time
-        mfu = tps * self.flops_per_token / self.peak_flops if self.peak_flops else None
+        mfu = metrics.mfu(tps, self.model_cfg, self.seq_len, self.peak_flops) if self.peak_flops else None
         grad_norm = self.engine.get_global_grad_norm()
         self.monitor.scalars(
             {
