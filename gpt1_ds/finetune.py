@@ -32,23 +32,13 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from gpt1_ds import distributed
+from gpt1_ds import distributed, runner
 from gpt1_ds.checkpoint import ClientState, tag_for
 from gpt1_ds.config import FinetuneConfig
 from gpt1_ds.files import atomic_write_text
 from gpt1_ds.heads import TaskModel, predictions, task_loss_of
 from gpt1_ds.loading import load_model
 from gpt1_ds.model import GPT, GPTConfig
-from gpt1_ds.runner import (
-    Context,
-    Loop,
-    Preemption,
-    build_engine,
-    deepspeed_config,
-    in_lockstep,
-    memory_metrics,
-    parse_launch_args,
-)
 from gpt1_ds.tasks import Encoded, TaskData, collate, encode, main_metric, metrics
 from gpt1_ds.tokenizer import Tokenizer, load_tokenizer
 
@@ -76,7 +66,7 @@ def evaluate(
     engine.eval()
     out: list[tuple[int, float, float]] = []  # (index, prediction, task loss)
     with torch.no_grad():
-        for chunk in in_lockstep(chunks, len(chunks), device):
+        for chunk in runner.in_lockstep(chunks, len(chunks), device):
             idx = chunk or [0]  # None: a forward that counts nothing
             b = {k: v.to(device) for k, v in collate([dev[j] for j in idx], pad_id, data.regression).items()}
             (scores,) = engine(b["input_ids"], b["extract_pos"])
@@ -98,7 +88,7 @@ def evaluate(
 
 def parse_args(argv: list[str] | None) -> tuple[Any, list[str], list[str]]:
     flags = ("task", "train", "dev", "init", "run_dir", "tokenizer")
-    return parse_launch_args(
+    return runner.parse_launch_args(
         argv,
         "gpt1_ds.finetune",
         __doc__,
@@ -125,12 +115,12 @@ def load_backbone(cfg: FinetuneConfig) -> tuple[GPT, Tokenizer]:
     return gpt.train(), tok
 
 
-class Finetuning(Loop):
+class Finetuning(runner.Loop):
     """GPT-1's fine-tuning loop: epochs over the task's examples, dev metrics after each."""
 
     name = "finetune"
 
-    def __init__(self, cfg: FinetuneConfig, ctx: Context, ds_path: str, ds_over: list[str]) -> None:
+    def __init__(self, cfg: FinetuneConfig, ctx: runner.Context, ds_path: str, ds_over: list[str]) -> None:
         """Data, model and config are checked before any compute."""
         self.cfg = cfg
         self.data = TaskData(cfg.task, cfg.fields, cfg.label_field, cfg.labels, cfg.similarity, cfg.on_error)
@@ -141,7 +131,7 @@ class Finetuning(Loop):
         self.train_set = encode(self.train_examples, self.data, self.tok, gpt.config.n_positions)
         self.dev_set = encode(self.dev_examples, self.data, self.tok, gpt.config.n_positions)
         per_rank = len(self.train_set) // ctx.world // cfg.micro_batch_size
-        self.ds_cfg = deepspeed_config(ds_path, cfg, ds_over, ctx, lambda accum: per_rank // accum)
+        self.ds_cfg = runner.deepspeed_config(ds_path, cfg, ds_over, ctx, lambda accum: per_rank // accum)
         self.accum = self.ds_cfg["gradient_accumulation_steps"]
         self.steps_per_epoch = per_rank // self.accum
         if self.steps_per_epoch < 1:
@@ -150,7 +140,9 @@ class Finetuning(Loop):
                 f"{self.ds_cfg['train_batch_size']}"
             )
         total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * self.steps_per_epoch
-        engine, scheduler = build_engine(TaskModel(gpt, self.data, cfg.lm_coef, cfg.clf_pdrop), self.ds_cfg)
+        engine, scheduler = runner.build_engine(
+            TaskModel(gpt, self.data, cfg.lm_coef, cfg.clf_pdrop), self.ds_cfg
+        )
         layout = {
             "world_size": ctx.world,
             "micro_batch_size": cfg.micro_batch_size,
@@ -235,7 +227,7 @@ class Finetuning(Loop):
                 "finetune/lm_loss": lm,
                 "finetune/lr": lr,
                 "finetune/step_time": step_time,
-                **memory_metrics(self.ctx.device),
+                **runner.memory_metrics(self.ctx.device),
             },
             step,
         )
@@ -296,10 +288,10 @@ def _json(value: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    preempt = Preemption()
+    preempt = runner.Preemption()
     args, over, ds_over = parse_args(argv)
     cfg = FinetuneConfig.from_yaml(args.config, over)
-    return Finetuning(cfg, Context.start(), args.ds_config, ds_over).execute(preempt)
+    return Finetuning(cfg, runner.Context.start(), args.ds_config, ds_over).execute(preempt)
 
 
 if __name__ == "__main__":

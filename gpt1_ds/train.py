@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from gpt1_ds import distributed, metrics
+from gpt1_ds import distributed, metrics, runner
 from gpt1_ds.checkpoint import ClientState
 from gpt1_ds.config import RunConfig
 from gpt1_ds.data import EvalLoader, TrainLoader
@@ -38,17 +38,6 @@ from gpt1_ds.generate import sample
 from gpt1_ds.loading import init_from
 from gpt1_ds.metrics import device_peak_flops, flops_per_token
 from gpt1_ds.model import GPT, IGNORE_INDEX
-from gpt1_ds.runner import (
-    Context,
-    Loop,
-    Preemption,
-    build_engine,
-    deepspeed_config,
-    in_lockstep,
-    memory_metrics,
-    parse_launch_args,
-    precision,
-)
 from gpt1_ds.tokenizer import MODEL_NAME, Tokenizer, load_tokenizer
 
 log = logging.getLogger("gpt1_ds.train")
@@ -57,7 +46,7 @@ DEFAULT_DS_CONFIG = "ds_configs/zero2.json"
 
 
 def parse_args(argv: list[str] | None) -> tuple[Any, list[str], list[str]]:
-    return parse_launch_args(
+    return runner.parse_launch_args(
         argv,
         "gpt1_ds.train",
         __doc__,
@@ -75,7 +64,7 @@ def evaluate(engine: Any, loader: EvalLoader, device: torch.device) -> tuple[flo
     engine.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, target count
     with torch.no_grad():
-        for batch in in_lockstep(loader, len(loader), device):
+        for batch in runner.in_lockstep(loader, len(loader), device):
             if batch is None:  # this rank has fewer sequences: a forward that counts nothing
                 x = torch.zeros(1, loader.seq_len, dtype=torch.long)
                 y = torch.full_like(x, IGNORE_INDEX)
@@ -104,12 +93,12 @@ def generate_text(engine: Any, tok: Tokenizer, run: RunConfig, device: torch.dev
     return tok.decode([i for i in out[0].tolist() if i != tok.eod_id])
 
 
-class Pretraining(Loop):
+class Pretraining(runner.Loop):
     """GPT-1's language-modelling loop over the dataset's shards."""
 
     name = "train"
 
-    def __init__(self, run: RunConfig, ctx: Context, ds_path: str, ds_over: list[str]) -> None:
+    def __init__(self, run: RunConfig, ctx: runner.Context, ds_path: str, ds_over: list[str]) -> None:
         """Everything that can contradict is checked before any compute: dataset, tokenizer,
         model, DeepSpeed config, world size."""
         data_dir = Path(run.data)
@@ -134,7 +123,7 @@ class Pretraining(Loop):
             data_dir / "val", run.micro_batch_size, max_batches=run.eval_batches, **ranks, **checks
         )
         n_micro = len(self.train_loader)
-        self.ds_cfg = deepspeed_config(ds_path, run, ds_over, ctx, lambda accum: n_micro // accum)
+        self.ds_cfg = runner.deepspeed_config(ds_path, run, ds_over, ctx, lambda accum: n_micro // accum)
         self.accum = self.ds_cfg["gradient_accumulation_steps"]
         if n_micro < self.accum:
             raise ValueError(
@@ -165,7 +154,7 @@ class Pretraining(Loop):
         model = GPT(model_cfg)
         if self.cfg.init:
             init_from(model, self.cfg.init, self.tok)
-        return build_engine(model, self.ds_cfg)
+        return runner.build_engine(model, self.ds_cfg)
 
     def check_resume(self, state: ClientState, path: Path) -> None:
         if state.model_config is not None and state.model_config != self.state.model_config:
@@ -182,7 +171,7 @@ class Pretraining(Loop):
             f"gpt1-ds: {cfg.model}, {ctx.world} ranks ({ctx.device.type}), micro-batch "
             f"{cfg.micro_batch_size} × accumulation {self.accum} × {ctx.world} ranks = "
             f"{ds['train_batch_size']} sequences of {self.seq_len}; {self.total_steps} steps "
-            f"({self.steps_per_epoch} per epoch); ZeRO stage {stage}; {precision(ds)}"
+            f"({self.steps_per_epoch} per epoch); ZeRO stage {stage}; {runner.precision(ds)}"
         )
 
     def next_batch(self, _micro: int) -> dict[str, torch.Tensor]:
@@ -220,7 +209,7 @@ class Pretraining(Loop):
                 "train/mfu": mfu,
                 "train/step_time": step_time,
                 "train/tokens_seen": self.state.tokens_seen,
-                **memory_metrics(self.ctx.device),
+                **runner.memory_metrics(self.ctx.device),
             },
             step,
         )
@@ -272,10 +261,10 @@ class Pretraining(Loop):
 
 
 def main(argv: list[str] | None = None) -> int:
-    preempt = Preemption()
+    preempt = runner.Preemption()
     args, run_over, ds_over = parse_args(argv)
     run = RunConfig.from_yaml(args.config, run_over)
-    return Pretraining(run, Context.start(), args.ds_config, ds_over).execute(preempt)
+    return Pretraining(run, runner.Context.start(), args.ds_config, ds_over).execute(preempt)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import REPO
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_train import SMALL
 
 from gpt1_ds import checkpoint
 from gpt1_ds.env import free_port
@@ -63,23 +64,12 @@ def test_a_failed_deepspeed_load_is_an_error(tmp_path):
 # ---- checkpoints written before the client state had a format version (tests/data/legacy) ----
 
 LEGACY = Path(__file__).parent / "data" / "legacy"
+# test_train's small settings with the legacy runs' smaller model (later overrides win)
 LEGACY_TINY = [
-    "model=tiny",
-    "model_overrides.n_layer=1",
-    "model_overrides.n_embd=32",
-    "model_overrides.n_head=2",
-    "model_overrides.n_inner=128",
-    "model_overrides.n_positions=64",
-    "model_overrides.vocab_size=2000",
-    "micro_batch_size=4",
-    "num_workers=0",
-    "log_interval=1",
-    "eval_interval=1000",
-    "eval_batches=2",
-    "sample_interval=0",
-    "ds.train_batch_size=8",
-    "ds.scheduler.params.warmup_num_steps=5",
+    *SMALL,
+    *("model_overrides.n_layer=1", "model_overrides.n_embd=32", "model_overrides.n_inner=128"),
 ]
+LEGACY_TINY.append("eval_batches=2")
 
 
 def legacy_copy(name: str, tmp_path: Path) -> Path:
