@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import bz2
+import contextlib
 import glob
 import gzip
 import hashlib
@@ -37,14 +38,14 @@ import lzma
 import re
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from functools import reduce
+from itertools import groupby
 from pathlib import Path
 
 import ftfy
-from tqdm import tqdm
 
-from data_prep.common import Comm, balance, get_comm
-from gpt1_ds.env import setup_logging
+from data_prep.common import Comm, balance, launch, progress, remove_stale, step_parser
 from gpt1_ds.files import atomic_write_text
 
 log = logging.getLogger("data_prep.clean")
@@ -53,6 +54,8 @@ FORMAT_VERSION = 1
 SPLITS_NAME = "splits.json"
 """``DATASET/clean/splits.json``: the settings, each split's document ids, each document's size."""
 SPLITS = ("train", "val", "test")
+SETTINGS = ("format", "lowercase", "val_fraction", "test_fraction", "split_seed")
+"""The flags recorded in ``splits.json`` and ``report.json``."""
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".txt.bz2", ".txt.xz")
 _OPENERS = {".gz": gzip.decompress, ".bz2": bz2.decompress, ".xz": lzma.decompress}
 
@@ -93,35 +96,25 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
         elif path.exists() or path.is_symlink():
             found.add(path)
         else:
-            matches = [Path(m) for m in glob.glob(item, recursive=True)]
+            matches = glob.glob(item, recursive=True)
             if not matches:
                 raise FileNotFoundError(f"input {item!r} matches no file or directory")
-            for m in matches:
-                found.update(expand_inputs([str(m)]) if m.is_dir() else [m])
+            found.update(expand_inputs(matches))
     return sorted(found)
 
 
 def doc_ids_for(files: list[Path]) -> list[str]:
     """One id per file: its name without the text/compression suffixes, made
     filename-safe; a clash gets a short hash of the path."""
-    stems = []
-    for f in files:
-        name = f.name
-        for suffix in (".gz", ".bz2", ".xz", ".txt"):
-            name = name.removesuffix(suffix)
-        stems.append(re.sub(r"[^A-Za-z0-9._-]", "_", name) or "doc")
+    suffixes = (".gz", ".bz2", ".xz", ".txt")  # removed in this order
+    stems = [
+        re.sub(r"[^A-Za-z0-9._-]", "_", reduce(str.removesuffix, suffixes, f.name)) or "doc" for f in files
+    ]
     counts = Counter(stems)
     return [
         s if counts[s] == 1 else f"{s}-{hashlib.sha1(str(f).encode()).hexdigest()[:8]}"
         for s, f in zip(stems, files, strict=True)
     ]
-
-
-def read_raw(path: Path) -> bytes:
-    """The file's bytes, decompressed by suffix."""
-    data = path.read_bytes()
-    opener = _OPENERS.get(path.suffix)
-    return opener(data) if opener else data
 
 
 def looks_binary(raw: bytes) -> bool:
@@ -137,21 +130,17 @@ def decode(raw: bytes, repairs: list[str]) -> str:
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
         repairs.append("bom")
-    try:
+    with contextlib.suppress(UnicodeDecodeError):
         return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        pass
     repairs.append("encoding_fallback")
-    lines = []
-    for line in raw.split(b"\n"):
-        try:
-            lines.append(line.decode("utf-8"))
-        except UnicodeDecodeError:
-            try:
-                lines.append(line.decode("cp1252"))
-            except UnicodeDecodeError:
-                lines.append(line.decode("latin-1"))
-    return "\n".join(lines)
+    return "\n".join(_decode_line(line) for line in raw.split(b"\n"))
+
+
+def _decode_line(line: bytes) -> str:
+    for encoding in ("utf-8", "cp1252"):
+        with contextlib.suppress(UnicodeDecodeError):
+            return line.decode(encoding)
+    return line.decode("latin-1")
 
 
 def strip_gutenberg(text: str, repairs: list[str]) -> str:
@@ -186,29 +175,22 @@ def clean_text(text: str, repairs: list[str], lowercase: bool = False, gutenberg
         repairs.append("control")
     if gutenberg:
         text = strip_gutenberg(text, repairs)
-    paragraphs = []
-    for block in _BLANK_LINES.split(text):
-        para = _SPACES.sub(" ", block).strip()
-        if para:
-            paragraphs.append(para)
+    paragraphs = [p for p in (_SPACES.sub(" ", b).strip() for b in _BLANK_LINES.split(text)) if p]
     if paragraphs and "gutenberg" in repairs:
         if paragraphs[0].startswith("Produced by"):
             paragraphs.pop(0)
         if paragraphs and _PG_TRAILER.match(paragraphs[-1]):
             paragraphs.pop()
-    out = []
-    for para in paragraphs:
-        para = fix_paragraph(para).strip()
-        if para:
-            out.append(para.lower() if lowercase else para)
-    return "\n".join(out)
+    fixed = [p for p in (fix_paragraph(p).strip() for p in paragraphs) if p]
+    return "\n".join(p.lower() if lowercase else p for p in fixed)
 
 
 def iter_documents(
     path: Path, doc_id: str, fmt: str, separator: re.Pattern[str]
 ) -> Iterator[tuple[str, str, int, list[str]]]:
     """(doc_id, decoded text, bytes in, repairs) for each document of one input file."""
-    raw = read_raw(path)
+    opener = _OPENERS.get(path.suffix)  # decompress by suffix
+    raw = opener(path.read_bytes()) if opener else path.read_bytes()
     if looks_binary(raw):
         raise ValueError("binary file")
     repairs: list[str] = []
@@ -217,17 +199,10 @@ def iter_documents(
         yield doc_id, text, len(raw), repairs
         return
     # bookscorpus: sentences one a line, books separated by separator lines
-    book: list[str] = []
-    index = 0
-    for line in [*text.splitlines(), None]:
-        if line is None or separator.fullmatch(line):
-            if book:
-                body = "\n\n".join(book)  # each sentence line its own paragraph
-                yield f"{doc_id}-{index:06d}", body, len(body.encode()), list(repairs)
-                index += 1
-                book = []
-        else:
-            book.append(line)
+    runs = groupby(text.splitlines(), key=lambda line: separator.fullmatch(line) is not None)
+    for index, book in enumerate(list(lines) for is_separator, lines in runs if not is_separator):
+        body = "\n\n".join(book)  # each sentence line its own paragraph
+        yield f"{doc_id}-{index:06d}", body, len(body.encode()), list(repairs)
 
 
 def clean_file(path: Path, doc_id: str, docs_dir: Path, args: argparse.Namespace) -> list[DocResult]:
@@ -236,15 +211,11 @@ def clean_file(path: Path, doc_id: str, docs_dir: Path, args: argparse.Namespace
     results = []
     try:
         for did, text, n_in, repairs in iter_documents(path, doc_id, args.format, separator):
-            result = DocResult(did, str(path), n_in, repairs=repairs)
             cleaned = clean_text(text, repairs, args.lowercase, gutenberg=args.format == "books")
-            if not cleaned:
-                result.skipped = "empty after cleaning"
-            else:
-                data = cleaned.encode("utf-8")
+            if cleaned:
                 atomic_write_text(docs_dir / f"{did}.txt", cleaned)
-                result.bytes_out = len(data)
-            results.append(result)
+            skipped = None if cleaned else "empty after cleaning"
+            results.append(DocResult(did, str(path), n_in, len(cleaned.encode("utf-8")), repairs, skipped))
     except (OSError, EOFError, ValueError, lzma.LZMAError) as e:
         # unreadable, corrupt archive, binary: the file is skipped, the run goes on
         reason = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
@@ -260,16 +231,12 @@ def assign_splits(doc_ids: list[str], val_fraction: float, test_fraction: float,
     position = {
         d: int.from_bytes(hashlib.sha256(f"{seed}:{d}".encode()).digest()[:8], "big") / 2**64 for d in doc_ids
     }
+    bounds = (0, test_fraction, test_fraction + val_fraction, 1.0)
+    ranges = {s: bounds[i : i + 2] for i, s in enumerate(("test", "val", "train"))}
     splits: dict[str, list[str]] = {s: [] for s in SPLITS}
     for d in sorted(doc_ids):
         p = position[d]
-        split = "test" if p < test_fraction else "val" if p < test_fraction + val_fraction else "train"
-        splits[split].append(d)
-    ranges = {
-        "test": (0, test_fraction),
-        "val": (test_fraction, test_fraction + val_fraction),
-        "train": (test_fraction + val_fraction, 1.0),
-    }
+        splits["test" if p < bounds[1] else "val" if p < bounds[2] else "train"].append(d)
     required = ["train"] + [s for s, f in (("val", val_fraction), ("test", test_fraction)) if f > 0]
     if len(doc_ids) < len(required):
         raise ValueError(f"{len(doc_ids)} documents cannot fill {', '.join(required)} with one each")
@@ -284,8 +251,8 @@ def assign_splits(doc_ids: list[str], val_fraction: float, test_fraction: float,
 
 
 def run(args: argparse.Namespace, comm: Comm) -> dict | None:
+    """Clean the inputs, ranks taking disjoint files; rank 0 then writes the outputs and gets the report."""
     out = Path(args.out) / "clean"
-    docs_dir = out / "docs"
     files = expand_inputs(args.input)
     if not files:
         raise FileNotFoundError(f"no input files under {args.input}")
@@ -293,57 +260,36 @@ def run(args: argparse.Namespace, comm: Comm) -> dict | None:
     sizes = [f.stat().st_size if f.is_file() else 0 for f in files]
     mine = balance(sizes, comm.size)[comm.rank]
     if comm.is_root:
-        docs_dir.mkdir(parents=True, exist_ok=True)
+        (out / "docs").mkdir(parents=True, exist_ok=True)
     comm.barrier()
-
     results: list[DocResult] = []
-    bar = tqdm(
-        total=sum(sizes[i] for i in mine),
-        unit="B",
-        unit_scale=True,
-        desc="clean",
-        disable=not comm.is_root or args.quiet,
-    )
+    bar = progress(sum(sizes[i] for i in mine), "clean", comm, args.quiet)
     for i in mine:
-        results.extend(clean_file(files[i], ids[i], docs_dir, args))
+        results.extend(clean_file(files[i], ids[i], out / "docs", args))
         bar.update(sizes[i])
     bar.close()
     for r in results:
         if r.skipped:
             log.warning("skipped %s: %s", r.source, r.skipped)
-
-    gathered = comm.gather([asdict(r) for r in results])
+    gathered = comm.gather(results)
     if not comm.is_root:
         return None
-    every = sorted((DocResult(**r) for part in gathered for r in part), key=lambda r: r.doc_id)
+    every = sorted((r for part in gathered for r in part), key=lambda r: r.doc_id)
+    return write_outputs(out, len(files), every, args)
+
+
+def write_outputs(out: Path, n_files: int, every: list[DocResult], args: argparse.Namespace) -> dict:
+    """Rank 0: split the kept documents, drop stale ones, write ``splits.json`` and ``report.json``."""
     kept = [r for r in every if not r.skipped]
     splits = assign_splits([r.doc_id for r in kept], args.val_fraction, args.test_fraction, args.split_seed)
-    listed = {f"{r.doc_id}.txt" for r in kept}
-    for stale in docs_dir.glob("*.txt"):  # from an earlier run with other inputs
-        if stale.name not in listed:
-            stale.unlink()
-    settings = {
-        "format": args.format,
-        "lowercase": args.lowercase,
-        "val_fraction": args.val_fraction,
-        "test_fraction": args.test_fraction,
-        "split_seed": args.split_seed,
-    }
-    atomic_write_text(
-        out / SPLITS_NAME,
-        json.dumps(
-            {
-                "format_version": FORMAT_VERSION,
-                "settings": settings,
-                "splits": splits,
-                "docs": {r.doc_id: {"source": r.source, "bytes": r.bytes_out} for r in kept},
-            },
-            indent=1,
-        ),
-    )
+    remove_stale(out / "docs", "*.txt", {f"{r.doc_id}.txt" for r in kept})  # from a run with other inputs
+    settings = {k: getattr(args, k) for k in SETTINGS}
+    docs = {r.doc_id: {"source": r.source, "bytes": r.bytes_out} for r in kept}
+    index = {"format_version": FORMAT_VERSION, "settings": settings, "splits": splits, "docs": docs}
+    atomic_write_text(out / SPLITS_NAME, json.dumps(index, indent=1))
     repairs = Counter(rep for r in kept for rep in set(r.repairs))
     report = {
-        "files": len(files),
+        "files": n_files,
         "documents": len(kept),
         "bytes_in": sum(r.bytes_in for r in every),
         "bytes_out": sum(r.bytes_out for r in kept),
@@ -355,7 +301,7 @@ def run(args: argparse.Namespace, comm: Comm) -> dict | None:
     atomic_write_text(out / "report.json", json.dumps(report, indent=1))
     log.info(
         "clean: %d files → %d documents (%s), %.1f MB in → %.1f MB out, repaired %s, skipped %d",
-        len(files),
+        n_files,
         len(kept),
         ", ".join(f"{s} {n}" for s, n in report["splits"].items()),
         report["bytes_in"] / 1e6,
@@ -399,17 +345,9 @@ def read_splits(dataset_dir: str | Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m data_prep.clean",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(parser)
+    parser = step_parser("data_prep.clean", __doc__, add_arguments)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    comm = get_comm()
-    setup_logging(comm.rank, comm.size)
-    run(args, comm)
+    run(*launch(parser, argv))
 
 
 if __name__ == "__main__":

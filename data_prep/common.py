@@ -1,13 +1,15 @@
-"""Shared plumbing of the data-prep steps: MPI ranks and work balance."""
+"""Shared plumbing of the data-prep steps: command lines, MPI ranks, work balance, progress."""
 
 from __future__ import annotations
 
-import logging
+from argparse import ArgumentParser, Namespace, RawDescriptionHelpFormatter
+from collections.abc import Callable, Collection
+from pathlib import Path
 from typing import Any
 
-from gpt1_ds.env import launched_world_size, mpi_launched
+from tqdm import tqdm
 
-log = logging.getLogger("data_prep")
+from gpt1_ds.env import launched_world_size, mpi_launched, setup_logging
 
 
 class Comm:
@@ -66,3 +68,33 @@ def balance(sizes: list[int], ranks: int) -> list[list[int]]:
         owned[r].append(i)
         loads[r] += sizes[i]
     return [sorted(o) for o in owned]
+
+
+def step_parser(module: str, doc: str | None, *adders: Callable[[ArgumentParser], Any]) -> ArgumentParser:
+    """The parser of ``python -m MODULE``, its docstring as the description, with the adders' flags."""
+    parser = ArgumentParser(
+        prog=f"python -m {module}", description=doc, formatter_class=RawDescriptionHelpFormatter
+    )
+    for add in adders:
+        add(parser)
+    return parser
+
+
+def launch(parser: ArgumentParser, argv: list[str] | None) -> tuple[Namespace, Comm]:
+    """The parsed flags, and this process's world with logging set up for its rank."""
+    args = parser.parse_args(argv)
+    comm = get_comm()
+    setup_logging(comm.rank, comm.size)
+    return args, comm
+
+
+def progress(total: int, desc: str, comm: Comm, quiet: bool) -> tqdm:
+    """A progress bar in bytes, shown on rank 0 unless ``quiet``."""
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not comm.is_root or quiet)
+
+
+def remove_stale(directory: Path, pattern: str, keep: Collection[str] = ()) -> None:
+    """Delete the files of ``directory`` that match ``pattern``, but those named in ``keep``."""
+    for path in directory.glob(pattern):
+        if path.name not in keep:
+            path.unlink()

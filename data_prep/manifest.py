@@ -21,8 +21,12 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SAMPLE_EXT = "tokens"
 DTYPE = "uint16"
-REQUIRED = ("format_version", "tokenizer_sha256", "vocab_size", "seq_len", "dtype", "total_tokens", "shards")
-SHARD_REQUIRED = ("name", "samples", "tokens", "bytes", "sha256")
+# Every key the loader (gpt1_ds.data) and data_prep.verify read, at the top and in each shard entry.
+REQUIRED = (
+    *("format_version", "tokenizer_sha256", "vocab_size", "seq_len", "dtype"),  # checked in this module
+    *("sequences_per_sample", "pad_id", "total_tokens", "shards"),
+)
+SHARD_REQUIRED = ("name", "samples", "sequences", "tokens", "bytes", "sha256")
 
 
 def shard_name(index: int) -> str:
@@ -58,8 +62,7 @@ def parse_manifest(data: bytes | str, where: str) -> dict[str, Any]:
         manifest = json.loads(data)
     except json.JSONDecodeError as e:
         raise ValueError(f"{where}: invalid JSON: {e}") from None
-    missing = [k for k in REQUIRED if k not in manifest]
-    if missing:
+    if missing := [k for k in REQUIRED if k not in manifest]:
         raise ValueError(f"{where}: missing keys {missing}")
     if manifest["format_version"] != FORMAT_VERSION:
         raise ValueError(
@@ -68,8 +71,7 @@ def parse_manifest(data: bytes | str, where: str) -> dict[str, Any]:
     if manifest["dtype"] != DTYPE:
         raise ValueError(f"{where}: dtype {manifest['dtype']!r}, expected {DTYPE!r}")
     for i, shard in enumerate(manifest["shards"]):
-        lacking = [k for k in SHARD_REQUIRED if k not in shard]
-        if lacking:
+        if lacking := [k for k in SHARD_REQUIRED if k not in shard]:
             raise ValueError(f"{where}: shards[{i}] lacks keys {lacking}")
     return manifest
 

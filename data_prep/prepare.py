@@ -12,40 +12,28 @@ the tokenizer and every shard that are still up to date.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
 
 from data_prep import clean, shard, tokenizer, verify
-from data_prep.common import get_comm
-from gpt1_ds.env import setup_logging
+from data_prep.common import launch, step_parser
 
 log = logging.getLogger("data_prep.prepare")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m data_prep.prepare",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    clean.add_arguments(parser)
-    tokenizer.add_arguments(parser)
-    shard.add_arguments(parser)
+    adders = (clean.add_arguments, tokenizer.add_arguments, shard.add_arguments)
+    parser = step_parser("data_prep.prepare", __doc__, *adders)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--no-verify", action="store_true", help="skip the final verification")
-    args = parser.parse_args(argv)
+    args, comm = launch(parser, argv)
     args.data = args.out
-    comm = get_comm()
-    setup_logging(comm.rank, comm.size)
-    start = time.perf_counter()
+    t0 = time.perf_counter()
 
     clean.run(args, comm)
     comm.barrier()
-    if comm.is_root:
-        tokenizer.ensure_tokenizer(args.out, force=args.force, **tokenizer.tokenizer_settings(args))
-    comm.barrier()
+    tokenizer.run(args, comm)
     shard.run(args, comm)
     if comm.is_root and not args.no_verify:
         problems = verify.verify(args.out, args.splits)
@@ -53,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
             log.error("verify: %s", p)
         if problems:
             sys.exit(1)
-        log.info("prepared and verified %s in %.1f s", args.out, time.perf_counter() - start)
+        log.info("prepared and verified %s in %.1f s", args.out, time.perf_counter() - t0)
 
 
 if __name__ == "__main__":

@@ -20,12 +20,12 @@ shard) and redoes partial or missing ones; ``--force`` redoes all.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
 import logging
 import shutil
+from argparse import ArgumentParser, Namespace
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,16 +34,8 @@ import webdataset as wds
 from tqdm import tqdm
 
 from data_prep.clean import read_splits
-from data_prep.common import Comm, balance, get_comm
-from data_prep.manifest import (
-    DTYPE,
-    FORMAT_VERSION,
-    MANIFEST_NAME,
-    SAMPLE_EXT,
-    encode_block,
-    shard_name,
-)
-from gpt1_ds.env import setup_logging
+from data_prep.common import Comm, balance, launch, progress, remove_stale, step_parser
+from data_prep.manifest import DTYPE, FORMAT_VERSION, MANIFEST_NAME, SAMPLE_EXT, encode_block, shard_name
 from gpt1_ds.files import atomic_write_text, atomic_writer, sha256_file
 from gpt1_ds.tokenizer import MODEL_NAME, Tokenizer, load_tokenizer
 
@@ -116,16 +108,12 @@ def pack(stream: np.ndarray, seq_len: int, pad_id: int) -> np.ndarray:
 
 
 def build_shard(
-    plan: ShardPlan, docs_dir: Path, out_dir: Path, tok: Tokenizer, args: argparse.Namespace, bar: tqdm
+    plan: ShardPlan, docs_dir: Path, out_dir: Path, tok: Tokenizer, args: Namespace, bar: tqdm
 ) -> dict:
     """Tokenize, pack and write one shard (temporary name, renamed when complete)."""
     parts = []
-    lines: list[str] = []
-    loaded = None
-    for piece in plan.pieces:
-        if loaded != piece.doc:
-            lines = (docs_dir / f"{piece.doc}.txt").read_text(encoding="utf-8").split("\n")
-            loaded = piece.doc
+    for piece in plan.pieces:  # a shard holds at most one piece of each document
+        lines = (docs_dir / f"{piece.doc}.txt").read_text(encoding="utf-8").split("\n")
         text = "\n".join(lines[piece.start : piece.end])
         if piece.start > 0:  # the document goes on from the previous shard, after a newline
             parts.append(np.array([tok.newline_id], dtype=np.uint32))
@@ -139,20 +127,15 @@ def build_shard(
         raise ValueError(f"token id {int(stream.max())} does not fit {DTYPE}")
     sequences = pack(stream.astype(np.uint16), args.seq_len, tok.pad_id)
     k = args.sequences_per_sample
-    samples = 0
+    starts = range(0, len(sequences), k)
     final = out_dir / plan.name
     with atomic_writer(final) as f, wds.TarWriter(f, mtime=TAR_MTIME, user="gpt1-ds", group="gpt1-ds") as w:
-        for start in range(0, len(sequences), k):
-            w.write(
-                {
-                    "__key__": f"{plan.index:06d}-{start // k:06d}",
-                    SAMPLE_EXT: encode_block(sequences[start : start + k]),
-                }
-            )
-            samples += 1
+        for i, start in enumerate(starts):
+            block = encode_block(sequences[start : start + k])
+            w.write({"__key__": f"{plan.index:06d}-{i:06d}", SAMPLE_EXT: block})
     entry = {
         "name": plan.name,
-        "samples": samples,
+        "samples": len(starts),
         "sequences": len(sequences),
         "tokens": len(stream),
         "bytes": final.stat().st_size,
@@ -164,104 +147,53 @@ def build_shard(
     return entry
 
 
-def finished_entry(plan: ShardPlan, out_dir: Path, previous: dict[str, dict]) -> dict | None:
-    """The record of a shard already on disk and whole for this plan, else None."""
-    path = out_dir / plan.name
-    if not path.is_file():
-        return None
-    candidates = [previous.get(plan.name)]
-    record = out_dir / PROGRESS_DIR / f"{plan.name}.json"
-    if record.is_file():
-        with contextlib.suppress(json.JSONDecodeError):  # a record cut short: redo the shard
-            candidates.append(json.loads(record.read_text()))
-    candidates = [
-        c for c in candidates if c and c.get("plan") == plan.key and c["bytes"] == path.stat().st_size
-    ]
-    if not candidates:
-        return None
-    digest = sha256_file(path)
-    return next((c for c in candidates if c["sha256"] == digest), None)
+def finished_entries(plans: list[ShardPlan], out_dir: Path) -> dict[str, dict]:
+    """The records, by name, of the shards already on disk and whole for their plan: from the
+    manifest, or from the record a killed run left of a finished shard."""
+    previous = {}
+    if (out_dir / MANIFEST_NAME).is_file():
+        with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):
+            previous = {s["name"]: s for s in json.loads((out_dir / MANIFEST_NAME).read_text())["shards"]}
+    done = {}
+    for plan in plans:
+        path = out_dir / plan.name
+        if not path.is_file():
+            continue
+        candidates = [previous.get(plan.name)]
+        record = out_dir / PROGRESS_DIR / f"{plan.name}.json"
+        if record.is_file():
+            with contextlib.suppress(json.JSONDecodeError):  # a record cut short: redo the shard
+                candidates.append(json.loads(record.read_text()))
+        size = path.stat().st_size
+        candidates = [c for c in candidates if c and c.get("plan") == plan.key and c["bytes"] == size]
+        digest = sha256_file(path) if candidates else None
+        entry = next((c for c in candidates if c["sha256"] == digest), None)
+        if entry is not None:
+            done[plan.name] = entry
+    return done
 
 
-def shard_split(
-    split: str, data_dir: Path, tok: Tokenizer, splits: dict, args: argparse.Namespace, comm: Comm
-) -> dict | None:
-    """Write one split's shards and (rank 0) its manifest."""
-    out_dir = data_dir / split
-    docs_dir = data_dir / "clean" / "docs"
-    doc_ids = splits["splits"][split]
-    if not doc_ids:
-        if comm.is_root:
-            log.warning("split %s has no documents: skipped", split)
-        return None
-    fingerprint = json.dumps(
-        {
-            "format_version": FORMAT_VERSION,
-            "tokenizer": tok.sha256,
-            "seq_len": args.seq_len,
-            "sequences_per_sample": args.sequences_per_sample,
-            "clean": splits["settings"],
-        },
-        sort_keys=True,
-    )
-    # Rank 0 plans the shards and finds what is already done; while anything is redone,
-    # the manifest is taken away so that the split never looks complete.
-    sizes = [splits["docs"][d]["bytes"] for d in doc_ids]
-    mine = balance(sizes, comm.size)[comm.rank]  # ranks measure the lines of disjoint documents
-    measured = comm.gather({i: line_sizes(docs_dir / f"{doc_ids[i]}.txt") for i in mine})
-    plans = todo = None
-    done: dict[str, dict] = {}
-    if comm.is_root:
-        lines = {i: v for part in measured for i, v in part.items()}
-        plans = plan_shards([(d, lines[i]) for i, d in enumerate(doc_ids)], args.shard_bytes, fingerprint)
-        (out_dir / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
-        previous = {}
-        manifest_path = out_dir / MANIFEST_NAME
-        if manifest_path.is_file() and not args.force:
-            try:
-                previous = {s["name"]: s for s in json.loads(manifest_path.read_text())["shards"]}
-            except (json.JSONDecodeError, KeyError, TypeError):
-                previous = {}
-        for plan in plans:
-            entry = None if args.force else finished_entry(plan, out_dir, previous)
-            if entry is not None:
-                done[plan.name] = entry
-        todo = [p.index for p in plans if p.name not in done]
-        if todo:
-            manifest_path.unlink(missing_ok=True)
-        if comm.size > len(todo) > 0:
-            log.info(
-                "%s: %d shards to write for %d ranks: some ranks idle (lower --shard-bytes)",
-                split,
-                len(todo),
-                comm.size,
-            )
-    plans, todo = comm.bcast((plans, todo))
-    work = [plans[i] for i in todo]
-    mine = [work[i] for i in balance([p.text_bytes for p in work], comm.size)[comm.rank]]
+def plan_split(
+    out_dir: Path, docs: list[tuple[str, list[int]]], fingerprint: str, args: Namespace
+) -> tuple[list[ShardPlan], list[int], dict[str, dict]]:
+    """Rank 0: the split's shard plans, the indices of those to write and the records of the
+    others; while anything is to be written, the manifest is taken away so that the split
+    never looks complete."""
+    plans = plan_shards(docs, args.shard_bytes, fingerprint)
+    (out_dir / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
+    done = {} if args.force else finished_entries(plans, out_dir)
+    todo = [p.index for p in plans if p.name not in done]
+    if todo:
+        (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    return plans, todo, done
 
-    bar = tqdm(
-        total=sum(p.text_bytes for p in mine),
-        unit="B",
-        unit_scale=True,
-        desc=f"shard {split}",
-        disable=not comm.is_root or args.quiet,
-    )
-    entries = [build_shard(p, docs_dir, out_dir, tok, args, bar) for p in mine]
-    bar.close()
-    gathered = comm.gather(entries)
-    if not comm.is_root:
-        return None
 
-    for part in gathered:
-        done.update((e["name"], e) for e in part)
-    shards = [done[p.name] for p in plans]
-    names = {p.name for p in plans}
-    for stale in out_dir.glob("shard-*.tar"):  # from an earlier plan with more shards
-        if stale.name not in names:
-            stale.unlink()
-    for tmp in out_dir.glob(".shard-*.tmp*"):  # left by a killed run
-        tmp.unlink()
+def write_manifest(
+    split: str, out_dir: Path, plans: list[ShardPlan], shards: list[dict], tok: Tokenizer, args: Namespace
+) -> dict:
+    """Rank 0, once every shard is in place: drop leftovers, then write the split's manifest."""
+    remove_stale(out_dir, "shard-*.tar", {p.name for p in plans})  # from an earlier plan with more shards
+    remove_stale(out_dir, ".shard-*.tmp*")  # left by a killed run
     manifest = {
         "format_version": FORMAT_VERSION,
         "split": split,
@@ -272,15 +204,52 @@ def shard_split(
         "sequences_per_sample": args.sequences_per_sample,
         "pad_id": tok.pad_id,
         "eod_id": tok.eod_id,
-        "documents": len(doc_ids),
+        "documents": sum(p.last for plan in plans for p in plan.pieces),  # each ends in one piece
         "text_bytes": sum(p.text_bytes for p in plans),
-        "total_tokens": sum(s["tokens"] for s in shards),
-        "total_sequences": sum(s["sequences"] for s in shards),
-        "total_bytes": sum(s["bytes"] for s in shards),
+        **{f"total_{k}": sum(s[k] for s in shards) for k in ("tokens", "sequences", "bytes")},
         "shards": shards,
     }
     atomic_write_text(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=1))
     shutil.rmtree(out_dir / PROGRESS_DIR, ignore_errors=True)
+    return manifest
+
+
+def shard_split(
+    split: str, data_dir: Path, tok: Tokenizer, splits: dict, args: Namespace, comm: Comm
+) -> dict | None:
+    """Write one split's shards and (rank 0) its manifest."""
+    out_dir = data_dir / split
+    docs_dir = data_dir / "clean" / "docs"
+    doc_ids = splits["splits"][split]
+    if not doc_ids:
+        if comm.is_root:
+            log.warning("split %s has no documents: skipped", split)
+        return None
+    key = {"format_version": FORMAT_VERSION, "tokenizer": tok.sha256, "clean": splits["settings"]}
+    key |= {"seq_len": args.seq_len, "sequences_per_sample": args.sequences_per_sample}
+    # Ranks measure the lines of disjoint documents; rank 0 plans the shards.
+    mine = balance([splits["docs"][d]["bytes"] for d in doc_ids], comm.size)[comm.rank]
+    measured = comm.gather({i: line_sizes(docs_dir / f"{doc_ids[i]}.txt") for i in mine})
+    plans = todo = done = None
+    if comm.is_root:
+        lines = {i: v for part in measured for i, v in part.items()}
+        docs = [(d, lines[i]) for i, d in enumerate(doc_ids)]
+        plans, todo, done = plan_split(out_dir, docs, json.dumps(key, sort_keys=True), args)
+        if comm.size > len(todo) > 0:
+            idle = "%s: %d shards to write for %d ranks: some ranks idle (lower --shard-bytes)"
+            log.info(idle, split, len(todo), comm.size)
+    plans, todo = comm.bcast((plans, todo))
+    work = [plans[i] for i in todo]
+    mine = [work[i] for i in balance([p.text_bytes for p in work], comm.size)[comm.rank]]
+    bar = progress(sum(p.text_bytes for p in mine), f"shard {split}", comm, args.quiet)
+    entries = [build_shard(p, docs_dir, out_dir, tok, args, bar) for p in mine]
+    bar.close()
+    gathered = comm.gather(entries)
+    if not comm.is_root:
+        return None
+    done.update((e["name"], e) for part in gathered for e in part)
+    shards = [done[p.name] for p in plans]
+    manifest = write_manifest(split, out_dir, plans, shards, tok, args)
     log.info(
         "%s: %d documents → %d shards, %d tokens, %d sequences of %d, %.1f MB (%d written, %d kept)",
         split,
@@ -296,22 +265,19 @@ def shard_split(
     return manifest
 
 
-def run(args: argparse.Namespace, comm: Comm) -> dict[str, dict]:
+def run(args: Namespace, comm: Comm) -> dict[str, dict]:
+    """Shard every split of ``args.splits``; rank 0 gets the manifests of those written."""
     data_dir = Path(args.data)
     splits = read_splits(data_dir)
     tok = load_tokenizer(data_dir / MODEL_NAME)
     if tok.vocab_size > 2**16:
         raise ValueError(f"{tok.path}: vocab of {tok.vocab_size} does not fit {DTYPE} shards")
-    manifests = {}
-    for split in args.splits:
-        manifest = shard_split(split, data_dir, tok, splits, args, comm)
-        if manifest is not None:
-            manifests[split] = manifest
+    manifests = {split: shard_split(split, data_dir, tok, splits, args, comm) for split in args.splits}
     comm.barrier()
-    return manifests
+    return {split: m for split, m in manifests.items() if m is not None}
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=512, help="tokens the model sees per sequence")
     parser.add_argument(
         "--shard-bytes",
@@ -331,18 +297,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m data_prep.shard",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = step_parser("data_prep.shard", __doc__)
     parser.add_argument("--data", required=True, help="dataset directory (holds clean/ and tokenizer.model)")
     add_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    comm = get_comm()
-    setup_logging(comm.rank, comm.size)
-    run(args, comm)
+    run(*launch(parser, argv))
 
 
 if __name__ == "__main__":

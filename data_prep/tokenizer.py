@@ -28,8 +28,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from data_prep.clean import read_splits
-from data_prep.common import get_comm
-from gpt1_ds.env import setup_logging
+from data_prep.common import Comm, launch, step_parser
 from gpt1_ds.files import atomic_write_bytes, atomic_write_text
 from gpt1_ds.tokenizer import (
     CONTROL,
@@ -68,9 +67,9 @@ def training_sentences(docs: list[Path], max_sentences: int, sample_bytes: int, 
     total = 0
     for path in order:
         for para in path.read_text(encoding="utf-8").split("\n"):
-            for chunk in _chunks(para):
-                sentences.append(chunk)
-                total += len(chunk)
+            chunks = _chunks(para)
+            sentences += chunks
+            total += sum(map(len, chunks))
         if len(sentences) >= max_sentences or total >= sample_bytes:
             break
     return sentences[:max_sentences]
@@ -95,15 +94,8 @@ def train(
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out_dir / MODEL_NAME, model)
     tok = SentencePieceTokenizer(out_dir / MODEL_NAME)
-    settings = {
-        "vocab_size": vocab_size,
-        "max_sentences": max_sentences,
-        "sample_bytes": sample_bytes,
-        "seed": seed,
-        "sentences": len(sentences),
-        "model_type": "bpe",
-        "byte_fallback": True,
-    }
+    settings = dict(vocab_size=vocab_size, max_sentences=max_sentences, sample_bytes=sample_bytes, seed=seed)
+    settings.update(sentences=len(sentences), model_type="bpe", byte_fallback=True)
     info = {
         "format_version": FORMAT_VERSION,
         "sha256": tok.sha256,
@@ -156,17 +148,6 @@ def _train_bytes(sentences: list[str], vocab_size: int, seed: int, num_threads: 
     return writer.getvalue()
 
 
-def load_info(dataset_dir: str | Path) -> dict:
-    """``tokenizer.json`` of a dataset directory."""
-    path = Path(dataset_dir) / INFO_NAME
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no tokenizer info (run data_prep.tokenizer)") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON: {e}") from None
-
-
 def train_docs(dataset_dir: Path) -> tuple[list[Path], str]:
     """The cleaned train documents listed in ``clean/splits.json``, and a fingerprint of them."""
     splits = read_splits(dataset_dir)
@@ -182,19 +163,14 @@ def ensure_tokenizer(dataset_dir: str | Path, force: bool = False, **settings) -
     dataset_dir = Path(dataset_dir)
     docs, fingerprint = train_docs(dataset_dir)
     if not force and (dataset_dir / MODEL_NAME).is_file():
-        try:
-            info = load_info(dataset_dir)
+        try:  # a missing or unreadable model or info means: train again
+            info = json.loads((dataset_dir / INFO_NAME).read_text())
             tok = SentencePieceTokenizer(dataset_dir / MODEL_NAME)
         except (OSError, ValueError):
             info, tok = {}, None
-        wanted = {k: v for k, v in settings.items() if k != "num_threads"}
         have = info.get("settings", {})
-        if (
-            tok is not None
-            and info.get("sha256") == tok.sha256
-            and info.get("train_fingerprint") == fingerprint
-            and all(have.get(k) == v for k, v in wanted.items())
-        ):
+        same = tok is not None and all(have.get(k) == v for k, v in settings.items() if k != "num_threads")
+        if same and (info.get("sha256"), info.get("train_fingerprint")) == (tok.sha256, fingerprint):
             log.info("tokenizer: %s is up to date (sha256 %s)", tok.path, tok.sha256[:12])
             return tok
     return train(docs, dataset_dir, fingerprint=fingerprint, **settings)
@@ -210,32 +186,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-threads", type=int, default=1, help="sentencepiece training threads")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m data_prep.tokenizer",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--out", required=True, help="dataset directory (holds clean/)")
-    parser.add_argument("--force", action="store_true", help="train even if an up-to-date model exists")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    comm = get_comm()
-    setup_logging(comm.rank, comm.size)
-    if comm.is_root:  # one process trains; other ranks (if any) have nothing to do
-        ensure_tokenizer(args.out, force=args.force, **tokenizer_settings(args))
+def run(args: argparse.Namespace, comm: Comm) -> None:
+    """Rank 0 trains the tokenizer unless the one on disk is up to date; every rank waits for it."""
+    if comm.is_root:
+        settings = {k: getattr(args, k) for k in ("vocab_size", "max_sentences", "sample_bytes", "seed")}
+        ensure_tokenizer(args.out, force=args.force, num_threads=args.train_threads, **settings)
     comm.barrier()
 
 
-def tokenizer_settings(args: argparse.Namespace) -> dict:
-    """The keyword arguments of ``train`` from parsed command-line flags."""
-    return {
-        "vocab_size": args.vocab_size,
-        "max_sentences": args.max_sentences,
-        "sample_bytes": args.sample_bytes,
-        "seed": args.seed,
-        "num_threads": args.train_threads,
-    }
+def main(argv: list[str] | None = None) -> None:
+    parser = step_parser("data_prep.tokenizer", __doc__)
+    parser.add_argument("--out", required=True, help="dataset directory (holds clean/)")
+    parser.add_argument("--force", action="store_true", help="train even if an up-to-date model exists")
+    add_arguments(parser)
+    run(*launch(parser, argv))
 
 
 if __name__ == "__main__":

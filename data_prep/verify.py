@@ -11,14 +11,14 @@ Exits non-zero, naming the shard, on any mismatch.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
 
-from data_prep.manifest import SAMPLE_EXT, decode_block, read_manifest
+from data_prep.common import step_parser
+from data_prep.manifest import MANIFEST_NAME, SAMPLE_EXT, decode_block, read_manifest
 from gpt1_ds.files import sha256_file
 from gpt1_ds.tokenizer import MODEL_NAME, load_tokenizer
 
@@ -27,12 +27,11 @@ def verify_shard(path: Path, entry: dict, manifest: dict) -> list[str]:
     """Problems found in one shard (empty when it is whole and matches its entry)."""
     if not path.is_file():
         return [f"{path}: missing"]
-    size = path.stat().st_size
-    if size != entry["bytes"]:
+    if (size := path.stat().st_size) != entry["bytes"]:
         return [f"{path}: {size} bytes, manifest says {entry['bytes']}"]
     if sha256_file(path) != entry["sha256"]:
         return [f"{path}: sha256 differs from the manifest"]
-    seq_len, pad = manifest["seq_len"], manifest.get("pad_id", 0)
+    seq_len, pad, vocab = manifest["seq_len"], manifest["pad_id"], manifest["vocab_size"]
     samples = sequences = tokens = 0
     tail_seen = False
     try:
@@ -43,30 +42,22 @@ def verify_shard(path: Path, entry: dict, manifest: dict) -> list[str]:
                 block = decode_block(tar.extractfile(member).read(), seq_len)
                 if tail_seen:
                     return [f"{path}: {member.name} follows a padded (final) sequence"]
-                if int(block.max()) >= manifest["vocab_size"]:
-                    return [
-                        f"{path}: {member.name} holds token {int(block.max())}, "
-                        f"vocab_size is {manifest['vocab_size']}"
-                    ]
-                stream = (
-                    np.concatenate([block[0], block[1:, 1:].ravel()])
-                    if samples == 0
-                    else block[:, 1:].ravel()
-                )
+                if (top := int(block.max())) >= vocab:
+                    return [f"{path}: {member.name} holds token {top}, vocab_size is {vocab}"]
+                stream = block[:, 1:].ravel()  # the targets; the shard's very first token too
+                if samples == 0:
+                    stream = np.concatenate([block[0, :1], stream])
                 real = int(np.count_nonzero(stream != pad))
-                if real != len(stream):
-                    tail_seen = True
-                    if np.any(stream[real:] != pad):
-                        return [f"{path}: {member.name} has padding inside the stream"]
+                tail_seen = real != len(stream)
+                if tail_seen and np.any(stream[real:] != pad):
+                    return [f"{path}: {member.name} has padding inside the stream"]
                 samples += 1
                 sequences += len(block)
                 tokens += real
     except (tarfile.TarError, ValueError, OSError) as e:
         return [f"{path}: unreadable: {e}"]
     got = {"samples": samples, "sequences": sequences, "tokens": tokens}
-    return [
-        f"{path}: {k} {v}, manifest says {entry[k]}" for k, v in got.items() if k in entry and entry[k] != v
-    ]
+    return [f"{path}: {k} {v}, manifest says {entry[k]}" for k, v in got.items() if entry[k] != v]
 
 
 def verify(data_dir: str | Path, splits: list[str] | None = None) -> list[str]:
@@ -77,7 +68,7 @@ def verify(data_dir: str | Path, splits: list[str] | None = None) -> list[str]:
         tok = load_tokenizer(data_dir / MODEL_NAME)
     except (OSError, ValueError) as e:
         return [str(e)]
-    names = splits or sorted(p.parent.name for p in data_dir.glob("*/manifest.json"))
+    names = splits or sorted(p.parent.name for p in data_dir.glob(f"*/{MANIFEST_NAME}"))
     if not names:
         return [f"{data_dir}: no split directory with a manifest.json"]
     for split in names:
@@ -87,7 +78,7 @@ def verify(data_dir: str | Path, splits: list[str] | None = None) -> list[str]:
         except (OSError, ValueError) as e:
             problems.append(str(e))
             continue
-        where = split_dir / "manifest.json"
+        where = split_dir / MANIFEST_NAME
         if manifest["tokenizer_sha256"] != tok.sha256:
             problems.append(
                 f"{where}: tokenizer_sha256 differs from {tok.path} "
@@ -104,11 +95,7 @@ def verify(data_dir: str | Path, splits: list[str] | None = None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m data_prep.verify",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = step_parser("data_prep.verify", __doc__)
     parser.add_argument("data", help="dataset directory (holds tokenizer.model and split directories)")
     parser.add_argument("--splits", nargs="+", help="default: every split with a manifest")
     args = parser.parse_args(argv)
