@@ -1,17 +1,16 @@
 """One entry point for every launcher: deepspeed, torchrun, srun, mpirun, or a plain process.
 
-``deepspeed`` and ``torchrun`` set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
-MASTER_PORT. Under ``mpirun`` (Open MPI, MPICH, PMIx variables present) DeepSpeed's
-MPI discovery (mpi4py) sets them. Under ``srun`` they are mapped from SLURM:
-RANK = SLURM_PROCID, WORLD_SIZE = SLURM_NTASKS, LOCAL_RANK = SLURM_LOCALID,
-MASTER_ADDR = the first host of SLURM_JOB_NODELIST, MASTER_PORT = 10000 + job id
-mod 50000 (every task of the job derives the same one). A plain process is a world
-of one on a free local port. NCCL on GPUs and gloo on CPUs, as DeepSpeed's
-accelerator chooses.
+``deepspeed`` and ``torchrun`` set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT.
+Under ``mpirun`` (Open MPI, MPICH, PMIx variables present) DeepSpeed's MPI discovery (mpi4py) sets
+them. Under ``srun`` they are mapped from SLURM: RANK = SLURM_PROCID, WORLD_SIZE = SLURM_NTASKS,
+LOCAL_RANK = SLURM_LOCALID, MASTER_ADDR = the first host of SLURM_JOB_NODELIST, MASTER_PORT =
+10000 + job id mod 50000 (every task of the job derives the same one). A plain process is a world
+of one on a free local port. NCCL on GPUs and gloo on CPUs, as DeepSpeed's accelerator chooses.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -25,25 +24,15 @@ from gpt1_ds.env import free_port, launcher
 
 def first_host(nodelist: str) -> str:
     """The first host of a SLURM node list: ``node[003-010,12],gpu7`` → ``node003``."""
+    cmd = ["scontrol", "show", "hostnames", nodelist]
     try:
-        out = subprocess.run(
-            ["scontrol", "show", "hostnames", nodelist],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        )
-        return out.stdout.split()[0]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True).stdout.split()[0]
     except (OSError, subprocess.SubprocessError, IndexError):
-        pass
-    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+        pass  # no scontrol here: read the list itself
+    m = re.match(r"([^,\[]+)(?:\[([^\],-]*)[^\]]*\])?", nodelist)  # prefix, first number of the brackets
     if not m:
         raise ValueError(f"cannot read the SLURM node list {nodelist!r}")
-    prefix, ranges = m.group(1), m.group(2)
-    if not ranges:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
+    return m.group(1) + (m.group(2) or "")
 
 
 def setup_env() -> str:
@@ -51,8 +40,7 @@ def setup_env() -> str:
     kind = launcher()
     env = os.environ
     if kind == "slurm":
-        env["RANK"] = env["SLURM_PROCID"]
-        env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+        env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_NTASKS"])
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
         env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")))
         env.setdefault("MASTER_PORT", str(10000 + int(env.get("SLURM_JOB_ID", "0")) % 50000))
@@ -66,16 +54,14 @@ def setup_env() -> str:
 def init() -> tuple[int, int, int]:
     """Initialise torch.distributed through DeepSpeed; returns (rank, world size, local rank)."""
     import deepspeed
-    import torch.distributed as dist
 
     kind = setup_env()
     if "SLURM_JOB_ID" in os.environ:  # mpirun inside an allocation: a port per job, as under srun
         os.environ.setdefault("MASTER_PORT", str(10000 + int(os.environ["SLURM_JOB_ID"]) % 50000))
     port = int(os.environ.get("MASTER_PORT", "29500"))  # MPI discovery announces this port
     deepspeed.init_distributed(auto_mpi_discovery=kind == "mpi", distributed_port=port, verbose=False)
-    rank, world = dist.get_rank(), dist.get_world_size()
     local = int(os.environ.get("LOCAL_RANK", os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")))
-    return rank, world, local
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), local
 
 
 def device(local_rank: int) -> torch.device:
@@ -97,8 +83,6 @@ def exit_now(code: int) -> NoReturn:
     ("terminate called without an active exception"), which turns a finished run into a
     failed one; ``os._exit`` skips that teardown (MPI, if mpi4py started it, is finalised first).
     """
-    import logging
-
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

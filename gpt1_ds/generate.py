@@ -1,34 +1,30 @@
 """Text generation from a GPT-1 model: KV cache, temperature, top-k and top-p sampling.
 
-``sample`` feeds the prompt once (prefill) and then one token per step through a
-``KVCache``, so each step costs one position instead of the whole context.
+``sample`` feeds the prompt once (prefill), then one token per step through a ``KVCache``, so
+a step costs one position instead of the whole context. The model has ``n_positions`` positions:
 
-Context policy (the model has ``n_positions`` learned positions):
+* a longer prompt is refused with a ``ValueError`` naming both lengths, unless ``truncate=True``:
+  then the model sees only its last ``n_positions`` tokens (the returned ids keep the whole prompt);
+* generation goes on past ``n_positions`` with a sliding context. Absolute positions shift with the
+  window, so the cache cannot be reused: from there every token costs a full forward pass of the
+  window, exactly as without the cache, and both give the same tokens.
 
-* a prompt longer than ``n_positions`` is refused with a ``ValueError`` naming both
-  lengths, unless ``truncate=True``: then the model sees only its last ``n_positions``
-  tokens (the returned ids still begin with the whole prompt);
-* generation does not stop at ``n_positions``: the context slides, each new token being
-  predicted from the last ``n_positions`` tokens. Absolute positions shift with the window,
-  so the cache cannot be reused; past that point every token costs a full forward pass of
-  the window, exactly as without the cache, and both give the same tokens.
-
-Command line: ``python -m gpt1_ds.generate SOURCE --prompt TEXT`` where SOURCE is an HF
-directory (``gpt1_ds.hf.export_hf``) or a run's ``checkpoints`` directory; prints each
-prompt with its continuation and the generation speed in tokens/s.
+Command line: ``python -m gpt1_ds.generate SOURCE --prompt TEXT`` where SOURCE is an HF directory
+(``gpt1_ds.hf.export_hf``) or a run's ``checkpoints`` directory; prints each prompt with its
+continuation and the generation speed in tokens/s.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
+from argparse import ArgumentParser, RawDescriptionHelpFormatter
 from pathlib import Path
 
 import torch
 
-from gpt1_ds.model import GPT
+from gpt1_ds.model import GPT, describe
 from gpt1_ds.tokenizer import load_tokenizer
 
 log = logging.getLogger("gpt1_ds.generate")
@@ -45,8 +41,7 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     probabilities sum to at least ``p`` (nucleus sampling); the others become -inf."""
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [B, V]
     probs = torch.softmax(sorted_logits.float(), dim=-1)
-    before = probs.cumsum(-1) - probs  # mass of the more probable tokens
-    drop_sorted = before >= p  # the top token is always kept (before = 0 < p)
+    drop_sorted = probs.cumsum(-1) - probs >= p  # the more probable tokens reach p (never for the top one)
     drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
     return logits.masked_fill(drop, float("-inf"))
 
@@ -134,34 +129,35 @@ def sample(
     return ids
 
 
+def _speed(new: int, seconds: float) -> str:
+    """``N new tokens in S s: R tokens/s`` for the log."""
+    return f"{new} new tokens in {seconds:.2f} s: {new / seconds if seconds > 0 else 0.0:.1f} tokens/s"
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m gpt1_ds.generate",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    """Command line: print each prompt's continuation and log the generation speed."""
+    parser = ArgumentParser(
+        prog="python -m gpt1_ds.generate", description=__doc__, formatter_class=RawDescriptionHelpFormatter
     )
-    parser.add_argument("source", help="HF directory (config.json + model.safetensors) or RUN/checkpoints")
-    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    parser.add_argument("--prompts-file", type=Path, help="a file of prompts, one per non-empty line")
-    parser.add_argument("--max-new-tokens", type=int, default=100)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    parser.add_argument("--top-k", type=int, default=40, help="0: no top-k cut")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (1: no cut)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tag", help="checkpoint tag in a checkpoints directory (default: the latest)")
-    parser.add_argument("--tokenizer", type=Path, help="tokenizer.model (default: the one found with SOURCE)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    parser.add_argument("--no-cache", action="store_true", help="recompute the whole context at each token")
-    parser.add_argument(
-        "--truncate", action="store_true", help="keep the last n_positions tokens of a too long prompt"
-    )
+    add = parser.add_argument
+    add("source", help="HF directory (config.json + model.safetensors) or RUN/checkpoints")
+    add("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    add("--prompts-file", type=Path, help="a file of prompts, one per non-empty line")
+    add("--max-new-tokens", type=int, default=100)
+    add("--temperature", type=float, default=0.8, help="0: greedy")
+    add("--top-k", type=int, default=40, help="0: no top-k cut")
+    add("--top-p", type=float, default=1.0, help="nucleus mass (1: no cut)")
+    add("--seed", type=int, default=0)
+    add("--tag", help="checkpoint tag in a checkpoints directory (default: the latest)")
+    add("--tokenizer", type=Path, help="tokenizer.model (default: the one found with SOURCE)")
+    add("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    add("--no-cache", action="store_true", help="recompute the whole context at each token")
+    add("--truncate", action="store_true", help="keep the last n_positions tokens of a too long prompt")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
 
-    prompts = list(args.prompt)
-    if args.prompts_file is not None:
-        lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
-        prompts += [line for line in lines if line.strip()]
+    lines = args.prompts_file.read_text(encoding="utf-8").splitlines() if args.prompts_file else []
+    prompts = args.prompt + [line for line in lines if line.strip()]
     if not prompts:
         parser.error("give at least one --prompt or a --prompts-file")
     if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
@@ -171,7 +167,6 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--device cuda: no CUDA device is available")
 
     from gpt1_ds.loading import load_model
-    from gpt1_ds.model import describe
 
     model, tok_path = load_model(args.source, args.tag)
     tok_path = args.tokenizer or tok_path
@@ -195,45 +190,22 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"prompt {i} is empty")
 
     generator = torch.Generator(device=device).manual_seed(args.seed)
+    opts = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, stop_id=tok.eod_id)
+    opts.update(generator=generator, use_cache=not args.no_cache, truncate=args.truncate)
     total_new, total_s = 0, 0.0
     for i, ids in enumerate(encoded, 1):
         prompt = torch.tensor([ids], dtype=torch.long, device=device)
         start = time.perf_counter()
         with torch.inference_mode():
-            out = sample(
-                model,
-                prompt,
-                args.max_new_tokens,
-                temperature=args.temperature,
-                top_k=args.top_k or None,
-                top_p=args.top_p,
-                generator=generator,
-                stop_id=tok.eod_id,
-                use_cache=not args.no_cache,
-                truncate=args.truncate,
-            )
+            out = sample(model, prompt, args.max_new_tokens, **opts)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
-        new = out.size(1) - prompt.size(1)
+        seconds, new = time.perf_counter() - start, out.size(1) - len(ids)
         total_new, total_s = total_new + new, total_s + seconds
         print(f"--- [{i}] ---\n{tok.decode(out[0].tolist())}", flush=True)
-        log.info(
-            "[%d] %d prompt + %d new tokens in %.2f s: %.1f tokens/s",
-            i,
-            prompt.size(1),
-            new,
-            seconds,
-            new / seconds,
-        )
-    log.info(
-        "%d prompts, %d new tokens in %.2f s: %.1f tokens/s (%s)",
-        len(prompts),
-        total_new,
-        total_s,
-        total_new / total_s if total_s > 0 else 0.0,
-        "no cache" if args.no_cache else "KV cache",
-    )
+        log.info("[%d] %d prompt + %s", i, len(ids), _speed(new, seconds))
+    cache = "no cache" if args.no_cache else "KV cache"
+    log.info("%d prompts, %s (%s)", len(prompts), _speed(total_new, total_s), cache)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,9 @@
 """Conversion between ``gpt1_ds.model.GPT`` and Hugging Face's ``OpenAIGPTLMHeadModel``.
 
-The two networks are the same; only the layout differs. HF keeps its linear
-layers as ``Conv1D`` with weights ``[in, out]`` (the transpose of ``nn.Linear``),
-prefixes the body with ``transformer.``, ties ``lm_head.weight`` to the token
-table, and old checkpoints carry ``h.{i}.attn.bias`` causal-mask buffers, which
-are ignored on import. Writing and reading a directory needs only ``safetensors``;
+The two networks are the same; only the layout differs. HF keeps its linear layers as ``Conv1D``
+with weights ``[in, out]`` (the transpose of ``nn.Linear``), prefixes the body with ``transformer.``,
+ties ``lm_head.weight`` to the token table, and old checkpoints carry ``h.{i}.attn.bias`` causal-mask
+buffers, which are ignored on import. Writing and reading a directory needs only ``safetensors``;
 ``transformers`` is needed only to load the result with ``from_pretrained``.
 """
 
@@ -30,6 +29,10 @@ LEGACY_WEIGHTS_NAME = "pytorch_model.bin"
 _CONV1D = re.compile(r"^h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
 # Non-persistent buffers that some HF checkpoints hold and this model does not need.
 _IGNORED = re.compile(r"^(h\.\d+\.attn\.bias|h\.\d+\.attn\.masked_bias|position_ids)$")
+# config.json keys copied as they are: the shape, then (with HF's defaults) dropout and init.
+_SHAPE = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+_DEFAULTS = {"resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1, "layer_norm_epsilon": 1e-5}
+_DEFAULTS["initializer_range"] = 0.02
 
 
 def config_to_hf(config: GPTConfig) -> dict[str, Any]:
@@ -42,54 +45,31 @@ def config_to_hf(config: GPTConfig) -> dict[str, Any]:
     return {
         "architectures": ["OpenAIGPTLMHeadModel"],
         "model_type": "openai-gpt",
-        "vocab_size": config.vocab_size,
-        "n_positions": config.n_positions,
-        "n_embd": config.n_embd,
-        "n_layer": config.n_layer,
-        "n_head": config.n_head,
+        **{key: getattr(config, key) for key in _SHAPE},
         "afn": "gelu",  # HF's "gelu" for OpenAIGPT is the tanh form (gelu_new)
-        "resid_pdrop": config.resid_pdrop,
-        "embd_pdrop": config.embd_pdrop,
-        "attn_pdrop": config.attn_pdrop,
-        "layer_norm_epsilon": config.layer_norm_epsilon,
-        "initializer_range": config.initializer_range,
+        **{key: getattr(config, key) for key in _DEFAULTS},
         "tie_word_embeddings": True,
     }
 
 
 def config_from_hf(hf: dict[str, Any]) -> GPTConfig:
     """A ``GPTConfig`` from an OpenAIGPT ``config.json`` dict."""
-    afn = hf.get("afn", "gelu")
-    if afn != "gelu":
+    if (afn := hf.get("afn", "gelu")) != "gelu":
         raise ValueError(f"config.json: afn={afn!r}; GPT-1 uses 'gelu' (the tanh form)")
     if hf.get("tie_word_embeddings", True) is False:
         raise ValueError("config.json: tie_word_embeddings=false; GPT-1 ties the LM head")
     try:
-        n_embd = hf["n_embd"]
-        return GPTConfig(
-            vocab_size=hf["vocab_size"],
-            n_positions=hf["n_positions"],
-            n_embd=n_embd,
-            n_layer=hf["n_layer"],
-            n_head=hf["n_head"],
-            n_inner=4 * n_embd,
-            embd_pdrop=hf.get("embd_pdrop", 0.1),
-            attn_pdrop=hf.get("attn_pdrop", 0.1),
-            resid_pdrop=hf.get("resid_pdrop", 0.1),
-            layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
-            initializer_range=hf.get("initializer_range", 0.02),
-        )
+        n_inner = 4 * hf["n_embd"]
+        shape = {key: hf[key] for key in _SHAPE}
     except KeyError as e:
         raise ValueError(f"config.json: missing key {e.args[0]!r}") from None
+    return GPTConfig(**shape, n_inner=n_inner, **{key: hf.get(key, d) for key, d in _DEFAULTS.items()})
 
 
 def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """Our state dict in HF layout, ``lm_head.weight`` included (it is the token table)."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in model.state_dict().items():
-        if key == LM_HEAD:
-            continue
-        out[HF_PREFIX + key] = value.t() if _CONV1D.match(key) else value
+    state = model.state_dict()
+    out = {HF_PREFIX + k: v.t() if _CONV1D.match(k) else v for k, v in state.items() if k != LM_HEAD}
     out[LM_HEAD] = out[HF_PREFIX + TOKENS_EMBED]
     return out
 
@@ -100,20 +80,12 @@ def from_hf_state_dict(state: dict[str, torch.Tensor], config: GPTConfig) -> dic
     Mask buffers are dropped; missing, unexpected or misshapen tensors are an error
     naming the keys; an ``lm_head.weight`` that differs from the token table is refused.
     """
-    ours: dict[str, torch.Tensor] = {}
-    lm_head = None
-    for key, value in state.items():
-        if key == LM_HEAD:
-            lm_head = value
-            continue
-        name = key[len(HF_PREFIX) :] if key.startswith(HF_PREFIX) else key
-        if _IGNORED.match(name):
-            continue
-        ours[name] = value.t() if _CONV1D.match(name) else value
+    lm_head = state.get(LM_HEAD)
+    named = {key.removeprefix(HF_PREFIX): value for key, value in state.items() if key != LM_HEAD}
+    ours = {k: v.t() if _CONV1D.match(k) else v for k, v in named.items() if not _IGNORED.match(k)}
     with torch.device("meta"):
         expected = {k: v.shape for k, v in GPT(config).state_dict().items() if k != LM_HEAD}
-    missing = sorted(set(expected) - set(ours))
-    unexpected = sorted(set(ours) - set(expected))
+    missing, unexpected = sorted(set(expected) - set(ours)), sorted(set(ours) - set(expected))
     if missing or unexpected:
         raise ValueError(f"HF state dict does not fit GPT-1: missing {missing}, unexpected {unexpected}")
     for key, shape in expected.items():
@@ -130,11 +102,9 @@ def export_hf(model: GPT, path: str | Path, metadata: dict[str, str] | None = No
     ``OpenAIGPTLMHeadModel.from_pretrained(path)`` loads. Files appear whole or not at all."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = {
-        k: v.detach().to("cpu", torch.float32).contiguous()
-        for k, v in to_hf_state_dict(model).items()
-        if k != LM_HEAD  # tied: safetensors stores each tensor once; HF re-ties on load
-    }
+    tensors = to_hf_state_dict(model)
+    del tensors[LM_HEAD]  # tied: safetensors stores each tensor once; HF re-ties on load
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
     atomic_write_bytes(path / WEIGHTS_NAME, save(state, metadata={"format": "pt", **(metadata or {})}))
     atomic_write_text(path / CONFIG_NAME, json.dumps(config_to_hf(model.config), indent=2) + "\n")
     return path
@@ -149,10 +119,9 @@ def import_hf(source: str | Path | Any) -> GPT:
         if not config_file.is_file():
             raise FileNotFoundError(f"{config_file}: no config.json in the HF directory")
         try:
-            hf_config = json.loads(config_file.read_text())
+            config = config_from_hf(json.loads(config_file.read_text()))
         except json.JSONDecodeError as e:
             raise ValueError(f"{config_file}: invalid JSON: {e}") from None
-        config = config_from_hf(hf_config)
         if (path / WEIGHTS_NAME).is_file():
             state = load_file(str(path / WEIGHTS_NAME))
         elif (path / LEGACY_WEIGHTS_NAME).is_file():

@@ -1,12 +1,11 @@
 """Training-efficiency arithmetic: FLOPs per token and model FLOPs utilisation (MFU).
 
-FLOPs per token follow PaLM (Chowdhery et al., 2022), appendix B:
-``6 N + 12 L T d`` for a forward and backward pass, where N counts the parameters
-without the position table (a lookup does no matmul), L is the number of layers,
-T the sequence length and d the model width. The first term is the matmuls with
-the weights (2 FLOPs per multiply-add, ×3 for forward + backward); the second is
-attention's QKᵀ and AV. The tied LM head is counted once, as a matmul (its table
-lookup costs nothing). MFU divides achieved FLOPs/s by the device's dense peak.
+FLOPs per token follow PaLM (Chowdhery et al., 2022), appendix B: ``6 N + 12 L T d`` for a forward
+and backward pass, where N counts the parameters without the position table (a lookup does no
+matmul), L is the number of layers, T the sequence length and d the model width. The first term is
+the matmuls with the weights (2 FLOPs per multiply-add, ×3 for forward + backward); the second is
+attention's QKᵀ and AV. The tied LM head is counted once, as a matmul (its table lookup costs
+nothing). MFU divides achieved FLOPs/s by the device's dense peak.
 """
 
 from __future__ import annotations
@@ -43,13 +42,10 @@ def mfu(tokens_per_sec: float, config: GPTConfig, seq_len: int, peak_flops: floa
 def device_peak_flops(device_name: str) -> float | None:
     """Dense bf16 peak of a known GPU from its name (``torch.cuda.get_device_name``), else None."""
     name = device_name.lower()
-    if "h200" in name:
-        return PEAK_FLOPS["h200"]
-    if "h100" in name:
-        return PEAK_FLOPS["h100-pcie"] if "pcie" in name else PEAK_FLOPS["h100-sxm"]
-    if "a100" in name:
-        return PEAK_FLOPS["a100"]
-    return None
+    key = next((k for k in ("h200", "h100", "a100") if k in name), None)
+    if key == "h100":
+        key = "h100-pcie" if "pcie" in name else "h100-sxm"
+    return PEAK_FLOPS.get(key)
 
 
 class Monitor:
@@ -67,10 +63,9 @@ class Monitor:
             self.writer = SummaryWriter(log_dir, purge_step=purge_step)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
-        if self.writer is not None:
-            for tag, value in values.items():
-                if value is not None:
-                    self.writer.add_scalar(tag, value, step)
+        for tag, value in values.items():
+            if self.writer is not None and value is not None:
+                self.writer.add_scalar(tag, value, step)
 
     def text(self, tag: str, text: str, step: int) -> None:
         if self.writer is not None:

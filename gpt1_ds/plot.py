@@ -2,12 +2,11 @@
 
     python -m gpt1_ds.plot RUN [RUN ...] --out curves.png [--labels A B ...] [--csv curves.csv]
 
-Reads the TensorBoard scalars a run wrote (``RUN/tensorboard``; RUN or its
-``tensorboard`` directory may be given) and draws four panels, runs overlaid:
-loss (train and val), perplexity (train and val, log scale), learning rate and
-throughput (tokens/s), each against the optimiser step. Runs are named in the
-legend by their directory, or by ``--labels``. ``--csv`` also writes the plotted
-series, one ``run,tag,step,value`` row per point.
+Reads the TensorBoard scalars a run wrote (``RUN/tensorboard``; RUN or its ``tensorboard``
+directory may be given) and draws four panels, runs overlaid: loss (train and val), perplexity
+(train and val, log scale), learning rate and throughput (tokens/s), each against the optimiser
+step. Runs are named in the legend by their directory, or by ``--labels``. ``--csv`` also writes
+the plotted series, one ``run,tag,step,value`` row per point.
 """
 
 from __future__ import annotations
@@ -24,8 +23,6 @@ from matplotlib.figure import Figure
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 log = logging.getLogger("gpt1_ds.plot")
-
-Series = tuple[list[int], list[float]]  # steps, values
 
 
 class Panel(NamedTuple):
@@ -59,8 +56,8 @@ def event_dir(run: Path) -> Path:
     raise FileNotFoundError(f"no TensorBoard event files in {run / 'tensorboard'} or {run}")
 
 
-def load_scalars(run: Path) -> dict[str, Series]:
-    """Every scalar series of a run, by tag (events purged on resume are left out)."""
+def load_scalars(run: Path) -> dict[str, tuple[list[int], list[float]]]:
+    """Every scalar series of a run, by tag, as (steps, values); events purged on resume are left out."""
     acc = EventAccumulator(str(event_dir(run)), size_guidance={"scalars": 0})
     acc.Reload()
     return {
@@ -90,23 +87,16 @@ def plot(
     fig = Figure(figsize=(12, 8), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, 2).flatten()
-    colors = [f"C{i % 10}" for i in range(len(names))]
     for ax, panel in zip(axes, PANELS, strict=True):
-        drawn = False
-        for name, color in zip(names, colors, strict=True):
-            for tag in panel.tags:
-                if tag not in data[name]:
-                    continue
+        for i, name in enumerate(names):
+            for tag in (t for t in panel.tags if t in data[name]):
                 steps, values = data[name][tag]
                 kind = tag.split("/", 1)[0]
                 label = f"{name} ({kind})" if len(panel.tags) > 1 else name
-                ax.plot(steps, values, color=color, label=label, **STYLES.get(kind, {}))
-                drawn = True
-        ax.set_title(panel.title)
-        ax.set_xlabel("step")
-        ax.set_ylabel(panel.ylabel)
+                ax.plot(steps, values, color=f"C{i % 10}", label=label, **STYLES.get(kind, {}))
+        ax.set(title=panel.title, xlabel="step", ylabel=panel.ylabel)
         ax.grid(True, alpha=0.3)
-        if not drawn:
+        if not ax.get_lines():
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
             continue
         if panel.log_scale:

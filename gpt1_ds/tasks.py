@@ -8,15 +8,15 @@ choices for multiple choice), framed with the tokenizer's control tokens:
     similarity        <start> a <delim> b <extract>  and  <start> b <delim> a <extract>
     multiple choice   <start> context <delim> choice_i <extract>   for each i
 
-The task head reads the last layer's state at ``<extract>``. A framed sequence longer
-than the model's context is cut as GPT-1 cut its inputs: each segment keeps its
-beginning; segments share the room left after the control tokens, and a short
-segment gives what it does not need to the longer ones.
+The task head reads the last layer's state at ``<extract>``. A framed sequence longer than the model's
+context is cut as GPT-1 cut its inputs: each segment keeps its beginning; segments share the room left
+after the control tokens, and a short segment gives what it does not need to the longer ones.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
 import json
 import logging
@@ -53,29 +53,21 @@ class DataError(ValueError):
 class Example:
     """One labelled example: its text segments and its label (a class index, or a score)."""
 
-    texts: tuple[Any, ...]
-    """classification: (text,); entailment / similarity: (a, b); multiple choice: (context, choices)."""
+    texts: tuple[Any, ...]  # (text,); entailment, similarity: (a, b); multiple choice: (context, choices)
     label: float
-    where: str
-    """``file:line`` for messages."""
+    where: str  # ``file:line`` for messages
 
 
 @dataclass
 class TaskData:
     """How a task's files are read: format, fields and the label set."""
 
-    task: str
-    """sst2 | rte | classification | entailment | similarity | multiple_choice."""
-    fields: list[str] | None = None
-    """Text fields of a jsonl/tsv row (defaults per framing: DEFAULT_FIELDS)."""
+    task: str  # sst2 | rte | classification | entailment | similarity | multiple_choice
+    fields: list[str] | None = None  # text fields of a jsonl/tsv row (default per framing: DEFAULT_FIELDS)
     label_field: str = "label"
-    """Field holding the label."""
-    labels: list[str] | None = None
-    """Class names in head order; None: the sorted labels of the training file."""
-    similarity: str = "regression"
-    """Similarity head: ``regression`` (one score, MSE) or ``binary`` (two classes)."""
-    on_error: str = "raise"
-    """Malformed rows: ``raise`` (error naming file and line) or ``skip`` (counted and logged)."""
+    labels: list[str] | None = None  # class names in head order; None: the sorted labels of the training file
+    similarity: str = "regression"  # the head: regression (one score, MSE) or binary (two classes)
+    on_error: str = "raise"  # malformed rows: raise (error naming file and line) or skip (counted, logged)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -141,9 +133,8 @@ class TaskData:
 
     def _whole(self, row: dict[str, Any]) -> bool:
         """Not malformed, every field present and every text non-empty."""
-        if "__error__" in row or any(f not in row for f in [*self.fields, self.label_field]):
-            return False
-        return all(isinstance(row[f], str) and row[f].strip() for f in self.fields)
+        present = "__error__" not in row and all(f in row for f in [*self.fields, self.label_field])
+        return present and all(isinstance(row[f], str) and row[f].strip() for f in self.fields)
 
     def _rows(self, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         """(line number, row) pairs; format from the task or the file name."""
@@ -153,21 +144,17 @@ class TaskData:
         name = path.name.removesuffix(".gz")
         with opener(path, "rt", encoding="utf-8", newline="") as f:
             lines = list(enumerate(f, start=1))
+        nonblank = [(n, text) for n, text in lines if text.strip()]
         if self.task == "sst2":
-            for n, text in lines:
+            for n, text in nonblank:
                 label, _, sentence = text.rstrip("\r\n").partition(" ")
-                if not text.strip():
-                    continue
                 yield n, {"label": label, "text": sentence}
         elif name.endswith(".jsonl") or name.endswith(".json"):
-            for n, text in lines:
-                if not text.strip():
-                    continue
+            for n, text in nonblank:
                 try:
                     row = json.loads(text)
                 except json.JSONDecodeError as e:
-                    yield n, {"__error__": f"invalid JSON ({e.msg})"}
-                    continue
+                    row = {"__error__": f"invalid JSON ({e.msg})"}
                 yield n, row if isinstance(row, dict) else {"__error__": "a row must be a JSON object"}
         else:  # tsv with a header row (GLUE); quotes are text, not quoting
             rows = csv.reader((t for _, t in lines), delimiter="\t", quoting=csv.QUOTE_NONE)
@@ -194,11 +181,8 @@ class TaskData:
         raw_label = row[self.label_field]
         if self.kind == "multiple_choice":
             context, choices = texts
-            if (
-                not isinstance(choices, list)
-                or len(choices) < 2
-                or not all(isinstance(c, str) for c in choices)
-            ):
+            strings = isinstance(choices, list) and all(isinstance(c, str) for c in choices)
+            if not strings or len(choices) < 2:
                 raise DataError(f"{where}: {self.fields[1]} must be a list of at least two strings")
             if not isinstance(raw_label, int) or not 0 <= raw_label < len(choices):
                 raise DataError(f"{where}: label {raw_label!r} is not an index into {len(choices)} choices")
@@ -225,12 +209,10 @@ def fit_segments(lengths: list[int], budget: int) -> list[int]:
     segments stay whole, the longer ones share the rest equally."""
     if sum(lengths) <= budget:
         return list(lengths)
-    keep = [0] * len(lengths)
-    left, remaining = budget, len(lengths)
-    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
-        keep[i] = min(lengths[i], left // remaining)
+    keep, left, n = [0] * len(lengths), budget, len(lengths)
+    for done, i in enumerate(sorted(range(n), key=lambda i: lengths[i])):  # the shortest first
+        keep[i] = min(lengths[i], left // (n - done))
         left -= keep[i]
-        remaining -= 1
     return keep
 
 
@@ -242,11 +224,8 @@ def frame(segments: list[list[int]], start: int, delim: int, extract: int, n_ctx
     keep = fit_segments([len(s) for s in segments], budget)
     ids = [start]
     for i, (seg, k) in enumerate(zip(segments, keep, strict=True)):
-        if i:
-            ids.append(delim)
-        ids.extend(seg[:k])
-    ids.append(extract)
-    return ids
+        ids += [delim, *seg[:k]] if i else seg[:k]
+    return [*ids, extract]
 
 
 @dataclass
@@ -258,28 +237,22 @@ class Encoded:
 
 
 def encode(examples: list[Example], data: TaskData, tok: Any, n_ctx: int) -> list[Encoded]:
-    """Tokenize and frame every example (``tok``: ``data_prep.tokenizer.Tokenizer``)."""
-    s, d, e = tok.start_id, tok.delim_id, tok.extract_id
-    out, cache = [], {}
+    """Tokenize and frame every example (``tok``: ``gpt1_ds.tokenizer.Tokenizer``)."""
+    ids = functools.cache(tok.encode)  # texts recur: both orders of a pair, the context of every choice
 
-    def ids(text: str) -> list[int]:
-        if text not in cache:
-            cache[text] = tok.encode(text)
-        return cache[text]
+    def framed(*texts: str) -> list[int]:
+        return frame([ids(t) for t in texts], tok.start_id, tok.delim_id, tok.extract_id, n_ctx)
 
-    for ex in examples:
+    def sequences(texts: tuple[Any, ...]) -> list[list[int]]:
         if data.kind == "classification":
-            seqs = [frame([ids(ex.texts[0])], s, d, e, n_ctx)]
-        elif data.kind == "entailment":
-            seqs = [frame([ids(ex.texts[0]), ids(ex.texts[1])], s, d, e, n_ctx)]
-        elif data.kind == "similarity":
-            a, b = ids(ex.texts[0]), ids(ex.texts[1])
-            seqs = [frame([a, b], s, d, e, n_ctx), frame([b, a], s, d, e, n_ctx)]
-        else:
-            context, choices = ex.texts
-            seqs = [frame([ids(context), ids(c)], s, d, e, n_ctx) for c in choices]
-        out.append(Encoded(seqs, ex.label))
-    return out
+            return [framed(texts[0])]
+        if data.kind == "entailment":
+            return [framed(texts[0], texts[1])]
+        if data.kind == "similarity":
+            return [framed(texts[0], texts[1]), framed(texts[1], texts[0])]
+        return [framed(texts[0], choice) for choice in texts[1]]  # multiple choice
+
+    return [Encoded(sequences(ex.texts), ex.label) for ex in examples]
 
 
 def collate(items: list[Encoded], pad_id: int, regression: bool) -> dict[str, torch.Tensor]:
@@ -288,8 +261,7 @@ def collate(items: list[Encoded], pad_id: int, regression: bool) -> dict[str, to
     K = len(items[0].sequences)
     if any(len(it.sequences) != K for it in items):
         raise ValueError("every example of a batch needs the same number of sequences (choices)")
-    T = max(len(s) for it in items for s in it.sequences)
-    B = len(items)
+    B, T = len(items), max(len(s) for it in items for s in it.sequences)
     input_ids = torch.full((B, K, T), pad_id, dtype=torch.long)
     lm_targets = torch.full((B, K, T), IGNORE_INDEX, dtype=torch.long)
     extract_pos = torch.zeros(B, K, dtype=torch.long)
@@ -306,15 +278,12 @@ def collate(items: list[Encoded], pad_id: int, regression: bool) -> dict[str, to
 def _ranks(x: np.ndarray) -> np.ndarray:
     """Ranks from 1 with ties averaged (as Spearman's rho needs)."""
     order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x), dtype=np.float64)
     sorted_x = x[order]
-    i = 0
-    while i < len(x):
-        j = i
-        while j + 1 < len(x) and sorted_x[j + 1] == sorted_x[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
+    first = np.r_[True, sorted_x[1:] != sorted_x[:-1]][: len(x)]  # where each run of equal values starts
+    starts = np.flatnonzero(first)
+    ends = np.r_[starts[1:], len(x)]
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = ((starts + ends + 1) / 2)[np.cumsum(first) - 1]
     return ranks
 
 
