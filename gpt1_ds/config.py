@@ -145,19 +145,11 @@ def read_settings(cls: type, path: str | Path | None, overrides: list[str] | Non
             raise ValueError(f"{path}: invalid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of settings")
-    for item in overrides or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} is not key=value")
-        parsed = parse_value(value)
-        if "." in key:
-            outer, inner = key.split(".", 1)
-            data.setdefault(outer, {})
-            if not isinstance(data[outer], dict):
-                raise ValueError(f"override {item!r}: {outer} is not a mapping")
-            data[outer][inner] = parsed
-        else:
-            data[key] = parsed
+    for key, value in parse_overrides(overrides or []).items():
+        outer, dot, inner = key.partition(".")
+        if dot and not isinstance(data.setdefault(outer, {}), dict):
+            raise ValueError(f"override {key}=...: {outer} is not a mapping")
+        data[outer] = {**data[outer], inner: value} if dot else value
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -279,12 +271,7 @@ def _fill(value: Any, computed: int, where: str) -> int:
 
 
 def resolve_ds_config(
-    ds: dict[str, Any],
-    run: Settings,
-    world_size: int,
-    steps_per_epoch_fn,
-    where: str,
-    device: str,
+    ds: dict[str, Any], run: Settings, world_size: int, steps_per_epoch_fn: Any, where: str, device: str
 ) -> dict[str, Any]:
     """A copy of the DeepSpeed config with its ``"auto"`` values filled and checked.
 
@@ -295,37 +282,29 @@ def resolve_ds_config(
     global_batch = ds.get("train_batch_size")
     if not isinstance(global_batch, int):
         raise ValueError(f"{where}: train_batch_size must be a number (GPT-1: 64), got {global_batch!r}")
-    micro = _fill(
-        ds.get("train_micro_batch_size_per_gpu"),
-        run.micro_batch_size,
-        f"{where}: train_micro_batch_size_per_gpu (run setting micro_batch_size)",
-    )
+    where_micro = f"{where}: train_micro_batch_size_per_gpu (run setting micro_batch_size)"
+    micro = _fill(ds.get("train_micro_batch_size_per_gpu"), run.micro_batch_size, where_micro)
     if global_batch % (micro * world_size):
         raise ValueError(
             f"{where}: train_batch_size {global_batch} is not a multiple of micro_batch_size {micro} "
             f"× world size {world_size}"
         )
-    accum = _fill(
-        ds.get("gradient_accumulation_steps"),
-        global_batch // (micro * world_size),
-        f"{where}: gradient_accumulation_steps",
-    )
+    accum = global_batch // (micro * world_size)
+    accum = _fill(ds.get("gradient_accumulation_steps"), accum, f"{where}: gradient_accumulation_steps")
     ds.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum)
     per_epoch = steps_per_epoch_fn(accum)
     total = run.max_steps if run.max_steps is not None else run.epochs * per_epoch
-    sched = ds.get("scheduler", {}).get("params")
-    if sched is not None and "total_num_steps" in sched:
+    sched = ds.get("scheduler", {}).get("params") or {}
+    if "total_num_steps" in sched:
         sched["total_num_steps"] = _fill(
             sched["total_num_steps"], total, f"{where}: scheduler.total_num_steps"
         )
-    if (
-        sched is not None and sched.get("warmup_max_lr") == "auto"
-    ):  # WarmupDecayLR's peak is the optimiser's lr
+    if sched.get("warmup_max_lr") == "auto":  # WarmupDecayLR's peak is the optimiser's lr
         lr = ds.get("optimizer", {}).get("params", {}).get("lr")
         if not isinstance(lr, (int, float)):
             raise ValueError(f"{where}: scheduler.warmup_max_lr is auto, but optimizer.params.lr is {lr!r}")
         sched["warmup_max_lr"] = lr
-    if sched is not None and sched.get("warmup_num_steps") == "auto":
+    if sched.get("warmup_num_steps") == "auto":
         fraction = getattr(run, "warmup_fraction", None)
         if fraction is None:
             raise ValueError(

@@ -1,42 +1,35 @@
 """Streaming loader: WebDataset shards → batches, split by rank and worker, equal steps, exact resume.
 
-The layout of an epoch is a pure function of the manifest, the seed, the epoch,
-the world size, the number of workers and the batch size, so every rank computes
-the same one without talking to the others:
+The layout of an epoch is a pure function of the manifest, the seed, the epoch, the world size, the
+number of workers and the batch size, so every rank computes the same one without talking to the others:
 
 1. the shards, in an order shuffled by (seed, epoch), form one stream of sequences;
-2. the stream is cut into ``slots`` contiguous ranges (default: world size ×
-   DataLoader workers per rank) of ``L`` sequences each, ``L`` the largest
-   multiple of the batch size B that fits; the remainder (fewer than
-   ``slots × B`` sequences) is left out of that epoch, a different remainder each
-   epoch since the shard order changes;
-3. within a slot, consecutive windows of ``shuffle_window`` sequences are
-   permuted by (seed, epoch, slot, window): a bounded shuffle buffer;
-4. micro-batch t of the epoch is batch ``t // slots`` of slot ``t % slots``:
-   the slots are read side by side. Rank r takes the micro-batches with
-   ``t % world_size == r`` and its DataLoader workers take turns, each reading
-   its own slots sequentially. Every rank yields ``slots × L / B / world_size``
-   micro-batches per epoch whatever the shard sizes, so no rank ever waits in a
-   collective for one that ran dry; and the micro-batches of an optimiser step
-   (``world_size × accumulation`` consecutive t) are the same whatever the
-   world size, for a given number of slots.
+2. the stream is cut into ``slots`` contiguous ranges (default: world size × DataLoader workers per
+   rank) of ``L`` sequences each, ``L`` the largest multiple of the batch size B that fits; the
+   remainder (fewer than ``slots × B`` sequences) is left out of that epoch, a different remainder
+   each epoch since the shard order changes;
+3. within a slot, consecutive windows of ``shuffle_window`` sequences are permuted by
+   (seed, epoch, slot, window): a bounded shuffle buffer;
+4. micro-batch t of the epoch is batch ``t // slots`` of slot ``t % slots``: the slots are read side
+   by side. Rank r takes the micro-batches with ``t % world_size == r`` and its DataLoader workers take
+   turns, each reading its own slots sequentially. Every rank yields ``slots × L / B / world_size``
+   micro-batches per epoch whatever the shard sizes, so no rank ever waits in a collective for one
+   that ran dry; and the micro-batches of an optimiser step (``world_size × accumulation``
+   consecutive t) are the same whatever the world size, for a given number of slots.
 
-Resume: ``state_dict()`` is (epoch, micro-batches consumed across ranks) plus
-the settings the order depends on. ``load_state_dict`` makes the next batch the
-one the uninterrupted run would have yielded: each worker seeks (local files: by
-byte offset, computed from the manifest; URLs: by reading through the shard) to
-the window holding its next batch, so a resume costs reading about one window
-per slot, not the epoch. The world size and worker count may change at a resume
-when the saved slot count is a multiple of the new world size × workers (the
-order, and so the epoch's coverage, is then unchanged); otherwise, and for a
-different seed, batch size or dataset, it is refused with an error naming both
+Resume: ``state_dict()`` is (epoch, micro-batches consumed across ranks) plus the settings the order
+depends on. ``load_state_dict`` makes the next batch the one the uninterrupted run would have yielded:
+each worker seeks (local files: by byte offset, computed from the manifest; URLs: by reading through
+the shard) to the window holding its next batch, so a resume costs reading about one window per slot,
+not the epoch. The world size and worker count may change at a resume when the saved slot count is a
+multiple of the new world size × workers (the order, and so the epoch's coverage, is then unchanged);
+otherwise, and for a different seed, batch size or dataset, it is refused with an error naming both
 values.
 
-Bad shards: a missing, truncated or corrupt shard is an error naming the shard,
-the rank and the worker. With ``on_error="skip"`` it is logged and counted, and
-each sequence it should have given is replaced by a sequence of the next
-readable shard of the epoch (same offset modulo its size): every rank keeps its
-number of batches, and resume stays exact.
+Bad shards: a missing, truncated or corrupt shard is an error naming the shard, the rank and the
+worker. With ``on_error="skip"`` it is logged and counted, and each sequence it should have given is
+replaced by a sequence of the next readable shard of the epoch (same offset modulo its size): every
+rank keeps its number of batches, and resume stays exact.
 """
 
 from __future__ import annotations
@@ -44,8 +37,9 @@ from __future__ import annotations
 import bisect
 import logging
 import tarfile
+from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,10 +89,6 @@ class Dataset:
         return sum(s.sequences for s in self.shards)
 
 
-def _is_url(source: str) -> bool:
-    return "://" in source or source.startswith("pipe:")
-
-
 def _complete(source: str, name: str) -> str:
     """The URL of file ``name``: ``{name}`` in the source replaced, or ``name`` appended."""
     return source.replace("{name}", name) if "{name}" in source else source + name
@@ -110,12 +100,11 @@ def open_dataset(
     vocab_size: int | None = None,
     seq_len: int | None = None,
 ) -> Dataset:
-    """A split directory (local), or a URL that ``manifest.json`` and the shard names complete:
-    appended (``http://host/train/``) or in place of ``{name}``
-    (``pipe:aws s3 cp s3://bucket/train/{name} -``); checked against the tokenizer and the
-    model before anything runs."""
+    """A split directory (local), or a URL that ``manifest.json`` and the shard names complete: appended
+    (``http://host/train/``) or in place of ``{name}`` (``pipe:aws s3 cp s3://bucket/train/{name} -``);
+    checked against the tokenizer and the model before anything runs."""
     source = str(source)
-    if _is_url(source):
+    if "://" in source or source.startswith("pipe:"):  # a URL
         from webdataset.gopen import gopen
 
         where = _complete(source, MANIFEST_NAME)
@@ -136,18 +125,13 @@ def open_dataset(
     )
 
 
-def _member_stride(dataset: Dataset) -> int:
-    """Bytes from one full member's header to the next (header + padded data)."""
-    data = dataset.per_sample * (dataset.seq_len + 1) * 2
-    return TAR_BLOCK + -(-data // TAR_BLOCK) * TAR_BLOCK
-
-
 def _read_local(shard: Shard, dataset: Dataset, first: int) -> Iterator[np.ndarray]:
     """Sequences ``first``… of a local shard, seeking straight to the member that holds ``first``."""
     k, row = dataset.per_sample, 2 * (dataset.seq_len + 1)
     block = first // k
+    stride = TAR_BLOCK + -(-(k * row) // TAR_BLOCK) * TAR_BLOCK  # one full member: header + padded data
     with open(shard.url, "rb") as f:
-        f.seek(block * _member_stride(dataset))
+        f.seek(block * stride)
         done = block * k
         while done < shard.sequences:
             header = f.read(TAR_BLOCK)
@@ -192,8 +176,6 @@ def read_shard(shard: Shard, dataset: Dataset, first: int = 0) -> Iterator[np.nd
     reader = _read_local if shard.local else _read_stream
     try:
         yield from reader(shard, dataset, first)
-    except ShardError:
-        raise
     except (OSError, tarfile.TarError, ValueError, EOFError) as e:
         raise ShardError(f"{type(e).__name__}: {e}") from None
 
@@ -203,8 +185,7 @@ class _Stream:
 
     def __init__(self, dataset: Dataset, order: np.ndarray, on_error: str, where: str) -> None:
         self.dataset, self.order, self.on_error, self.where = dataset, order, on_error, where
-        sizes = [dataset.shards[i].sequences for i in order]
-        self.starts = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+        self.starts = np.concatenate([[0], np.cumsum([dataset.shards[i].sequences for i in order])]).tolist()
         self.bad: set[int] = set()
         self.skipped = 0
         self._gen: Iterator[np.ndarray] | None = None
@@ -297,15 +278,14 @@ class Layout:
 
 
 class _Slots:
-    """The micro-batches of one epoch, by (slot, index in the slot), read window by window."""
+    """One epoch's micro-batches by (slot, index in the slot), read window by window, one stream per slot."""
 
     def __init__(self, dataset: Dataset, layout: Layout, epoch: int, seq_len: int, on_error: str, where: str):
-        self.dataset, self.layout, self.epoch, self.seq_len = dataset, layout, epoch, seq_len
+        self.layout, self.epoch, self.seq_len = layout, epoch, seq_len
         self.slot_len = layout.slot_len(dataset.total_sequences)
         order = layout.order(len(dataset.shards), epoch)
-        self.readers: dict[int, _Stream] = {}  # one per slot, so that each reads on sequentially
+        self.readers: dict[int, _Stream] = defaultdict(lambda: _Stream(dataset, order, on_error, where))
         self.windows: dict[int, tuple[int, np.ndarray]] = {}
-        self.order, self.on_error, self.where = order, on_error, where
 
     def batch(self, slot: int, index: int) -> dict[str, Any]:
         lay, B = self.layout, self.layout.batch_size
@@ -313,11 +293,8 @@ class _Slots:
         w_start = start // lay.window * lay.window
         cached = self.windows.get(slot)
         if cached is None or cached[0] != w_start:
-            reader = self.readers.setdefault(
-                slot, _Stream(self.dataset, self.order, self.on_error, self.where)
-            )
             n = min(lay.window, self.slot_len - w_start)
-            seqs = np.concatenate(list(reader.read(slot * self.slot_len + w_start, n)))
+            seqs = np.concatenate(list(self.readers[slot].read(slot * self.slot_len + w_start, n)))
             if lay.shuffle:
                 seqs = seqs[np.random.default_rng([lay.seed, self.epoch, slot, w_start]).permutation(n)]
             self.windows[slot] = cached = (w_start, seqs)
@@ -330,49 +307,30 @@ class _Slots:
 
 
 class _RankDataset(IterableDataset):
-    """Yields one rank's micro-batches from (epoch, k) on, epoch after epoch.
+    """A loader's micro-batches from its (epoch, batch) on, epoch after epoch (order: see the module doc)."""
 
-    Micro-batch t of an epoch is batch ``t // slots`` of slot ``t % slots``; rank r
-    takes the t with ``t % world_size == r``, and DataLoader worker w of W takes every
-    W-th of those. The global order of micro-batches does not depend on the world
-    size, so neither does what a step of ``world × accumulation`` micro-batches sees.
-    """
-
-    def __init__(
-        self,
-        dataset: Dataset,
-        layout: Layout,
-        rank: int,
-        world_size: int,
-        workers: int,
-        seq_len: int,
-        on_error: str,
-    ) -> None:
+    def __init__(self, loader: TrainLoader) -> None:
         super().__init__()
-        self.dataset, self.layout, self.rank, self.world_size = dataset, layout, rank, world_size
-        self.workers, self.seq_len, self.on_error = workers, seq_len, on_error
-        self.start_epoch, self.start_batch = 0, 0
+        self.dataset, self.layout, self.rank = loader.dataset, loader.layout, loader.rank
+        self.world_size, self.workers, self.seq_len = loader.world_size, loader.workers, loader.seq_len
+        self.on_error, self.start_epoch, self.start_batch = loader.on_error, loader.epoch, loader.batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         physical = info.id if info is not None else 0
         # The DataLoader asks worker 0 first; after a resume at rank batch k, the next
         # batch belongs to logical worker k mod W, so worker ids are rotated by that.
-        logical = (physical + self.start_batch) % self.workers
-        consumed = max(0, -(-(self.start_batch - logical) // self.workers))  # ceil((k - w) / W)
-        yield from self._batches(logical, self.start_epoch, consumed)
-
-    def _batches(self, worker: int, epoch: int, consumed: int) -> Iterator[dict[str, Any]]:
-        lay, world, W = self.layout, self.world_size, self.workers
+        lay, world, W, epoch = self.layout, self.world_size, self.workers, self.start_epoch
+        worker = (physical + self.start_batch) % W
+        j = max(0, -(-(self.start_batch - worker) // W))  # ceil((k - w) / W): this worker's batches done
         where = f"rank {self.rank} worker {worker}"
         per_epoch = lay.slots * lay.slot_len(self.dataset.total_sequences) // lay.batch_size
         while True:
             slots = _Slots(self.dataset, lay, epoch, self.seq_len, self.on_error, where)
-            j = consumed
             while (t := (j * W + worker) * world + self.rank) < per_epoch:
                 yield slots.batch(t % lay.slots, t // lay.slots)
                 j += 1
-            epoch, consumed = epoch + 1, 0
+            epoch, j = epoch + 1, 0
 
 
 class TrainLoader:
@@ -415,15 +373,14 @@ class TrainLoader:
             )
         window = max(1, -(-shuffle_window // batch_size)) * batch_size
         self.layout = Layout(seed, slots, batch_size, shuffle, window)
-        slot_len = self.layout.slot_len(self.dataset.total_sequences)
-        if slot_len == 0:
+        if (slot_len := self.layout.slot_len(self.dataset.total_sequences)) == 0:
             raise ValueError(
                 f"{source}: {self.dataset.total_sequences} sequences cannot give one batch of {batch_size} "
                 f"to each of {slots} slots ({world_size} ranks × {self.workers} workers)"
             )
         self.batches_per_epoch = slots * slot_len // batch_size // world_size
         self.rank, self.num_workers, self.on_error = rank, num_workers, on_error
-        self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
+        self._dl_kw = dict(pin_memory=pin_memory, prefetch_factor=prefetch_factor, persistent_workers=False)
         self.epoch, self.batch = 0, 0
         self._iter: Iterator[dict[str, Any]] | None = None
         self._skipped: dict[int, int] = {}
@@ -437,21 +394,10 @@ class TrainLoader:
         return sum(self._skipped.values())
 
     def _start(self) -> Iterator[dict[str, Any]]:
-        ds = _RankDataset(
-            self.dataset, self.layout, self.rank, self.world_size, self.workers, self.seq_len, self.on_error
-        )
-        ds.start_epoch, ds.start_batch = self.epoch, self.batch
+        ds = _RankDataset(self)
         if self.num_workers == 0:
             return iter(ds)
-        loader = DataLoader(
-            ds,
-            batch_size=None,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            prefetch_factor=self.prefetch_factor,
-            persistent_workers=False,
-        )
-        return iter(loader)
+        return iter(DataLoader(ds, batch_size=None, num_workers=self.num_workers, **self._dl_kw))
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         if self._iter is None:  # one underlying iterator runs across epochs: the workers persist
@@ -466,34 +412,20 @@ class TrainLoader:
 
     def state_dict(self) -> dict[str, Any]:
         """Where the epoch stands, in world-size-free terms, and what the order depends on."""
-        lay = self.layout
         return {
             "version": STATE_VERSION,
             "epoch": self.epoch,
             "micro_batches": self.batch * self.world_size,
-            "seed": lay.seed,
-            "slots": lay.slots,
-            "batch_size": lay.batch_size,
-            "shuffle": lay.shuffle,
-            "window": lay.window,
+            **asdict(self.layout),  # seed, slots, batch_size, shuffle, window
             "total_sequences": self.dataset.total_sequences,
             "tokenizer_sha256": self.dataset.manifest["tokenizer_sha256"],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly where ``state`` was taken. The world size and the workers may
-        change if the saved slot count is a multiple of world size × workers; the other
-        settings the order depends on must match."""
+        """Continue exactly where ``state`` was taken. The world size and the workers may change if the
+        saved slot count is a multiple of world size × workers; the other settings of the order must match."""
         mine = self.state_dict()
-        for key in (
-            "version",
-            "seed",
-            "batch_size",
-            "shuffle",
-            "window",
-            "total_sequences",
-            "tokenizer_sha256",
-        ):
+        for key in (k for k in mine if k not in ("epoch", "micro_batches", "slots")):
             if state.get(key) != mine[key]:
                 raise ValueError(
                     f"loader state has {key}={state.get(key)!r}, this loader has {key}={mine[key]!r}: "
@@ -507,9 +439,7 @@ class TrainLoader:
                 "world_size × workers, micro_batches of world_size)"
             )
         if slots != self.layout.slots:
-            self.layout = Layout(
-                self.layout.seed, slots, self.layout.batch_size, self.layout.shuffle, self.layout.window
-            )
+            self.layout = replace(self.layout, slots=slots)
             slot_len = self.layout.slot_len(self.dataset.total_sequences)
             self.batches_per_epoch = slots * slot_len // self.layout.batch_size // self.world_size
         if not 0 <= consumed // self.world_size < self.batches_per_epoch:
@@ -519,10 +449,9 @@ class TrainLoader:
 
 
 class EvalLoader:
-    """Validation batches in a fixed order; the ranks cover the split (or its first
-    ``max_batches × batch_size × world_size`` sequences) exactly once between them.
-    Ranks may get one sequence more or less, and the last batch may be short: sum the
-    losses and counts, then all-reduce once."""
+    """Validation batches in a fixed order; the ranks cover the split, or its first
+    ``max_batches × batch_size × world_size`` sequences, exactly once between them. Ranks may get one
+    sequence more or less and the last batch may be short: sum the losses and counts, then all-reduce once."""
 
     def __init__(
         self,

@@ -1,9 +1,8 @@
 """GPT-1 (Radford et al., 2018), exactly as openai/finetune-transformer-lm built it.
 
-Post-LayerNorm blocks, learned token and position tables, tanh GELU, no final
-LayerNorm, LM head tied to the token table, N(0, 0.02) init. With the ``gpt1``
-preset the model has 116,534,784 parameters and gives the same logits as
-``transformers.OpenAIGPTLMHeadModel`` holding the same weights (see ``gpt1_ds.hf``).
+Post-LayerNorm blocks, learned token and position tables, tanh GELU, no final LayerNorm, LM head tied
+to the token table, N(0, 0.02) init. With the ``gpt1`` preset the model has 116,534,784 parameters and
+gives the same logits as ``transformers.OpenAIGPTLMHeadModel`` holding the same weights (``gpt1_ds.hf``).
 
 Shapes: B batch, T sequence length, C = n_embd, H = n_head, D = C // H, V = vocab,
 L positions already in a ``KVCache``.
@@ -12,6 +11,7 @@ L positions already in a ``KVCache``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
@@ -24,12 +24,9 @@ from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from gpt1_ds.tokenizer import GPT1_VOCAB_SIZE
 
-IGNORE_INDEX = -100
-"""Target value that the loss skips (padding, prompt tokens in fine-tuning)."""
-TOKENS_EMBED = "tokens_embed.weight"
-"""State-dict name of the token table."""
-LM_HEAD = "lm_head.weight"
-"""State-dict name of the LM head: the token table itself (tied), in ours and in HF's layout."""
+IGNORE_INDEX = -100  # target value that the loss skips (padding, prompt tokens in fine-tuning)
+TOKENS_EMBED = "tokens_embed.weight"  # state-dict name of the token table
+LM_HEAD = "lm_head.weight"  # state-dict name of the LM head: the token table itself (tied), here and in HF
 
 
 @dataclass(frozen=True)
@@ -63,16 +60,14 @@ class GPTConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not isinstance(value := getattr(self, name), int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(
                 f"GPTConfig.n_embd ({self.n_embd}) must be divisible by GPTConfig.n_head ({self.n_head})"
             )
         for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
+            if not 0.0 <= (value := getattr(self, name)) < 1.0:
                 raise ValueError(f"GPTConfig.{name} must lie in [0, 1), got {value!r}")
         if self.layer_norm_epsilon <= 0 or self.initializer_range <= 0:
             raise ValueError("GPTConfig.layer_norm_epsilon and initializer_range must be > 0")
@@ -91,8 +86,7 @@ class GPTConfig:
     def from_dict(cls, data: dict[str, Any]) -> GPTConfig:
         """Build from a dict, refusing keys that are not fields."""
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
+        if unknown := sorted(set(data) - known):
             raise ValueError(f"unknown GPTConfig keys {unknown}; known: {sorted(known)}")
         return cls(**data)
 
@@ -142,12 +136,7 @@ class KVCache:
         if end > self.max_len:
             raise ValueError(f"KVCache holds {self.max_len} positions; {self.length} + {T} do not fit")
         buf = self.k[layer]
-        if (
-            buf is None
-            or buf.shape != (B, H, self.max_len, D)
-            or buf.dtype != k.dtype
-            or buf.device != k.device
-        ):
+        if buf is None or (buf.shape, buf.dtype, buf.device) != ((B, H, self.max_len, D), k.dtype, k.device):
             self.k[layer] = k.new_empty(B, H, self.max_len, D)
             self.v[layer] = v.new_empty(B, H, self.max_len, D)
         ks, vs = self.k[layer], self.v[layer]
@@ -230,12 +219,11 @@ class Block(nn.Module):
 
 def _checkpoint_fn() -> Callable[..., torch.Tensor]:
     """DeepSpeed's checkpoint when its activation checkpointing is configured, else torch's."""
-    try:
+    with contextlib.suppress(ImportError):  # DeepSpeed is a dependency, but the model runs without it
         from deepspeed import checkpointing as ds_ckpt
-    except ImportError:  # DeepSpeed is a dependency, but the model runs without it
-        ds_ckpt = None
-    if ds_ckpt is not None and ds_ckpt.is_configured():
-        return ds_ckpt.checkpoint
+
+        if ds_ckpt.is_configured():
+            return ds_ckpt.checkpoint
     return lambda block, x: torch_checkpoint(block, x, use_reentrant=False)
 
 
@@ -254,15 +242,11 @@ class GPT(nn.Module):
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
+        if isinstance(module, (nn.Linear, nn.LayerNorm)) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
     def num_parameters(self, exclude_positions: bool = False) -> int:
@@ -284,15 +268,12 @@ class GPT(nn.Module):
             raise ValueError(f"{what} exceeds GPTConfig.n_positions ({self.config.n_positions})")
         pos = torch.arange(L, L + T, device=input_ids.device)  # [T]
         x = self.drop(self.tokens_embed(input_ids) + self.positions_embed(pos))  # [B, T, C]
-        if cache is not None:
-            for i, block in enumerate(self.h):
-                x = block(x, cache, i)
-            cache.length += T
-            return x
         use_ckpt = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
-        ckpt = _checkpoint_fn() if use_ckpt else None
-        for block in self.h:
-            x = ckpt(block, x) if ckpt is not None else block(x)
+        ckpt = _checkpoint_fn() if use_ckpt and cache is None else None
+        for i, block in enumerate(self.h):
+            x = ckpt(block, x) if ckpt is not None else block(x, cache, i)
+        if cache is not None:
+            cache.length += T
         return x
 
     def forward(
@@ -317,10 +298,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     for p in model.parameters():  # .parameters() yields each shared tensor once
         if p.requires_grad:
             (decay if p.dim() > 1 else no_decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def describe(model: GPT) -> str:

@@ -61,12 +61,9 @@ def parse_launch_args(
     parser = argparse.ArgumentParser(
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    ds_help = f"DeepSpeed JSON (default {default_ds_config})"
     parser.add_argument(
-        "--deepspeed_config",
-        "--ds-config",
-        dest="ds_config",
-        default=default_ds_config,
-        help=f"DeepSpeed JSON (default {default_ds_config})",
+        "--deepspeed_config", "--ds-config", dest="ds_config", default=default_ds_config, help=ds_help
     )
     parser.add_argument("--config", help=config_help)
     for flag, help_text in flags.items():
@@ -139,10 +136,8 @@ def deepspeed_config(
 
 def memory_metrics(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
-        return {
-            "memory/allocated_gb": torch.cuda.memory_allocated(device) / 2**30,
-            "memory/peak_gb": torch.cuda.max_memory_allocated(device) / 2**30,
-        }
+        gib = (torch.cuda.memory_allocated(device) / 2**30, torch.cuda.max_memory_allocated(device) / 2**30)
+        return dict(zip(("memory/allocated_gb", "memory/peak_gb"), gib, strict=True))
     import psutil
 
     return {"memory/rss_gb": psutil.Process().memory_info().rss / 2**30}
@@ -200,13 +195,7 @@ class Loop:
     tok: Tokenizer
 
     def __init__(
-        self,
-        cfg: Settings,
-        ctx: Context,
-        engine: Any,
-        scheduler: Any,
-        total: int,
-        state: ClientState,
+        self, cfg: Settings, ctx: Context, engine: Any, scheduler: Any, total: int, state: ClientState
     ) -> None:
         self.cfg, self.ctx, self.engine, self.scheduler = cfg, ctx, engine, scheduler
         self.run_dir, self.total_steps, self.state = RunDir(cfg.run_dir), total, state
@@ -316,15 +305,8 @@ class Loop:
 
     def run(self) -> int:
         """Steps until ``total_steps``, a signal (75) or a non-finite loss (1)."""
-        bar = tqdm(
-            total=self.total_steps,
-            initial=self.state.step,
-            desc=self.name,
-            unit="step",
-            disable=self.ctx.rank != 0,
-            dynamic_ncols=True,
-            leave=False,
-        )
+        opts = dict(desc=self.name, unit="step", disable=self.ctx.rank != 0, dynamic_ncols=True, leave=False)
+        bar = tqdm(total=self.total_steps, initial=self.state.step, **opts)
         code = 0
         while self.state.step < self.total_steps:
             start = time.perf_counter()
