@@ -53,6 +53,10 @@ class Settings:
     def to_yaml(self) -> str:
         return yaml.safe_dump(asdict(self), sort_keys=False)
 
+    def total_steps(self, per_epoch: int) -> int:
+        """Optimiser steps of the run: ``max_steps``, else ``epochs`` × ``per_epoch``."""
+        return self.max_steps if self.max_steps is not None else self.epochs * per_epoch
+
 
 @dataclass
 class RunConfig(Settings):
@@ -292,8 +296,7 @@ def resolve_ds_config(
     accum = global_batch // (micro * world_size)
     accum = _fill(ds.get("gradient_accumulation_steps"), accum, f"{where}: gradient_accumulation_steps")
     ds.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum)
-    per_epoch = steps_per_epoch_fn(accum)
-    total = run.max_steps if run.max_steps is not None else run.epochs * per_epoch
+    total = run.total_steps(steps_per_epoch_fn(accum))
     sched = ds.get("scheduler", {}).get("params") or {}
     if "total_num_steps" in sched:
         sched["total_num_steps"] = _fill(

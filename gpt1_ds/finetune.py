@@ -45,6 +45,8 @@ from gpt1_ds.tokenizer import Tokenizer, load_tokenizer
 log = logging.getLogger("gpt1_ds.finetune")
 
 DEFAULT_DS_CONFIG = "ds_configs/finetune.json"
+CONFIG_HELP = "fine-tuning config YAML (FinetuneConfig fields, configs/tiny-cpu-finetune.yaml)"
+FLAGS = {flag: f"the config's {flag}" for flag in ("task", "train", "dev", "init", "run_dir", "tokenizer")}
 
 
 def epoch_batches(n: int, micro: int, rank: int, world: int, seed: int, epoch: int) -> list[list[int]]:
@@ -86,18 +88,6 @@ def evaluate(
     return result
 
 
-def parse_args(argv: list[str] | None) -> tuple[Any, list[str], list[str]]:
-    flags = ("task", "train", "dev", "init", "run_dir", "tokenizer")
-    return runner.parse_launch_args(
-        argv,
-        "gpt1_ds.finetune",
-        __doc__,
-        DEFAULT_DS_CONFIG,
-        "fine-tuning config YAML (FinetuneConfig fields)",
-        {flag: f"the config's {flag}" for flag in flags},
-    )
-
-
 def load_backbone(cfg: FinetuneConfig) -> tuple[GPT, Tokenizer]:
     """The pretrained GPT (or a random one) and its tokenizer, checked against each other."""
     if cfg.init == "none":
@@ -131,22 +121,16 @@ class Finetuning(runner.Loop):
         self.train_set = encode(self.train_examples, self.data, self.tok, gpt.config.n_positions)
         self.dev_set = encode(self.dev_examples, self.data, self.tok, gpt.config.n_positions)
         per_rank = len(self.train_set) // ctx.world // cfg.micro_batch_size
-        self.ds_cfg = runner.deepspeed_config(ds_path, cfg, ds_over, ctx, lambda accum: per_rank // accum)
-        self.accum = self.ds_cfg["gradient_accumulation_steps"]
-        self.steps_per_epoch = per_rank // self.accum
-        if self.steps_per_epoch < 1:
-            raise ValueError(
-                f"{cfg.train}: {len(self.train_set)} examples make no full step of "
-                f"{self.ds_cfg['train_batch_size']}"
-            )
-        total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * self.steps_per_epoch
+        self.ds_cfg, self.steps_per_epoch = runner.deepspeed_config(
+            ds_path, cfg, ds_over, ctx, per_rank, cfg.train
+        )
         engine, scheduler = runner.build_engine(
             TaskModel(gpt, self.data, cfg.lm_coef, cfg.clf_pdrop), self.ds_cfg
         )
         layout = {
             "world_size": ctx.world,
             "micro_batch_size": cfg.micro_batch_size,
-            "accumulation": self.accum,
+            "accumulation": self.ds_cfg["gradient_accumulation_steps"],
             "train_examples": len(self.train_set),
             "labels": self.data.labels,
         }
@@ -159,7 +143,7 @@ class Finetuning(runner.Loop):
             task=task,
             layout=layout,
         )
-        super().__init__(cfg, ctx, engine, scheduler, total, state)
+        super().__init__(cfg, ctx, engine, scheduler, state)
         self.order: list[list[int]] = []
         self.order_epoch = -1
         self.key = main_metric(self.data)
@@ -289,7 +273,9 @@ def _json(value: Any) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     preempt = runner.Preemption()
-    args, over, ds_over = parse_args(argv)
+    args, over, ds_over = runner.parse_launch_args(
+        argv, "gpt1_ds.finetune", __doc__, DEFAULT_DS_CONFIG, CONFIG_HELP, FLAGS
+    )
     cfg = FinetuneConfig.from_yaml(args.config, over)
     return Finetuning(cfg, runner.Context.start(), args.ds_config, ds_over).execute(preempt)
 

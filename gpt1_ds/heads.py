@@ -7,29 +7,23 @@ prefixes of its parameter names, which ``gpt1_ds.loading`` reads back from check
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from gpt1_ds.model import GPT, IGNORE_INDEX, GPTConfig
+from gpt1_ds.tasks import TaskData
 
 BACKBONE = "gpt"
 HEAD = "head"
 
 
-class Task(Protocol):
-    """What the head needs to know of a task (``gpt1_ds.tasks.TaskData`` or a ``TaskSpec``)."""
-
-    kind: str
-    regression: bool
-    num_outputs: int
-
-
 @dataclass(frozen=True)
 class TaskSpec:
-    """A task as a checkpoint records it (``ClientState.task``)."""
+    """What the head needs to know of a task, as a checkpoint records it (``ClientState.task``);
+    ``gpt1_ds.tasks.TaskData`` has the same three members."""
 
     kind: str
     num_outputs: int
@@ -48,7 +42,7 @@ class TaskModel(nn.Module):
     states added, scores [B, 1 or 2]; multiple choice: one score per choice, [B, K].
     """
 
-    def __init__(self, gpt: GPT, task: Task, lm_coef: float, clf_pdrop: float) -> None:
+    def __init__(self, gpt: GPT, task: TaskSpec | TaskData, lm_coef: float, clf_pdrop: float) -> None:
         super().__init__()
         self.gpt = gpt
         self.kind, self.regression, self.lm_coef = task.kind, task.regression, lm_coef

@@ -126,12 +126,22 @@ def build_engine(model: torch.nn.Module, ds_cfg: dict[str, Any]) -> tuple[Any, A
 
 
 def deepspeed_config(
-    path: str, cfg: Settings, ds_over: list[str], ctx: Context, steps_per_epoch: Callable
-) -> dict[str, Any]:
+    path: str, cfg: Settings, ds_over: list[str], ctx: Context, micro_batches: int, source: str
+) -> tuple[dict[str, Any], int]:
     """The DeepSpeed JSON at ``path`` with the profile's ``ds`` values and the command line's
-    ``ds.key=value`` applied, its ``"auto"`` values filled and checked (``resolve_ds_config``)."""
+    ``ds.key=value`` applied, its ``"auto"`` values filled and checked (``resolve_ds_config``);
+    and the optimiser steps per epoch, from the ``micro_batches`` each rank gets of ``source``."""
     raw = load_ds_config(path, {**cfg.ds, **parse_overrides(ds_over, "ds.")})
-    return resolve_ds_config(raw, cfg, ctx.world, steps_per_epoch, path, ctx.device.type)
+    ds_cfg = resolve_ds_config(
+        raw, cfg, ctx.world, lambda accum: micro_batches // accum, path, ctx.device.type
+    )
+    accum = ds_cfg["gradient_accumulation_steps"]
+    if micro_batches < accum:
+        raise ValueError(
+            f"{source} gives {micro_batches} micro-batches per rank per epoch, fewer than one step's {accum} "
+            f"(train_batch_size {ds_cfg['train_batch_size']})"
+        )
+    return ds_cfg, micro_batches // accum
 
 
 def memory_metrics(device: torch.device) -> dict[str, float]:
@@ -178,10 +188,6 @@ class Window:
         dist.all_reduce(total)
         return (total / (world * self.steps)).tolist()
 
-    @property
-    def step_time(self) -> float:
-        return self.seconds / self.steps
-
     def reset(self) -> None:
         self.__init__()
 
@@ -192,13 +198,18 @@ class Loop:
 
     name = "train"
     ds_cfg: dict[str, Any]
+    steps_per_epoch: int
     tok: Tokenizer
 
-    def __init__(
-        self, cfg: Settings, ctx: Context, engine: Any, scheduler: Any, total: int, state: ClientState
-    ) -> None:
+    def __init__(self, cfg: Settings, ctx: Context, engine: Any, scheduler: Any, state: ClientState) -> None:
+        """``ds_cfg`` and ``steps_per_epoch`` are set (``deepspeed_config``) before this is called."""
         self.cfg, self.ctx, self.engine, self.scheduler = cfg, ctx, engine, scheduler
-        self.run_dir, self.total_steps, self.state = RunDir(cfg.run_dir), total, state
+        self.run_dir, self.total_steps, self.state = (
+            RunDir(cfg.run_dir),
+            cfg.total_steps(self.steps_per_epoch),
+            state,
+        )
+        self.accum = self.ds_cfg["gradient_accumulation_steps"]
         self.preempt: Preemption | None = None
         self.monitor = Monitor(None)
         self.window = Window()
@@ -271,7 +282,7 @@ class Loop:
     ) -> torch.Tensor:
         """``accum`` forward/backward passes and the engine's update; dropout seeded per
         micro-batch (``dropout_seed``). ``loss(batch)`` gives the loss and the logged values."""
-        total, accum = None, self.ds_cfg["gradient_accumulation_steps"]
+        total, accum = None, self.accum
         for micro in range(accum):
             b = batch(micro)
             torch.manual_seed(dropout_seed(self.cfg.seed, self.ctx.rank, self.state.step, micro))
@@ -323,7 +334,9 @@ class Loop:
             self.window.add(values, time.perf_counter() - start)
             bar.update(1)
             if self.due(self.cfg.log_interval):
-                self.log_window(self.window.mean_over_ranks(self.ctx.world), self.window.step_time)
+                self.log_window(
+                    self.window.mean_over_ranks(self.ctx.world), self.window.seconds / self.window.steps
+                )
                 self.window.reset()
             self.after_step(preempted)
             self.monitor.flush()

@@ -71,15 +71,9 @@ class SentencePieceTokenizer:
         self.start_id, self.delim_id, self.extract_id = (ids[c] for c in CONTROL)
 
     def special_ids(self) -> dict[str, int]:
-        return {
-            "pad": self.pad_id,
-            "unk": self.sp.unk_id(),
-            "eod": self.eod_id,
-            "start": self.start_id,
-            "delim": self.delim_id,
-            "extract": self.extract_id,
-            "newline": self.newline_id,
-        }
+        names = ("pad", "unk", "eod", "start", "delim", "extract", "newline")
+        ids = (self.pad_id, self.sp.unk_id(), self.eod_id, self.start_id, self.delim_id, self.extract_id)
+        return dict(zip(names, (*ids, self.newline_id), strict=True))
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; each line is encoded on its own, joined by the newline id."""

@@ -43,20 +43,8 @@ from gpt1_ds.tokenizer import MODEL_NAME, Tokenizer, load_tokenizer
 log = logging.getLogger("gpt1_ds.train")
 
 DEFAULT_DS_CONFIG = "ds_configs/zero2.json"
-
-
-def parse_args(argv: list[str] | None) -> tuple[Any, list[str], list[str]]:
-    return runner.parse_launch_args(
-        argv,
-        "gpt1_ds.train",
-        __doc__,
-        DEFAULT_DS_CONFIG,
-        "run config YAML (configs/gpt1.yaml, configs/tiny-cpu.yaml)",
-        {
-            "data": "dataset directory (overrides the config's data)",
-            "run_dir": "run directory (overrides the config's run_dir)",
-        },
-    )
+FLAGS = {"data": "dataset directory (the config's data)", "run_dir": "run directory (the config's run_dir)"}
+CONFIG_HELP = "run config YAML (configs/gpt1.yaml, configs/tiny-cpu.yaml)"
 
 
 def evaluate(engine: Any, loader: EvalLoader, device: torch.device) -> tuple[float, float]:
@@ -104,44 +92,28 @@ class Pretraining(runner.Loop):
         data_dir = Path(run.data)
         self.cfg, self.tok = run, load_tokenizer(data_dir / MODEL_NAME)
         model_cfg = run.model_config()
-        checks = dict(
-            seq_len=model_cfg.n_positions, vocab_size=model_cfg.vocab_size, tokenizer_sha256=self.tok.sha256
+        common = dict(rank=ctx.rank, world_size=ctx.world, seq_len=model_cfg.n_positions)
+        common.update(vocab_size=model_cfg.vocab_size, tokenizer_sha256=self.tok.sha256)
+        reading = dict(
+            num_workers=run.num_workers, pin_memory=ctx.device.type == "cuda", slots=run.data_slots
         )
-        ranks = dict(rank=ctx.rank, world_size=ctx.world)
-        self.train_loader = TrainLoader(
-            data_dir / "train",
-            run.micro_batch_size,
-            seed=run.seed,
-            num_workers=run.num_workers,
-            slots=run.data_slots,
-            shuffle_window=run.shuffle_window,
-            pin_memory=ctx.device.type == "cuda",
-            **ranks,
-            **checks,
-        )
+        reading.update(seed=run.seed, shuffle_window=run.shuffle_window)
+        self.train_loader = TrainLoader(data_dir / "train", run.micro_batch_size, **reading, **common)
         self.val_loader = EvalLoader(
-            data_dir / "val", run.micro_batch_size, max_batches=run.eval_batches, **ranks, **checks
+            data_dir / "val", run.micro_batch_size, max_batches=run.eval_batches, **common
         )
-        n_micro = len(self.train_loader)
-        self.ds_cfg = runner.deepspeed_config(ds_path, run, ds_over, ctx, lambda accum: n_micro // accum)
-        self.accum = self.ds_cfg["gradient_accumulation_steps"]
-        if n_micro < self.accum:
-            raise ValueError(
-                f"{data_dir}/train gives {n_micro} micro-batches per rank per epoch, "
-                f"fewer than one step's {self.accum}"
-            )
-        self.steps_per_epoch = n_micro // self.accum
-        total = run.max_steps if run.max_steps is not None else run.epochs * self.steps_per_epoch
+        self.ds_cfg, self.steps_per_epoch = runner.deepspeed_config(
+            ds_path, run, ds_over, ctx, len(self.train_loader), f"{data_dir}/train"
+        )
         engine, scheduler = self._build_engine(model_cfg)
         state = ClientState("pretrain", seed=run.seed, config=asdict(run), model_config=model_cfg.to_dict())
-        super().__init__(run, ctx, engine, scheduler, total, state)
+        super().__init__(run, ctx, engine, scheduler, state)
         self.batches = iter(())
         self.model_cfg, self.seq_len = model_cfg, model_cfg.n_positions
         self.tokens_per_step = self.ds_cfg["train_batch_size"] * self.seq_len
         self.first_ppl: float | None = None
-        peak = run.peak_flops or (
-            device_peak_flops(torch.cuda.get_device_name(ctx.device)) if ctx.device.type == "cuda" else None
-        )
+        gpu = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else ""
+        peak = run.peak_flops or device_peak_flops(gpu)
         self.peak_flops = peak * ctx.world if peak else None
         self.flops_per_token = flops_per_token(model_cfg, model_cfg.n_positions)
 
@@ -262,7 +234,9 @@ class Pretraining(runner.Loop):
 
 def main(argv: list[str] | None = None) -> int:
     preempt = runner.Preemption()
-    args, run_over, ds_over = parse_args(argv)
+    args, run_over, ds_over = runner.parse_launch_args(
+        argv, "gpt1_ds.train", __doc__, DEFAULT_DS_CONFIG, CONFIG_HELP, FLAGS
+    )
     run = RunConfig.from_yaml(args.config, run_over)
     return Pretraining(run, runner.Context.start(), args.ds_config, ds_over).execute(preempt)
 
