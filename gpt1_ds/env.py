@@ -1,8 +1,5 @@
-"""The process's environment: which launcher started it, logging per rank, a free port.
-
-Shared by the training processes (``gpt1_ds.distributed``) and the data-prep steps
-(``data_prep.common``); imports nothing heavy, so an MPI rank of data prep starts fast.
-"""
+"""The process's environment: its launcher, logging per rank, a free port. Shared by training
+(``gpt1_ds.distributed``) and data prep; imports nothing heavy, so an MPI rank starts fast."""
 
 from __future__ import annotations
 

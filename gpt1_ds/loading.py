@@ -45,8 +45,8 @@ def resolve_tag(source: str | Path, tag: str | None = None) -> tuple[Path, str]:
     """(checkpoints dir, tag) for ``RUN``, ``RUN/checkpoints`` or ``RUN/checkpoints/TAG``.
     Without ``tag``: the newest complete one. A tag without its COMPLETE marker is refused."""
     path = Path(source)
-    if (path / "checkpoints").is_dir() and not (path / checkpoint.COMPLETE).exists():
-        path = path / "checkpoints"
+    if RunDir(path).checkpoints.is_dir() and not (path / checkpoint.COMPLETE).exists():
+        path = RunDir(path).checkpoints
     if tag is None and (path / checkpoint.COMPLETE).is_file():
         return path.parent, path.name
     if tag is None and any(path.glob("*model_states.pt")):

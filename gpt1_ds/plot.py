@@ -22,6 +22,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from gpt1_ds.checkpoint import RunDir
+
 log = logging.getLogger("gpt1_ds.plot")
 
 
@@ -50,7 +52,7 @@ class Plotted(NamedTuple):
 
 def event_dir(run: Path) -> Path:
     """The directory holding the run's event files: ``RUN/tensorboard`` or RUN itself."""
-    for d in (run / "tensorboard", run):
+    for d in (RunDir(run).tensorboard, run):
         if d.is_dir() and any(d.glob("events.out.tfevents.*")):
             return d
     raise FileNotFoundError(f"no TensorBoard event files in {run / 'tensorboard'} or {run}")
@@ -70,7 +72,7 @@ def load_scalars(run: Path) -> dict[str, tuple[list[int], list[float]]]:
 def run_label(run: Path) -> str:
     """A run's name in the legend: its directory (the parent of a ``tensorboard`` directory)."""
     run = run.resolve()
-    return run.parent.name if run.name == "tensorboard" else run.name
+    return run.parent.name if run == RunDir(run.parent).tensorboard else run.name
 
 
 def plot(
