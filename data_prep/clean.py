@@ -224,10 +224,16 @@ def clean_file(path: Path, doc_id: str, docs_dir: Path, args: argparse.Namespace
     return results
 
 
-def assign_splits(doc_ids: list[str], val_fraction: float, test_fraction: float, seed: int) -> dict:
-    """Split by a hash of each document id; each requested split gets at least one document."""
+def required_splits(val_fraction: float, test_fraction: float) -> list[str]:
+    """The splits that must get a document: train, and val and test unless their fraction is 0."""
     if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
         raise ValueError(f"bad split fractions: val {val_fraction}, test {test_fraction}")
+    return ["train"] + [s for s, f in (("val", val_fraction), ("test", test_fraction)) if f > 0]
+
+
+def assign_splits(doc_ids: list[str], val_fraction: float, test_fraction: float, seed: int) -> dict:
+    """Split by a hash of each document id; each requested split gets at least one document."""
+    required = required_splits(val_fraction, test_fraction)
     position = {
         d: int.from_bytes(hashlib.sha256(f"{seed}:{d}".encode()).digest()[:8], "big") / 2**64 for d in doc_ids
     }
@@ -237,7 +243,6 @@ def assign_splits(doc_ids: list[str], val_fraction: float, test_fraction: float,
     for d in sorted(doc_ids):
         p = position[d]
         splits["test" if p < bounds[1] else "val" if p < bounds[2] else "train"].append(d)
-    required = ["train"] + [s for s, f in (("val", val_fraction), ("test", test_fraction)) if f > 0]
     if len(doc_ids) < len(required):
         raise ValueError(f"{len(doc_ids)} documents cannot fill {', '.join(required)} with one each")
     for split in required:
@@ -256,6 +261,12 @@ def run(args: argparse.Namespace, comm: Comm) -> dict | None:
     files = expand_inputs(args.input)
     if not files:
         raise FileNotFoundError(f"no input files under {args.input}")
+    required = required_splits(args.val_fraction, args.test_fraction)
+    if args.format == "books" and len(files) < len(required):  # one document per file: known before cleaning
+        raise ValueError(
+            f"{len(files)} input file(s) cannot fill {', '.join(required)} with one document each: "
+            "give more books, or turn a split off with --val-fraction 0 / --test-fraction 0"
+        )
     ids = doc_ids_for(files)
     sizes = [f.stat().st_size if f.is_file() else 0 for f in files]
     mine = balance(sizes, comm.size)[comm.rank]

@@ -221,9 +221,10 @@ def shard_split(
     out_dir = data_dir / split
     docs_dir = data_dir / "clean" / "docs"
     doc_ids = splits["splits"][split]
-    if not doc_ids:
+    if not doc_ids:  # turned off (its fraction is 0), or an empty split of an older dataset
+        off = splits["settings"].get(f"{split}_fraction") == 0
         if comm.is_root:
-            log.warning("split %s has no documents: skipped", split)
+            log.log(logging.INFO if off else logging.WARNING, "split %s has no documents: skipped", split)
         return None
     key = {"format_version": FORMAT_VERSION, "tokenizer": tok.sha256, "clean": splits["settings"]}
     key |= {"seq_len": args.seq_len, "sequences_per_sample": args.sequences_per_sample}

@@ -219,3 +219,30 @@ def test_mpi_clean_splits_files_between_ranks(tmp_path, ranks):
     run_prepare(tmp_path / "ds", books=SAMPLE_BOOKS, mpi_ranks=ranks, extra=["--no-verify"])
     report = json.loads((tmp_path / "ds" / "clean" / "report.json").read_text())
     assert report["documents"] == len(SAMPLE_BOOKS) and report["skipped"] == []
+
+
+@pytest.mark.slow
+def test_a_split_turned_off_is_not_an_error(tmp_path):
+    """--test-fraction 0: train and val are written and verified, and there is no test split."""
+    out = tmp_path / "ds"
+    run_prepare(out, extra=["--val-fraction", "0.3", "--test-fraction", "0"])  # asserts exit 0
+    assert sorted(p.parent.name for p in out.glob("*/manifest.json")) == ["train", "val"]
+    assert verify(out) == []
+
+
+@pytest.mark.slow
+def test_too_few_books_for_the_splits_fail_before_any_work(tmp_path):
+    out = tmp_path / "ds"
+    cmd = [
+        sys.executable,
+        "-m",
+        "data_prep.prepare",
+        "--input",
+        *map(str, SAMPLE_BOOKS[:2]),
+        "--out",
+        str(out),
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode != 0
+    assert "2 input file(s) cannot fill train, val, test with one document each" in result.stderr
+    assert not (out / "clean" / "docs").exists()  # nothing was cleaned
