@@ -52,8 +52,13 @@ def _next_token(
     top_k: int | None,
     top_p: float | None,
     generator: torch.Generator | None,
+    vocab_limit: int | None = None,
 ) -> torch.Tensor:
-    """Next ids [B, 1] from last-position logits [B, V] (fp32)."""
+    """Next ids [B, 1] from last-position logits [B, V] (fp32); ids from ``vocab_limit`` on are
+    never drawn (rows of the model's table that the tokenizer has no piece for)."""
+    if vocab_limit is not None and vocab_limit < logits.size(-1):
+        logits = logits.clone()
+        logits[:, vocab_limit:] = float("-inf")
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
     logits = logits / temperature
@@ -79,14 +84,16 @@ def sample(
     top_p: float | None = None,
     use_cache: bool = True,
     truncate: bool = False,
+    vocab_limit: int | None = None,
 ) -> torch.Tensor:
     """Continue ``prompt`` [B, T0] by up to ``max_new_tokens`` tokens; returns [B, T0 + n].
 
     ``temperature`` 0 is greedy; otherwise logits are divided by it, then cut to the
     ``top_k`` most probable tokens and to the nucleus of mass ``top_p`` (None: no cut), and
     the token is drawn with ``generator``. A row that has produced ``stop_id`` continues
-    with ``stop_id``; generation ends when every row has. See the module docstring for
-    prompts and generations longer than the context.
+    with ``stop_id``; generation ends when every row has. Only ids below ``vocab_limit`` (the
+    tokenizer's size, when smaller than the model's vocabulary) are produced. See the module
+    docstring for prompts and generations longer than the context.
     """
     n_ctx = model.config.n_positions
     batch, prompt_len = prompt.shape
@@ -118,7 +125,9 @@ def sample(
         else:  # prefill, or the window has slid: recompute the positions from 0
             cache.reset()
             logits = model(context, cache=cache)
-        nxt = _next_token(logits[:, -1, :].float(), temperature, top_k, top_p, generator)  # [B, 1]
+        nxt = _next_token(
+            logits[:, -1, :].float(), temperature, top_k, top_p, generator, vocab_limit
+        )  # [B, 1]
         if stop_id is not None:
             nxt = nxt.masked_fill(done, stop_id)
             done |= nxt == stop_id
@@ -173,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     if tok_path is None:
         parser.error(f"no tokenizer.model found for {args.source}: pass --tokenizer")
     tok = load_tokenizer(tok_path)
-    if tok.vocab_size != model.config.vocab_size:
+    if tok.vocab_size > model.config.vocab_size:
         parser.error(
             f"the tokenizer {tok_path} has {tok.vocab_size} pieces but the model's vocabulary is "
             f"{model.config.vocab_size}: they do not belong together"
@@ -191,7 +200,9 @@ def main(argv: list[str] | None = None) -> None:
 
     generator = torch.Generator(device=device).manual_seed(args.seed)
     opts = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, stop_id=tok.eod_id)
-    opts.update(generator=generator, use_cache=not args.no_cache, truncate=args.truncate)
+    opts.update(
+        generator=generator, use_cache=not args.no_cache, truncate=args.truncate, vocab_limit=tok.vocab_size
+    )
     total_new, total_s = 0, 0.0
     for i, ids in enumerate(encoded, 1):
         prompt = torch.tensor([ids], dtype=torch.long, device=device)

@@ -10,9 +10,14 @@ nothing). MFU divides achieved FLOPs/s by the device's dense peak.
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import torch
 
 from gpt1_ds.model import GPT, GPTConfig
+
+log = logging.getLogger(__name__)
 
 PEAK_FLOPS = {
     # Dense bf16 tensor-core peaks from the vendors' data sheets.
@@ -52,7 +57,8 @@ class Monitor:
     """TensorBoard scalars and text from rank 0 (other ranks hold a no-op monitor).
 
     ``purge_step``: on resume, events of an earlier attempt at or after this step are
-    hidden, so a resumed run continues its curves without duplicate steps.
+    hidden, so a resumed run continues its curves without duplicate steps. A write that
+    fails (a full disk, a removed directory) is logged and skipped: it never ends a run.
     """
 
     def __init__(self, log_dir: str | None, purge_step: int | None = None) -> None:
@@ -62,19 +68,24 @@ class Monitor:
 
             self.writer = SummaryWriter(log_dir, purge_step=purge_step)
 
+    def _write(self, method: str, *args: Any) -> None:
+        if self.writer is None:
+            return
+        try:
+            getattr(self.writer, method)(*args)
+        except Exception as e:  # an auxiliary step: the run goes on
+            log.warning("TensorBoard %s failed, skipped (%s: %s)", method, type(e).__name__, e)
+
     def scalars(self, values: dict[str, float], step: int) -> None:
         for tag, value in values.items():
-            if self.writer is not None and value is not None:
-                self.writer.add_scalar(tag, value, step)
+            if value is not None:
+                self._write("add_scalar", tag, value, step)
 
     def text(self, tag: str, text: str, step: int) -> None:
-        if self.writer is not None:
-            self.writer.add_text(tag, text, step)
+        self._write("add_text", tag, text, step)
 
     def flush(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
+        self._write("flush")
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        self._write("close")

@@ -75,9 +75,8 @@ def generate_text(engine: Any, tok: Tokenizer, run: RunConfig, device: torch.dev
     """A sample from the current model (every rank runs it: ZeRO-3 needs every rank's part)."""
     prompt = torch.tensor([tok.encode(run.sample_prompt)], dtype=torch.long, device=device)
     gen = torch.Generator().manual_seed(run.seed + step)
-    out = sample(
-        engine.module, prompt, run.sample_tokens, temperature=0.8, top_k=40, generator=gen, stop_id=tok.eod_id
-    )
+    opts = dict(temperature=0.8, top_k=40, generator=gen, stop_id=tok.eod_id, vocab_limit=tok.vocab_size)
+    out = sample(engine.module, prompt, run.sample_tokens, **opts)
     return tok.decode([i for i in out[0].tolist() if i != tok.eod_id])
 
 
@@ -209,9 +208,12 @@ class Pretraining(runner.Loop):
         if self.due(run.eval_interval):
             self.validate()
         if run.sample_interval and self.due(run.sample_interval):
-            text = generate_text(self.engine, self.tok, run, self.ctx.device, step)
-            self.monitor.text("sample", text, step)
-            log.info("step %d sample: %s", step, text.replace("\n", " / "))
+            try:  # an auxiliary step: a failure is logged, never the end of the run
+                text = generate_text(self.engine, self.tok, run, self.ctx.device, step)
+                self.monitor.text("sample", text, step)
+                log.info("step %d sample: %s", step, text.replace("\n", " / "))
+            except Exception as e:
+                log.warning("step %d: no sample (%s: %s); training goes on", step, type(e).__name__, e)
         if preempted:
             self.save(f"signal {self.preempt.signal}" if self.preempt.signal else "signal on another rank")
         elif self.due(run.checkpoint_interval):

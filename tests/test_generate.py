@@ -234,3 +234,21 @@ def test_cli_refuses_a_missing_tokenizer_and_a_too_long_prompt(hf_dir, tmp_path)
     out = run_cli(*args, "--max-new-tokens", "2", "--device", "cpu", "--truncate", "--temperature", "0")
     assert out.returncode == 0, out.stderr[-2000:]
     assert long in out.stdout and re.search(r"2 new tokens in .* tokens/s", out.stderr)
+
+
+def test_ids_the_tokenizer_lacks_are_never_drawn():
+    """A model whose table is larger than its tokenizer (allowed: the dataset's vocabulary is at
+    most the model's) must not produce the rows no piece maps to, sampled or greedy."""
+    model = small_model()
+    start = prompt(4, 3) % 10
+    gen = torch.Generator().manual_seed(0)
+    out = sample(model, start, 60, temperature=3.0, top_k=None, generator=gen, vocab_limit=10)
+    assert out.max() < 10 and out.shape == (4, 63)
+    with torch.no_grad():
+        logits = model(start)[:, -1, :].float()
+    greedy = sample(model, start, 1, temperature=0, vocab_limit=10)[:, -1]
+    assert torch.equal(greedy, logits[:, :10].argmax(-1))
+    unlimited = sample(
+        model, start, 60, temperature=3.0, top_k=None, generator=torch.Generator().manual_seed(0)
+    )
+    assert unlimited.max() >= 10  # without the limit the same draw leaves the range: the test can fail

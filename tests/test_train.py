@@ -483,3 +483,22 @@ def test_continued_pretraining_from_an_hf_export(prepared, tmp_path):
     )
     assert wrong.returncode != 0
     assert "the model differs from the run config's: {'n_layer': (2, 3)} (init, run)" in wrong.stderr
+
+
+def test_samples_of_a_model_larger_than_its_tokenizer_never_end_the_run(prepared, tmp_path):
+    """The dataset's 2,000 pieces in a 2,500-row table: sampling draws only the tokenizer's ids
+    (it used to draw the others, and decoding them crashed every rank)."""
+    run = tmp_path / "run"
+    out = train(
+        prepared,
+        run,
+        "model_overrides.vocab_size=2500",
+        "max_steps=4",
+        "sample_interval=2",
+        "sample_tokens=200",
+        "ds.optimizer.params.lr=3e-3",
+        launcher="python",
+        port=free_port(),
+    )
+    assert len(re.findall(r"step \d sample: ", out.stderr)) == 2 and "no sample" not in out.stderr
+    assert sorted(scalars(run, "train/loss")) == [1, 2, 3, 4]
