@@ -119,18 +119,11 @@ class ClientState:
             raise CheckpointError(f"{where}: dropout scheme {scheme!r}, this code draws {DROPOUT_SCHEME!r}")
         config = data.get("config") or {}
         kind = data.get("kind") or ("finetune" if "finetune" in config else "pretrain")
+        settings = config.get("run" if kind == "pretrain" else "finetune") or {}
+        seed, task = (data.get("rng") or {}).get("seed", 0), config.get("task")
+        progress = {k: data[k] for k in (*PROGRESS, "layout") if k in data}
         return cls(
-            kind=kind,
-            step=data.get("step", 0),
-            seed=(data.get("rng") or {}).get("seed", 0),
-            config=config.get("run" if kind == "pretrain" else "finetune") or {},
-            model_config=config.get("model_config"),
-            task=config.get("task"),
-            **{
-                k: data[k]
-                for k in ("tokens_seen", "val_ppl", "loader", "layout", "history", "best")
-                if k in data
-            },
+            kind, seed=seed, config=settings, model_config=config.get("model_config"), task=task, **progress
         )
 
 
