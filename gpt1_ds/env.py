@@ -42,14 +42,13 @@ def mpi_launched() -> bool:
     return any(v in os.environ for v in MPI_SIZE_VARS + MPI_RANK_VARS)
 
 
-def setup_logging(rank: int = 0, world: int = 1, verbose: bool = False) -> None:
-    """INFO on rank 0 (DEBUG if ``verbose``), WARNING on the others; DeepSpeed's chatter muted."""
-    level = logging.DEBUG if verbose else logging.INFO
+def setup_logging(rank: int = 0, world: int = 1, tag_rank: bool | None = None) -> None:
+    """INFO on rank 0, WARNING on the others; DeepSpeed's chatter muted. Lines name the rank when
+    ``tag_rank`` (default: in a world of more than one)."""
+    tag = f" [rank {rank}]" if (world > 1 if tag_rank is None else tag_rank) else ""
     logging.basicConfig(
-        level=level if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s"
-        if world > 1
-        else "%(asctime)s %(levelname)s %(message)s",
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s{tag} %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
     for noisy in ("DeepSpeed", "deepspeed"):

@@ -25,7 +25,7 @@ import logging
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -43,10 +43,6 @@ from gpt1_ds.tasks import Encoded, TaskData, collate, encode, main_metric, metri
 from gpt1_ds.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger("gpt1_ds.finetune")
-
-DEFAULT_DS_CONFIG = "ds_configs/finetune.json"
-CONFIG_HELP = "fine-tuning config YAML (FinetuneConfig fields, configs/tiny-cpu-finetune.yaml)"
-FLAGS = {flag: f"the config's {flag}" for flag in ("task", "train", "dev", "init", "run_dir", "tokenizer")}
 
 
 def epoch_batches(n: int, micro: int, rank: int, world: int, seed: int, epoch: int) -> list[list[int]]:
@@ -108,7 +104,12 @@ def load_backbone(cfg: FinetuneConfig) -> tuple[GPT, Tokenizer]:
 class Finetuning(runner.Loop):
     """GPT-1's fine-tuning loop: epochs over the task's examples, dev metrics after each."""
 
-    name = "finetune"
+    name, prog, config_class = "finetune", "gpt1_ds.finetune", FinetuneConfig
+    default_ds_config = "ds_configs/finetune.json"
+    config_help = "fine-tuning config YAML (FinetuneConfig fields, configs/tiny-cpu-finetune.yaml)"
+    flags: ClassVar[dict[str, str]] = {
+        flag: f"the config's {flag}" for flag in ("task", "train", "dev", "init", "run_dir", "tokenizer")
+    }
 
     def __init__(self, cfg: FinetuneConfig, ctx: runner.Context, ds_path: str, ds_over: list[str]) -> None:
         """Data, model and config are checked before any compute."""
@@ -272,12 +273,7 @@ def _json(value: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    preempt = runner.Preemption()
-    args, over, ds_over = runner.parse_launch_args(
-        argv, "gpt1_ds.finetune", __doc__, DEFAULT_DS_CONFIG, CONFIG_HELP, FLAGS
-    )
-    cfg = FinetuneConfig.from_yaml(args.config, over)
-    return Finetuning(cfg, runner.Context.start(), args.ds_config, ds_over).execute(preempt)
+    return Finetuning.main(argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -103,7 +103,7 @@ class Context:
     def start(cls) -> Context:
         """Initialise torch.distributed for whichever launcher started the process."""
         rank, world, local_rank = distributed.init()
-        setup_logging(rank, world=2)  # the rank in every line, also in a world of one
+        setup_logging(rank, world, tag_rank=True)  # the rank in every line, also in a world of one
         return cls(rank, world, distributed.device(local_rank))
 
 
@@ -197,6 +197,13 @@ class Loop:
     sets ``ds_cfg`` (the resolved DeepSpeed JSON) and ``tok`` before calling ``__init__``."""
 
     name = "train"
+    prog: str
+    """The command (``gpt1_ds.train``), its default DeepSpeed JSON, its ``--config`` help and its
+    flags (``--name`` → the config's ``name``)."""
+    default_ds_config: str
+    config_help: str
+    flags: ClassVar[dict[str, str]]
+    config_class: type[Settings]
     ds_cfg: dict[str, Any]
     steps_per_epoch: int
     tok: Tokenizer
@@ -239,6 +246,17 @@ class Loop:
         """Log how the run ended."""
 
     # ---- shared ---------------------------------------------------------------------------
+    @classmethod
+    def main(cls, argv: list[str] | None, doc: str | None) -> int:
+        """The command: signal handlers first, then the command line, the config, the checked
+        set-up (the subclass's ``__init__``) and the run; the exit code."""
+        preempt = Preemption()
+        args, over, ds_over = parse_launch_args(
+            argv, cls.prog, doc, cls.default_ds_config, cls.config_help, cls.flags
+        )
+        cfg = cls.config_class.from_yaml(args.config, over)
+        return cls(cfg, Context.start(), args.ds_config, ds_over).execute(preempt)
+
     def execute(self, preempt: Preemption) -> int:
         """The whole run once set up: resume → start → the loop → finish; the exit code."""
         self.preempt = preempt
@@ -250,16 +268,14 @@ class Loop:
         self.report(code)
         return self.finish(code)
 
-    def resume(self, setting: str) -> bool:
-        """Continue from the checkpoint ``setting`` names (``auto``, ``none``, a path)."""
+    def resume(self, setting: str) -> None:
+        """Continue from the checkpoint ``setting`` names (``auto``, ``none``, a path), if any."""
         found = checkpoint.resume(self.engine, self.run_dir.checkpoints, setting)
-        if found is None:
-            return False
-        saved, path = found
-        self.check_resume(saved, path)
-        self.state = self.state.resumed_from(saved)
-        log.info("resumed from %s at step %d", path, saved.step)
-        return True
+        if found is not None:
+            saved, path = found
+            self.check_resume(saved, path)
+            self.state = self.state.resumed_from(saved)
+            log.info("resumed from %s at step %d", path, saved.step)
 
     def start(self, config_yaml: str) -> None:
         """Write the run's files (rank 0) and open its TensorBoard log. The tokenizer is kept

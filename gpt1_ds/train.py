@@ -23,7 +23,7 @@ import math
 from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -41,10 +41,6 @@ from gpt1_ds.model import GPT, IGNORE_INDEX
 from gpt1_ds.tokenizer import MODEL_NAME, Tokenizer, load_tokenizer
 
 log = logging.getLogger("gpt1_ds.train")
-
-DEFAULT_DS_CONFIG = "ds_configs/zero2.json"
-FLAGS = {"data": "dataset directory (the config's data)", "run_dir": "run directory (the config's run_dir)"}
-CONFIG_HELP = "run config YAML (configs/gpt1.yaml, configs/tiny-cpu.yaml)"
 
 
 def evaluate(engine: Any, loader: EvalLoader, device: torch.device) -> tuple[float, float]:
@@ -83,7 +79,13 @@ def generate_text(engine: Any, tok: Tokenizer, run: RunConfig, device: torch.dev
 class Pretraining(runner.Loop):
     """GPT-1's language-modelling loop over the dataset's shards."""
 
-    name = "train"
+    name, prog, config_class = "train", "gpt1_ds.train", RunConfig
+    default_ds_config = "ds_configs/zero2.json"
+    config_help = "run config YAML (configs/gpt1.yaml, configs/tiny-cpu.yaml)"
+    flags: ClassVar[dict[str, str]] = {
+        "data": "dataset directory (the config's data)",
+        "run_dir": "run directory (the config's run_dir)",
+    }
 
     def __init__(self, run: RunConfig, ctx: runner.Context, ds_path: str, ds_over: list[str]) -> None:
         """Everything that can contradict is checked before any compute: dataset, tokenizer,
@@ -235,12 +237,7 @@ class Pretraining(runner.Loop):
 
 
 def main(argv: list[str] | None = None) -> int:
-    preempt = runner.Preemption()
-    args, run_over, ds_over = runner.parse_launch_args(
-        argv, "gpt1_ds.train", __doc__, DEFAULT_DS_CONFIG, CONFIG_HELP, FLAGS
-    )
-    run = RunConfig.from_yaml(args.config, run_over)
-    return Pretraining(run, runner.Context.start(), args.ds_config, ds_over).execute(preempt)
+    return Pretraining.main(argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -35,9 +35,14 @@ PREP_ARGS = [
 
 
 def run_prepare(
-    out: Path, books: list[Path] | None = None, extra: list[str] | None = None, mpi_ranks: int = 0
+    out: Path,
+    books: list[Path] | None = None,
+    extra: list[str] | None = None,
+    mpi_ranks: int = 0,
+    check: bool = True,
 ) -> subprocess.CompletedProcess:
-    """`python -m data_prep.prepare` as a user runs it (optionally under mpirun)."""
+    """`python -m data_prep.prepare` as a user runs it (optionally under mpirun); ``check``:
+    assert that it succeeds."""
     cmd = [
         sys.executable,
         "-m",
@@ -53,7 +58,7 @@ def run_prepare(
         mpirun = Path(sys.executable).parent / "mpirun"
         cmd = [str(mpirun), "--allow-run-as-root", "--oversubscribe", "-np", str(mpi_ranks), *cmd]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0 or not check, result.stderr[-4000:]
     return result
 
 
