@@ -10,6 +10,7 @@ nothing). MFU divides achieved FLOPs/s by the device's dense peak.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -28,6 +29,7 @@ PEAK_FLOPS = {
 }
 
 
+@functools.cache  # GPTConfig is frozen: the training loop's MFU line builds no model
 def num_matmul_params(config: GPTConfig) -> int:
     """N of the formula: every parameter but the position table, tied table once."""
     with torch.device("meta"):  # shapes only, no memory
