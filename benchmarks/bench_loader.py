@@ -8,7 +8,8 @@ Both read the same shards of DIR/train, decode the uint16 blocks and build int64
 splits by rank and worker. Tokens/s counts input tokens (batch × seq_len), over
 ``--batches`` batches (the loader wraps around epochs). Resume cost: the time to
 the first batch after ``load_state_dict`` in the middle of an epoch, beside the
-time to the first batch of a fresh loader. Prints markdown tables; ``--json PATH``
+time to the first batch of a fresh loader. The checks' cost: the same loader with its
+per-member checks (checksum, token ids) on and off. Prints markdown tables; ``--json PATH``
 writes them as JSON too (``benchmarks/benchlib.py``).
 
     python benchmarks/bench_loader.py --quick             # two books, batch 8 × 64: a check in seconds
@@ -52,9 +53,22 @@ def throughput(loader, batches: int, tokens_per_batch: int) -> float:
     return batches * tokens_per_batch / (time.perf_counter() - start)
 
 
-def ours(split: Path, workers: int, batches: int, batch_size: int) -> float:
-    loader = TrainLoader(split, batch_size=batch_size, num_workers=workers, seed=0)
+def ours(split: Path, workers: int, batches: int, batch_size: int, verify: bool = True) -> float:
+    loader = TrainLoader(split, batch_size=batch_size, num_workers=workers, seed=0, verify=verify)
     return throughput(loader, batches, batch_size * loader.seq_len)
+
+
+def checks_cost(
+    split: Path, workers: int, batches: int, batch_size: int, rounds: int
+) -> tuple[float, float, float]:
+    """Tokens/s with the per-member checks (CRC-32, token ids) and without, each the median of
+    ``rounds`` runs taken in pairs of alternating order, and the median of the pairs' costs."""
+    on, off = [], []
+    for r in range(rounds):
+        for verify in (True, False) if r % 2 == 0 else (False, True):
+            (on if verify else off).append(ours(split, workers, batches, batch_size, verify))
+    costs = [1 - a / b for a, b in zip(on, off, strict=True)]
+    return float(np.median(on)), float(np.median(off)), float(np.median(costs))
 
 
 def baseline(split: Path, workers: int, batches: int, batch_size: int) -> float:
@@ -113,7 +127,14 @@ def prepare_sample(out: Path, quick: bool) -> None:
     subprocess.run(cmd, check=True, cwd=REPO)
 
 
-QUICK = {"batch_size": 8, "batches": 20, "workers": [0, 1], "resume_workers": [0, 1]}
+QUICK = {
+    "batch_size": 8,
+    "batches": 20,
+    "workers": [0, 1],
+    "resume_workers": [0, 1],
+    "rounds": 1,
+    "check_batches": 20,
+}
 
 
 def main() -> None:
@@ -123,6 +144,10 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=300)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="loader workers to time")
     parser.add_argument("--resume-workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--rounds", type=int, default=5, help="runs each way for the checks' cost")
+    parser.add_argument(
+        "--check-batches", type=int, default=3000, help="batches per run for the checks' cost"
+    )
     args = benchlib.parse_args(parser, QUICK)
     data = args.data
     if data is None:
@@ -142,6 +167,15 @@ def main() -> None:
         for name, fn in (("gpt1-ds TrainLoader", ours), ("plain webdataset.WebDataset", baseline)):
             rate = fn(split, workers, args.batches, args.batch_size) / 1e6
             rates["rows"].append([name, workers, rate, rate / max(1, workers)])
+    checks = benchlib.table(
+        "What the per-member checks (CRC-32 of the bytes, token ids < vocab size) cost the loader: "
+        f"{args.rounds} runs of {args.check_batches} batches each with them on and off "
+        "(`TrainLoader(verify=False)`) in alternating order; medians",
+        {"workers": "{}", "checks on, M tokens/s": "{:.1f}", "checks off": "{:.1f}", "cost": "{:.1%}"},
+    )
+    for workers in args.workers:
+        on, off, cost = checks_cost(split, workers, args.check_batches, args.batch_size, args.rounds)
+        checks["rows"].append([workers, on / 1e6, off / 1e6, cost])
     resume = benchlib.table(
         "Time to the first batch of a fresh loader and after `load_state_dict` in the middle of an epoch",
         {"resume": "{}", "workers": "{}", "seconds to first batch": "{:.3f}"},
@@ -153,7 +187,7 @@ def main() -> None:
         "loader",
         "Loader: gpt1-ds `TrainLoader` against a plain WebDataset pipeline",
         f"{benchlib.cpu_name()}, {os.cpu_count()} cores",
-        [rates, resume],
+        [rates, checks, resume],
         [
             "Both read the same shards, decode the uint16 blocks and build int64 `input_ids`/`targets` "
             "batches; gpt1-ds also shuffles within its window and splits by rank and worker. Tokens/s "

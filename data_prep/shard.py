@@ -35,7 +35,16 @@ from tqdm import tqdm
 
 from data_prep.clean import read_splits
 from data_prep.common import Comm, balance, launch, progress, remove_stale, step_parser
-from data_prep.manifest import DTYPE, FORMAT_VERSION, MANIFEST_NAME, SAMPLE_EXT, encode_block, shard_name
+from data_prep.manifest import (
+    CHECKSUM,
+    DTYPE,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    SAMPLE_EXT,
+    checksum,
+    encode_block,
+    shard_name,
+)
 from gpt1_ds.files import atomic_write_text, atomic_writer, sha256_file
 from gpt1_ds.tokenizer import MODEL_NAME, Tokenizer, load_tokenizer
 
@@ -129,10 +138,12 @@ def build_shard(
     k = args.sequences_per_sample
     starts = range(0, len(sequences), k)
     final = out_dir / plan.name
+    sums = []
     with atomic_writer(final) as f, wds.TarWriter(f, mtime=TAR_MTIME, user="gpt1-ds", group="gpt1-ds") as w:
         for i, start in enumerate(starts):
             block = encode_block(sequences[start : start + k])
             w.write({"__key__": f"{plan.index:06d}-{i:06d}", SAMPLE_EXT: block})
+            sums.append(checksum(block))
     entry = {
         "name": plan.name,
         "samples": len(starts),
@@ -142,6 +153,7 @@ def build_shard(
         "sha256": sha256_file(final),
         "documents": sum(p.last for p in plan.pieces),
         "plan": plan.key,
+        CHECKSUM: sums,
     }
     atomic_write_text(out_dir / PROGRESS_DIR / f"{plan.name}.json", json.dumps(entry))
     return entry
@@ -165,7 +177,9 @@ def finished_entries(plans: list[ShardPlan], out_dir: Path) -> dict[str, dict]:
             with contextlib.suppress(json.JSONDecodeError):  # a record cut short: redo the shard
                 candidates.append(json.loads(record.read_text()))
         size = path.stat().st_size
-        candidates = [c for c in candidates if c and c.get("plan") == plan.key and c["bytes"] == size]
+        candidates = [
+            c for c in candidates if c and c.get("plan") == plan.key and c["bytes"] == size and CHECKSUM in c
+        ]
         digest = sha256_file(path) if candidates else None
         entry = next((c for c in candidates if c["sha256"] == digest), None)
         if entry is not None:

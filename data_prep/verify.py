@@ -3,8 +3,8 @@
     python -m data_prep.verify DIR [--splits train val test]
 
 For each split: the manifest's tokenizer hash and vocab size against
-``DIR/tokenizer.model``; every shard's size and sha256; every sample decoded
-(whole sequences, token ids inside the vocabulary, padding only at the end of a
+``DIR/tokenizer.model``; every shard's size and sha256; every sample against its
+checksum, then decoded (whole sequences, token ids inside the vocabulary, padding only at the end of a
 shard) and the counts of samples, sequences and tokens against the manifest.
 Exits non-zero, naming the shard, on any mismatch.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.common import step_parser
-from data_prep.manifest import MANIFEST_NAME, SAMPLE_EXT, decode_block, read_manifest
+from data_prep.manifest import CHECKSUM, MANIFEST_NAME, SAMPLE_EXT, checksum, decode_block, read_manifest
 from gpt1_ds.files import sha256_file
 from gpt1_ds.tokenizer import MODEL_NAME, load_tokenizer
 
@@ -39,7 +39,12 @@ def verify_shard(path: Path, entry: dict, manifest: dict) -> list[str]:
             for member in tar:
                 if not member.name.endswith("." + SAMPLE_EXT):
                     return [f"{path}: unexpected member {member.name}"]
-                block = decode_block(tar.extractfile(member).read(), seq_len)
+                data = tar.extractfile(member).read()
+                if CHECKSUM in entry and (
+                    samples >= len(entry[CHECKSUM]) or checksum(data) != entry[CHECKSUM][samples]
+                ):
+                    return [f"{path}: {member.name}: {CHECKSUM} differs from the manifest"]
+                block = decode_block(data, seq_len)
                 if tail_seen:
                     return [f"{path}: {member.name} follows a padded (final) sequence"]
                 if (top := int(block.max())) >= vocab:

@@ -26,10 +26,12 @@ multiple of the new world size × workers (the order, and so the epoch's coverag
 otherwise, and for a different seed, batch size or dataset, it is refused with an error naming both
 values.
 
-Bad shards: a missing, truncated or corrupt shard is an error naming the shard, the rank and the
-worker. With ``on_error="skip"`` it is logged and counted, and each sequence it should have given is
-replaced by a sequence of the next readable shard of the epoch (same offset modulo its size): every
-rank keeps its number of batches, and resume stays exact.
+Bad shards: every member is checked as it streams, its bytes against the manifest's CRC-32 and its
+token ids against the vocabulary. A missing, truncated or corrupt shard is an error naming the
+shard, the member, the rank and the worker. With ``on_error="skip"`` it is logged and counted, and
+each sequence it should have given (from the damaged member on) is replaced by a sequence of the
+next readable shard of the epoch (same offset modulo its size): every rank keeps its number of
+batches, and resume stays exact.
 """
 
 from __future__ import annotations
@@ -48,9 +50,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_prep.manifest import (
+    CHECKSUM,
     MANIFEST_NAME,
     SAMPLE_EXT,
     check_compatible,
+    checksum,
     decode_block,
     parse_manifest,
     read_manifest,
@@ -64,7 +68,12 @@ TAR_BLOCK = 512
 
 
 class ShardError(RuntimeError):
-    """A shard that cannot be read as its manifest describes."""
+    """A shard that cannot be read as its manifest describes; ``member``: the damaged member
+    when the damage is known to end with it (a checksum or token-id check), else None."""
+
+    def __init__(self, message: str, member: int | None = None) -> None:
+        super().__init__(message)
+        self.member = member
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,7 @@ class Shard:
     url: str  # a local path, or anything webdataset's gopen opens (pipe:, http)
     sequences: int
     local: bool
+    sums: tuple[int, ...] | None = None  # CRC-32 of each member; None: a dataset prepared without them
 
 
 @dataclass(frozen=True)
@@ -83,6 +93,25 @@ class Dataset:
     per_sample: int  # sequences per tar member (the last member of a shard may hold fewer)
     pad_id: int
     manifest: dict[str, Any]
+    verify: bool = True  # check each member's checksum and token ids as it is read
+
+    def check(self, data: bytes, shard: Shard, member: int) -> np.ndarray:
+        """The sequences of member ``member`` of ``shard``, after its checks."""
+        if shard.sums is not None and member >= len(shard.sums):
+            raise ShardError(f"member {member}: the manifest lists {len(shard.sums)}")
+        if self.verify and shard.sums is not None and (crc := checksum(data)) != shard.sums[member]:
+            raise ShardError(
+                f"member {member}: crc32 {crc:08x}, the manifest has {shard.sums[member]:08x} "
+                "(its bytes changed after data prep)",
+                member,
+            )
+        seqs = decode_block(data, self.seq_len)
+        if self.verify and (top := int(seqs.max())) >= self.manifest["vocab_size"]:
+            raise ShardError(
+                f"member {member}: token id {top} is outside the vocabulary of {self.manifest['vocab_size']}",
+                member,
+            )
+        return seqs
 
     @property
     def total_sequences(self) -> int:
@@ -99,10 +128,12 @@ def open_dataset(
     tokenizer_sha256: str | None = None,
     vocab_size: int | None = None,
     seq_len: int | None = None,
+    verify: bool = True,
 ) -> Dataset:
     """A split directory (local), or a URL that ``manifest.json`` and the shard names complete: appended
     (``http://host/train/``) or in place of ``{name}`` (``pipe:aws s3 cp s3://bucket/train/{name} -``);
-    checked against the tokenizer and the model before anything runs."""
+    checked against the tokenizer and the model before anything runs. ``verify``: check each member
+    as it streams (its checksum, its token ids); off only to measure what the checks cost."""
     source = str(source)
     if "://" in source or source.startswith("pipe:"):  # a URL
         from webdataset.gopen import gopen
@@ -114,14 +145,22 @@ def open_dataset(
         except Exception as e:  # any transport error, reported with the URL
             raise FileNotFoundError(f"{where}: cannot read the manifest: {e}") from None
         manifest = parse_manifest(data, where)
-        shards = tuple(Shard(_complete(source, s["name"]), s["sequences"], False) for s in manifest["shards"])
+        local, url = False, lambda name: _complete(source, name)
     else:
         where = str(Path(source) / MANIFEST_NAME)
         manifest = read_manifest(source)
-        shards = tuple(Shard(str(Path(source) / s["name"]), s["sequences"], True) for s in manifest["shards"])
+        local, url = True, lambda name: str(Path(source) / name)
     check_compatible(manifest, where, tokenizer_sha256, vocab_size, seq_len)
+    shards = tuple(
+        Shard(url(s["name"]), s["sequences"], local, tuple(s[CHECKSUM]) if CHECKSUM in s else None)
+        for s in manifest["shards"]
+    )
+    if verify and any(s.sums is None for s in shards):
+        log.warning(
+            "%s: no member checksums (prepared by an older data_prep.shard): bytes are not checked", where
+        )
     return Dataset(
-        shards, manifest["seq_len"], manifest["sequences_per_sample"], manifest["pad_id"], manifest
+        shards, manifest["seq_len"], manifest["sequences_per_sample"], manifest["pad_id"], manifest, verify
     )
 
 
@@ -145,7 +184,7 @@ def _read_local(shard: Shard, dataset: Dataset, first: int) -> Iterator[np.ndarr
             if len(data) < info.size:
                 break
             f.seek(-info.size % TAR_BLOCK, 1)
-            seqs = decode_block(data, dataset.seq_len)
+            seqs = dataset.check(data, shard, block)
             yield seqs[first - done :] if first > done else seqs
             done += len(seqs)
             block += 1
@@ -159,12 +198,12 @@ def _read_stream(shard: Shard, dataset: Dataset, first: int) -> Iterator[np.ndar
 
     done = 0
     with gopen(shard.url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
-        for member in tar:
+        for index, member in enumerate(tar):
             n = member.size // (2 * (dataset.seq_len + 1))
             if done + n <= first:
                 done += n
                 continue
-            seqs = decode_block(tar.extractfile(member).read(), dataset.seq_len)
+            seqs = dataset.check(tar.extractfile(member).read(), shard, index)
             yield seqs[first - done :] if first > done else seqs
             done += len(seqs)
     if done < shard.sequences:
@@ -212,23 +251,39 @@ class _Stream:
             i, offset = i + 1, 0
 
     def _region(self, i: int, offset: int) -> Iterator[np.ndarray]:
-        """Sequences offset… of the i-th shard of the order (or of its substitutes)."""
+        """Sequences offset… of the i-th shard of the order; a damaged part is replaced by the
+        sequences of a substitute, and a damaged member only until its end: what a position
+        gives depends on the position alone, so a resume that starts anywhere reads the same."""
         shard_index = int(self.order[i])
         shard = self.dataset.shards[shard_index]
-        if shard_index not in self.bad:
-            try:
-                for chunk in read_shard(shard, self.dataset, offset):
-                    yield chunk
-                    offset += len(chunk)
-                return
-            except ShardError as e:
-                if self.on_error != "skip":
-                    raise ShardError(f"{self.where}: shard {shard.url}: {e}") from None
-                self.bad.add(shard_index)
-                self.skipped += 1
-                log.warning("%s: skipping shard %s (%s)", self.where, shard.url, e)
-        # substitute: the next readable shard of the order, same offset modulo its size
-        end = shard.sequences
+        while offset < shard.sequences:
+            end = shard.sequences
+            if shard_index not in self.bad:
+                try:
+                    for chunk in read_shard(shard, self.dataset, offset):
+                        yield chunk
+                        offset += len(chunk)
+                    return
+                except ShardError as e:
+                    end = self._damaged(shard_index, e)
+            yield from self._substitute(i, offset, end)
+            offset = end
+
+    def _damaged(self, shard_index: int, error: ShardError) -> int:
+        """Raise, or log and count a damaged shard; returns where its damage ends."""
+        shard = self.dataset.shards[shard_index]
+        if self.on_error != "skip":
+            raise ShardError(f"{self.where}: shard {shard.url}: {error}", error.member) from None
+        self.skipped += 1
+        log.warning("%s: skipping shard %s (%s)", self.where, shard.url, error)
+        if error.member is None:
+            self.bad.add(shard_index)
+            return shard.sequences
+        return min(shard.sequences, (error.member + 1) * self.dataset.per_sample)
+
+    def _substitute(self, i: int, offset: int, end: int) -> Iterator[np.ndarray]:
+        """Sequences offset…end of the i-th shard of the order, taken from the next readable shard
+        of the order at the same offset modulo its size."""
         for step in range(1, len(self.order)):
             j = int(self.order[(i + step) % len(self.order)])
             if j in self.bad:
@@ -358,12 +413,13 @@ class TrainLoader:
         seq_len: int | None = None,
         vocab_size: int | None = None,
         tokenizer_sha256: str | None = None,
+        verify: bool = True,
     ) -> None:
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        self.dataset = open_dataset(source, tokenizer_sha256, vocab_size, seq_len)
+        self.dataset = open_dataset(source, tokenizer_sha256, vocab_size, seq_len, verify)
         self.seq_len = seq_len or self.dataset.seq_len
         self.world_size, self.workers = world_size, max(1, num_workers)
         slots = slots or world_size * self.workers

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import webdataset as wds
 
-from data_prep.manifest import FORMAT_VERSION, MANIFEST_NAME, encode_block, shard_name
+from data_prep.manifest import CHECKSUM, FORMAT_VERSION, MANIFEST_NAME, checksum, encode_block, shard_name
 from gpt1_ds.data import EvalLoader, ShardError, TrainLoader
 from gpt1_ds.env import free_port
 from gpt1_ds.model import IGNORE_INDEX
@@ -31,14 +31,10 @@ def write_numbered_split(root: Path, sequences_per_shard: list[int], per_sample:
     for index, n in enumerate(sequences_per_shard):
         seqs = (np.arange(g, g + n)[:, None] * 16 + np.arange(SEQ + 1)[None, :]) % 60000 + 1
         g += n
+        blocks = [encode_block(seqs[b : b + per_sample]) for b in range(0, n, per_sample)]
         with open(root / shard_name(index), "wb") as f, wds.TarWriter(f, mtime=0) as w:
-            for b in range(0, n, per_sample):
-                w.write(
-                    {
-                        "__key__": f"{index:06d}-{b // per_sample:06d}",
-                        "tokens": encode_block(seqs[b : b + per_sample]),
-                    }
-                )
+            for b, block in enumerate(blocks):
+                w.write({"__key__": f"{index:06d}-{b:06d}", "tokens": block})
         data = (root / shard_name(index)).read_bytes()
         shards.append(
             {
@@ -48,6 +44,7 @@ def write_numbered_split(root: Path, sequences_per_shard: list[int], per_sample:
                 "tokens": n * SEQ + 1,
                 "bytes": len(data),
                 "sha256": hashlib.sha256(data).hexdigest(),
+                CHECKSUM: [checksum(b) for b in blocks],
             }
         )
     manifest = {
@@ -177,6 +174,80 @@ def test_truncated_shard_is_an_error_naming_it_or_skipped_and_counted(numbered):
     assert counts[0] == counts[1]
     loader = TrainLoader(numbered, batch_size=4, on_error="skip", num_workers=2)
     assert len(list(loader)) == len(loader) and loader.skipped_shards >= 1
+
+
+MEMBER_STRIDE = 1024  # numbered shards: a 512-byte header and 72 bytes of data padded to 512
+
+
+def flip(path: Path, offset: int, mask: int) -> None:
+    """XOR one byte of a file in place: same size, still a valid tar."""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= mask
+    path.write_bytes(bytes(data))
+
+
+def drop_checksums(split: Path) -> None:
+    """Make the split look prepared by an older data_prep.shard (no member checksums)."""
+    manifest = json.loads((split / MANIFEST_NAME).read_text())
+    for shard in manifest["shards"]:
+        del shard[CHECKSUM]
+    (split / MANIFEST_NAME).write_text(json.dumps(manifest))
+
+
+def test_ids_outside_the_vocabulary_are_caught_with_or_without_checksums(prepared, tmp_path, caplog):
+    import shutil
+
+    split = shutil.copytree(prepared / "train", tmp_path / "train")
+    per_sample, seq_len = 16, 64  # PREP_ARGS
+    stride = 512 + -(-(per_sample * (seq_len + 1) * 2) // 512) * 512
+    flip(split / shard_name(0), 2 * stride + 512 + 1, 0xF0)  # high byte of member 2's first id: ≥ 2000
+    loader = TrainLoader(split, batch_size=4, shuffle=False)
+    with pytest.raises(ShardError, match=r"rank 0 worker 0: shard .*shard-000000\.tar: member 2: crc32"):
+        list(loader)
+    drop_checksums(split)
+    with caplog.at_level("WARNING", logger="gpt1_ds.data"):
+        loader = TrainLoader(split, batch_size=4, shuffle=False)
+    assert "no member checksums" in caplog.text
+    with pytest.raises(ShardError, match=r"member 2: token id \d+ is outside the vocabulary of 2000"):
+        list(loader)
+
+
+def test_a_low_bit_flip_is_seen_only_by_the_checksum(numbered):
+    clean = take(TrainLoader(numbered, batch_size=4, shuffle=False), 20)
+    flip(numbered / shard_name(2), 3 * MEMBER_STRIDE + 512 + 6, 0x01)  # one id of member 3, still valid
+    unchecked = take(TrainLoader(numbered, batch_size=4, shuffle=False, verify=False), 20)
+    assert unchecked != clean and sum(a != b for a, b in zip(unchecked, clean, strict=True)) == 1
+    with pytest.raises(ShardError, match=r"rank 0 worker 0: shard .*shard-000002\.tar: member 3: crc32 "):
+        list(TrainLoader(numbered, batch_size=4, rank=0, world_size=2, shuffle=False))
+    with pytest.raises(ShardError, match=r"shard-000002\.tar: member 3: crc32 "):
+        list(TrainLoader(f"pipe:cat {numbered}/", batch_size=4, shuffle=False))  # read as a stream
+
+
+def test_a_damaged_member_is_skipped_alone_and_resume_stays_exact(numbered):
+    flip(numbered / shard_name(2), 3 * MEMBER_STRIDE + 512 + 6, 0x01)  # sequences 12-15 of shard 2
+    first_of_shard_2 = 1 + 37 + 3  # numbered sequences start at 1
+    damaged = set(range(first_of_shard_2 + 12, first_of_shard_2 + 16))
+
+    def run(n: int, state=None) -> tuple[list[str], list[int], TrainLoader]:
+        loader = TrainLoader(numbered, batch_size=4, seed=1, num_workers=2, on_error="skip")
+        if state is not None:
+            loader.load_state_dict(state)
+        digests, ids = [], []
+        for batch in loader:
+            digests.append(digest(batch))
+            ids += seq_ids(batch)
+            if len(digests) == n:
+                break
+        return digests, ids, loader
+
+    whole, ids, loader = run(len(TrainLoader(numbered, batch_size=4)))
+    assert len(whole) == len(loader) and loader.skipped_shards >= 1
+    assert not damaged & set(ids)
+    assert {first_of_shard_2 + 11, first_of_shard_2 + 16} <= set(ids)  # the member's neighbours are read
+    for cut in (5, 17, 30):
+        head, _, stopped = run(cut)
+        tail, _, _ = run(len(whole) - cut, stopped.state_dict())
+        assert head + tail == whole, cut
 
 
 def test_missing_shard_is_an_error(numbered):

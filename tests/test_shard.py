@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import REPO, SAMPLE_BOOKS, run_prepare
 
-from data_prep.manifest import decode_block, read_manifest
+from data_prep.manifest import CHECKSUM, MANIFEST_NAME, decode_block, read_manifest
 from data_prep.shard import pack
 from data_prep.verify import verify
 from gpt1_ds.tokenizer import MODEL_NAME, load_tokenizer
@@ -113,6 +113,14 @@ def test_rerun_skips_whole_shards_and_redoes_damaged_ones(prepared, tmp_path):
     assert f"({1} written, {len(shards) - 1} kept)" in result.stderr
     assert dataset_files(out) == dataset_files(prepared)
     assert all(s.stat().st_mtime_ns == stamps[s.name] for s in shards if s != shards[1])
+    manifest = json.loads((out / "train" / MANIFEST_NAME).read_text())
+    for entry in manifest["shards"]:  # as prepared by an older data_prep.shard: no member checksums
+        del entry[CHECKSUM]
+    (out / "train" / MANIFEST_NAME).write_text(json.dumps(manifest))
+    result = run_prepare(out)
+    assert f"train: {manifest['documents']} documents" in result.stderr
+    assert f"({len(shards)} written, 0 kept)" in result.stderr
+    assert dataset_files(out) == dataset_files(prepared)
     result = run_prepare(out, extra=["--force"])
     assert f"({len(shards)} written, 0 kept)" in result.stderr
 
@@ -174,6 +182,11 @@ def test_verify_detects_a_tokenizer_mismatch_and_a_corrupt_shard(prepared, tmp_p
     shard.write_bytes(bytes(data))
     problems = verify(ds)
     assert len(problems) == 1 and shard.name in problems[0] and "sha256" in problems[0]
+    shard.write_bytes(bytes(data[:2000]) + bytes([data[2000] ^ 0xFF]) + bytes(data[2001:]))  # whole again
+    train["shards"][1][CHECKSUM][2] ^= 1  # a manifest whose checksums do not describe its shards
+    (ds / "train" / MANIFEST_NAME).write_text(json.dumps(train))
+    problems = verify(ds)
+    assert len(problems) == 1 and f"{train['shards'][1]['name']}: 000001-000002.tokens: crc32" in problems[0]
 
     # A tokenizer trained with other settings: every manifest is flagged.
     out = subprocess.run(
