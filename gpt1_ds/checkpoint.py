@@ -5,7 +5,10 @@ Layout (``RunDir``): ``RUN/checkpoints/step00001000/`` (DeepSpeed's files, any Z
 and world size) holding ``COMPLETE`` once every rank has finished writing, and
 ``RUN/checkpoints/latest`` naming the newest complete tag, replaced atomically after the
 marker. A save killed half-way leaves a tag without ``COMPLETE``: ``resume=auto`` never
-picks it, and the next save removes it. The last ``keep_checkpoints`` complete tags are kept.
+picks it, and the next save removes it. A save that fails (a full disk, an I/O error) on any
+rank fails on every rank with ``SaveFailed``, which names each rank's error and the space left;
+its partial tag is removed, and the last complete checkpoint and ``latest`` stay as they were.
+The last ``keep_checkpoints`` complete tags are kept.
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ PROGRESS = ("step", "tokens_seen", "val_ppl", "loader", "history", "best")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: incomplete, corrupted, inconsistent or too new."""
+
+
+class SaveFailed(RuntimeError):
+    """A save that did not complete on every rank (raised on every rank)."""
 
 
 def dropout_seed(seed: int, rank: int, step: int, micro: int) -> int:
@@ -156,16 +163,77 @@ def find_resume(ckpt_dir: Path, resume: str) -> tuple[Path, str] | None:
 
 
 def save(engine: Any, ckpt_dir: Path, state: ClientState, keep: int, protect: str | None = None) -> str:
-    """Collective: every rank calls it. Returns the tag. ``protect``: a tag that pruning keeps."""
+    """Collective: every rank calls it. Returns the tag. ``protect``: a tag that pruning keeps.
+    Raises ``SaveFailed`` on every rank if any rank failed, with the partial tag removed."""
     tag = tag_for(state.step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state.to_dict(), save_latest=False)
-    dist.barrier()  # every rank's shards are on disk
-    if dist.get_rank() == 0:
-        (ckpt_dir / tag / COMPLETE).write_text(f"{state.step}\n")
-        atomic_write_text(ckpt_dir / LATEST, tag)
+    first = dist.get_rank() == 0
+    _agree(_attempt(_prepare, ckpt_dir, tag) if first else None, ckpt_dir, tag)
+    error = _attempt(engine.save_checkpoint, str(ckpt_dir), tag, state.to_dict(), False)
+    if error is not None:
+        dist.barrier()  # DeepSpeed's save ends in a barrier, where the ranks it did not fail on wait
+    _agree(error, ckpt_dir, tag)  # every rank's files are on disk
+    _agree(_attempt(_commit, ckpt_dir, tag, state.step) if first else None, ckpt_dir, tag)
+    if first:
         prune(ckpt_dir, keep, protect)
     dist.barrier()
     return tag
+
+
+def _prepare(ckpt_dir: Path, tag: str) -> None:
+    """Rank 0: the directory, without what a save of the same step that was cut short left."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if (ckpt_dir / tag).is_dir() and not (ckpt_dir / tag / COMPLETE).is_file():
+        shutil.rmtree(ckpt_dir / tag)
+
+
+def _commit(ckpt_dir: Path, tag: str, step: int) -> None:
+    """Rank 0, once every rank's files are on disk: the marker, then ``latest``."""
+    atomic_write_text(ckpt_dir / tag / COMPLETE, f"{step}\n")
+    atomic_write_text(ckpt_dir / LATEST, tag)
+
+
+def _attempt(fn: Any, *args: Any) -> str | None:
+    """Run ``fn``; its failure as text (a full disk surfaces as OSError, or as torch.save's RuntimeError)."""
+    try:
+        fn(*args)
+    except (OSError, RuntimeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _agree(error: str | None, ckpt_dir: Path, tag: str) -> None:
+    """Collective: if any rank's ``error`` is set, remove the partial tag and raise on every rank."""
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    failed = {rank: e for rank, e in enumerate(errors) if e is not None}
+    if not failed:
+        return
+    if dist.get_rank() == 0:
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+    raise SaveFailed(_failure(failed, ckpt_dir, tag))
+
+
+def _failure(failed: dict[int, str], ckpt_dir: Path, tag: str) -> str:
+    """What went wrong, how much space is left, and what a resume will find."""
+    reasons = "; ".join(f"rank {rank}: {e}" for rank, e in failed.items())
+    tags = complete_tags(ckpt_dir)
+    try:
+        space = f"{shutil.disk_usage(ckpt_dir).free / 1e6:,.1f} MB free on its file system"
+        if tags:
+            need = sum(f.stat().st_size for f in (ckpt_dir / tags[-1]).rglob("*") if f.is_file())
+            if need > shutil.disk_usage(ckpt_dir).free:
+                space += f", less than a checkpoint takes ({need / 1e6:,.1f} MB): the disk is full"
+    except OSError:
+        space = "its free space unknown"
+    last = (
+        f"the last complete checkpoint, {ckpt_dir / tags[-1]}, is intact: resume=auto continues from it"
+        if tags
+        else "there is no complete checkpoint yet"
+    )
+    return (
+        f"checkpoint {ckpt_dir / tag} could not be saved ({reasons}); {space}. "
+        f"The partial save was removed; {last}."
+    )
 
 
 def prune(ckpt_dir: Path, keep: int, protect: str | None = None) -> None:

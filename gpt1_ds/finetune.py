@@ -252,9 +252,12 @@ class Finetuning(runner.Loop):
         self.save("signal" if preempted else "end of epoch", best and best["tag"])
         if self.ctx.rank == 0:
             results = {"task": self.cfg.task, "majority_dev": self.majority, "history": self.state.history}
-            atomic_write_text(self.run_dir.path / "results.json", _json({**results, "best": best}))
-            if best is not None:
-                atomic_write_text(self.run_dir.path / "best.json", _json(best))
+            try:  # the checkpoint holds them too: a failed write is logged, not the end of the run
+                atomic_write_text(self.run_dir.path / "results.json", _json({**results, "best": best}))
+                if best is not None:
+                    atomic_write_text(self.run_dir.path / "best.json", _json(best))
+            except OSError as e:
+                log.warning("results.json not written (%s); the run goes on", e)
 
     def report(self, code: int) -> None:
         best, majority = self.state.best, self.majority

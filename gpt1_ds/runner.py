@@ -11,7 +11,7 @@ and engine (everything that can contradict is checked before any compute), then
 
 Exit codes: 0 done; 75 preempted (SIGUSR1 or SIGTERM: the step in flight was finished and a
 checkpoint saved; rerun with ``resume=auto`` to continue); 1 on error (e.g. a NaN/Inf loss,
-named with its step).
+named with its step, or a checkpoint that could not be saved, with each rank's reason).
 """
 
 from __future__ import annotations
@@ -354,7 +354,13 @@ class Loop:
                     self.window.mean_over_ranks(self.ctx.world), self.window.seconds / self.window.steps
                 )
                 self.window.reset()
-            self.after_step(preempted)
+            try:
+                self.after_step(preempted)
+            except checkpoint.SaveFailed as e:  # raised on every rank alike
+                if self.ctx.rank == 0:
+                    log.error("step %d: %s", self.state.step, e)
+                code = 1
+                break
             self.monitor.flush()
             if preempted:
                 if self.ctx.rank == 0:
