@@ -117,6 +117,10 @@ class RunConfig(Settings):
     """Parallel ranges the loader reads each epoch (default: ranks × workers). The data order
     depends on it, not on the world size: fix it to resume on another number of ranks
     (any that divides it) or to compare runs across world sizes."""
+    data_on_error: str = "raise"
+    """A training shard that cannot be read (missing, truncated, a member failing its checksum or
+    holding ids outside the vocabulary): ``raise`` (an error naming rank, worker, shard and member)
+    or ``skip`` (logged, counted; its sequences replaced by another shard's, steps unchanged)."""
     activation_checkpointing: bool = False
     """Recompute each block in the backward pass (DeepSpeed's checkpointing when configured)."""
     peak_flops: float | None = None
@@ -130,6 +134,8 @@ class RunConfig(Settings):
 
     def validate(self) -> None:
         super().validate()
+        if self.data_on_error not in ("raise", "skip"):
+            raise ValueError(f"run setting data_on_error must be raise or skip, got {self.data_on_error!r}")
         self.model_config()  # unknown presets and bad model fields fail here
 
     def model_config(self) -> GPTConfig:

@@ -39,6 +39,7 @@ from __future__ import annotations
 import bisect
 import logging
 import tarfile
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
@@ -94,6 +95,8 @@ class Dataset:
     pad_id: int
     manifest: dict[str, Any]
     verify: bool = True  # check each member's checksum and token ids as it is read
+    retries: int = 3  # a streamed shard that fails in transport is read again this many times more
+    retry_wait: float = 1.0  # seconds before the first retry; doubled for each next one
 
     def check(self, data: bytes, shard: Shard, member: int) -> np.ndarray:
         """The sequences of member ``member`` of ``shard``, after its checks."""
@@ -210,13 +213,36 @@ def _read_stream(shard: Shard, dataset: Dataset, first: int) -> Iterator[np.ndar
         raise ShardError(f"truncated: {done} of {shard.sequences} sequences")
 
 
-def read_shard(shard: Shard, dataset: Dataset, first: int = 0) -> Iterator[np.ndarray]:
-    """Blocks of sequences [n, seq_len + 1] from sequence ``first`` to the shard's end."""
+def read_shard(shard: Shard, dataset: Dataset, first: int = 0, where: str = "") -> Iterator[np.ndarray]:
+    """Blocks of sequences [n, seq_len + 1] from sequence ``first`` to the shard's end. A streamed
+    shard (pipe:, http) that fails in transport (a dropped connection, a server down for a moment)
+    is opened again and read on from where it stopped, up to ``dataset.retries`` times, waiting
+    ``retry_wait`` × 1, 2, 4… seconds; damaged contents (a member's checks) are not retried."""
     reader = _read_local if shard.local else _read_stream
-    try:
-        yield from reader(shard, dataset, first)
-    except (OSError, tarfile.TarError, ValueError, EOFError) as e:
-        raise ShardError(f"{type(e).__name__}: {e}") from None
+    attempt = 0
+    while True:
+        try:
+            for chunk in reader(shard, dataset, first):
+                yield chunk
+                first += len(chunk)
+            return
+        except (ShardError, OSError, tarfile.TarError, ValueError, EOFError) as e:
+            error = e if isinstance(e, ShardError) else ShardError(f"{type(e).__name__}: {e}")
+            if shard.local or error.member is not None or attempt >= dataset.retries:
+                raise error from None
+            wait = dataset.retry_wait * 2**attempt
+            attempt += 1
+            log.warning(
+                "%sshard %s: %s; reading on from sequence %d in %.1f s (retry %d of %d)",
+                f"{where}: " if where else "",
+                shard.url,
+                str(error).strip(),
+                first,
+                wait,
+                attempt,
+                dataset.retries,
+            )
+            time.sleep(wait)
 
 
 class _Stream:
@@ -260,7 +286,7 @@ class _Stream:
             end = shard.sequences
             if shard_index not in self.bad:
                 try:
-                    for chunk in read_shard(shard, self.dataset, offset):
+                    for chunk in read_shard(shard, self.dataset, offset, self.where):
                         yield chunk
                         offset += len(chunk)
                     return
@@ -291,7 +317,7 @@ class _Stream:
             sub = self.dataset.shards[j]
             try:
                 while offset < end:
-                    for chunk in read_shard(sub, self.dataset, offset % sub.sequences):
+                    for chunk in read_shard(sub, self.dataset, offset % sub.sequences, self.where):
                         chunk = chunk[: end - offset]
                         yield chunk
                         offset += len(chunk)
@@ -414,12 +440,15 @@ class TrainLoader:
         vocab_size: int | None = None,
         tokenizer_sha256: str | None = None,
         verify: bool = True,
+        retries: int = 3,
+        retry_wait: float = 1.0,
     ) -> None:
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.dataset = open_dataset(source, tokenizer_sha256, vocab_size, seq_len, verify)
+        self.dataset = replace(self.dataset, retries=retries, retry_wait=retry_wait)
         self.seq_len = seq_len or self.dataset.seq_len
         self.world_size, self.workers = world_size, max(1, num_workers)
         slots = slots or world_size * self.workers
@@ -520,8 +549,11 @@ class EvalLoader:
         seq_len: int | None = None,
         vocab_size: int | None = None,
         tokenizer_sha256: str | None = None,
+        retries: int = 3,
+        retry_wait: float = 1.0,
     ) -> None:
         self.dataset = open_dataset(source, tokenizer_sha256, vocab_size, seq_len)
+        self.dataset = replace(self.dataset, retries=retries, retry_wait=retry_wait)
         self.seq_len = seq_len or self.dataset.seq_len
         total = self.dataset.total_sequences
         if max_batches is not None:

@@ -98,7 +98,7 @@ class Pretraining(runner.Loop):
         reading = dict(
             num_workers=run.num_workers, pin_memory=ctx.device.type == "cuda", slots=run.data_slots
         )
-        reading.update(seed=run.seed, shuffle_window=run.shuffle_window)
+        reading.update(seed=run.seed, shuffle_window=run.shuffle_window, on_error=run.data_on_error)
         self.train_loader = TrainLoader(data_dir / "train", run.micro_batch_size, **reading, **common)
         self.val_loader = EvalLoader(
             data_dir / "val", run.micro_batch_size, max_batches=run.eval_batches, **common

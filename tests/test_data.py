@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 import sys
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -303,6 +305,90 @@ def test_shard_urls_through_pipe_give_the_same_batches(numbered):
     resumed = TrainLoader(f"pipe:cat {numbered}/", batch_size=4, seed=3)
     resumed.load_state_dict(loader.state_dict())
     assert head + take(resumed, 6) == local
+
+
+class FlakyServer:
+    """An HTTP server on 127.0.0.1 serving ``root``: ``drop`` shard requests are cut off after
+    half their bytes (a connection dropped mid-shard); ``stop()`` / ``start()`` take it down and
+    bring it back on the same port."""
+
+    def __init__(self, root: Path, drop: int = 0) -> None:
+        self.root, self.drop, self.port, self.served = root, drop, free_port(), 0
+        self.server: ThreadingHTTPServer | None = None
+        self.start()
+
+    def handler(self) -> type:
+        outer = self
+
+        class Handler(SimpleHTTPRequestHandler):
+            def __init__(self, *args, **kwargs) -> None:
+                super().__init__(*args, directory=str(outer.root), **kwargs)
+
+            def copyfile(self, source, outputfile) -> None:
+                if self.path.endswith(".tar"):
+                    outer.served += 1
+                    if outer.drop > 0:
+                        outer.drop -= 1
+                        data = source.read()
+                        outputfile.write(data[: len(data) // 2])
+                        self.close_connection = True
+                        return
+                super().copyfile(source, outputfile)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        return Handler
+
+    def start(self) -> None:
+        ThreadingHTTPServer.allow_reuse_address = True
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), self.handler())
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+
+def test_a_dropped_connection_mid_shard_is_read_on_and_gives_the_same_batches(numbered):
+    local = take(TrainLoader(numbered, batch_size=4, seed=3), 60)
+    server = FlakyServer(numbered, drop=3)
+    try:
+        loader = TrainLoader(server.url, batch_size=4, seed=3, retry_wait=0.05)
+        head = take(loader, 25)
+        resumed = TrainLoader(server.url, batch_size=4, seed=3, retry_wait=0.05)
+        resumed.load_state_dict(loader.state_dict())
+        assert head + take(resumed, 35) == local
+        assert server.drop == 0  # all three cuts happened and were read past
+    finally:
+        server.stop()
+
+
+def test_a_server_that_goes_down_is_retried_then_a_bad_shard(numbered, caplog):
+    local = take(TrainLoader(numbered, batch_size=4, shuffle=False), 60)
+    server = FlakyServer(numbered)
+    try:  # a window of one batch: the shards are opened as the batches are taken
+        loader = TrainLoader(server.url, batch_size=4, shuffle=False, shuffle_window=4, retry_wait=0.2)
+        it = iter(loader)
+        got = [digest(next(it)) for _ in range(5)]
+        server.stop()  # killed mid-epoch, back 0.3 s later: the first or second retry finds it
+        threading.Timer(0.3, server.start).start()
+        with caplog.at_level("WARNING", logger="gpt1_ds.data"):
+            got += [digest(next(it)) for _ in range(55)]
+        assert got == local
+        assert "reading on from sequence" in caplog.text and "(retry 1 of 3)" in caplog.text
+    finally:
+        server.stop()
+    # Down for good: after 2 retries, an error naming the rank, the worker and the shard.
+    server.start()
+    loader = TrainLoader(server.url + "{name}", batch_size=4, shuffle=False, retries=2, retry_wait=0.05)
+    server.stop()
+    with pytest.raises(ShardError, match=r"rank 0 worker 0: shard http://127.*shard-00000\d\.tar: "):
+        list(loader)
 
 
 def test_eval_loader_covers_the_split_once_across_ranks(numbered):
