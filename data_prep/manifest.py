@@ -28,12 +28,27 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SAMPLE_EXT = "tokens"
 DTYPE = "uint16"
-# Every key the loader (gpt1_ds.data) and data_prep.verify read, at the top and in each shard entry.
-REQUIRED = (
-    *("format_version", "tokenizer_sha256", "vocab_size", "seq_len", "dtype"),  # checked in this module
-    *("sequences_per_sample", "pad_id", "total_tokens", "shards"),
-)
-SHARD_REQUIRED = ("name", "samples", "sequences", "tokens", "bytes", "sha256")
+# Every key the loader (gpt1_ds.data) and data_prep.verify read, with its type, at the top and
+# in each shard entry.
+REQUIRED: dict[str, type] = {
+    "format_version": int,
+    "tokenizer_sha256": str,
+    "vocab_size": int,
+    "seq_len": int,
+    "dtype": str,
+    "sequences_per_sample": int,
+    "pad_id": int,
+    "total_tokens": int,
+    "shards": list,
+}
+SHARD_REQUIRED: dict[str, type] = {
+    "name": str,
+    "samples": int,
+    "sequences": int,
+    "tokens": int,
+    "bytes": int,
+    "sha256": str,
+}
 CHECKSUM = "crc32"
 """Shard entry key: the CRC-32 of each member's bytes, in member order (optional: see the module doc)."""
 
@@ -77,8 +92,9 @@ def parse_manifest(data: bytes | str, where: str) -> dict[str, Any]:
         manifest = json.loads(data)
     except json.JSONDecodeError as e:
         raise ValueError(f"{where}: invalid JSON: {e}") from None
-    if missing := [k for k in REQUIRED if k not in manifest]:
-        raise ValueError(f"{where}: missing keys {missing}")
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(manifest).__name__}")
+    _check_keys(manifest, REQUIRED, where)
     if manifest["format_version"] != FORMAT_VERSION:
         raise ValueError(
             f"{where}: format_version {manifest['format_version']}, this code reads {FORMAT_VERSION}"
@@ -86,14 +102,29 @@ def parse_manifest(data: bytes | str, where: str) -> dict[str, Any]:
     if manifest["dtype"] != DTYPE:
         raise ValueError(f"{where}: dtype {manifest['dtype']!r}, expected {DTYPE!r}")
     for i, shard in enumerate(manifest["shards"]):
-        if lacking := [k for k in SHARD_REQUIRED if k not in shard]:
-            raise ValueError(f"{where}: shards[{i}] lacks keys {lacking}")
+        if not isinstance(shard, dict):
+            raise ValueError(f"{where}: shards[{i}] is not an object")
+        _check_keys(shard, SHARD_REQUIRED, f"{where}: shards[{i}]")
         sums = shard.get(CHECKSUM)
-        if sums is not None and (not isinstance(sums, list) or len(sums) != shard["samples"]):
+        if sums is not None and (
+            not isinstance(sums, list)
+            or len(sums) != shard["samples"]
+            or not all(isinstance(v, int) for v in sums)
+        ):
             raise ValueError(
-                f"{where}: shards[{i}].{CHECKSUM} must list one value per sample ({shard['samples']})"
+                f"{where}: shards[{i}].{CHECKSUM} must list one integer per sample ({shard['samples']})"
             )
     return manifest
+
+
+def _check_keys(data: dict[str, Any], types: dict[str, type], where: str) -> None:
+    """Every key of ``types`` present in ``data`` with its type (an int is not a bool)."""
+    if missing := [k for k in types if k not in data]:
+        raise ValueError(f"{where}: missing keys {missing}")
+    for key, kind in types.items():
+        value = data[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ValueError(f"{where}: {key} must be {kind.__name__}, got {value!r}")
 
 
 def check_compatible(

@@ -168,6 +168,8 @@ def ensure_tokenizer(dataset_dir: str | Path, force: bool = False, **settings) -
             tok = SentencePieceTokenizer(dataset_dir / MODEL_NAME)
         except (OSError, ValueError):
             info, tok = {}, None
+        if not isinstance(info, dict) or not isinstance(info.get("settings", {}), dict):
+            info = {}  # not what data_prep.tokenizer writes
         have = info.get("settings", {})
         same = tok is not None and all(have.get(k) == v for k, v in settings.items() if k != "num_threads")
         if same and (info.get("sha256"), info.get("train_fingerprint")) == (tok.sha256, fingerprint):

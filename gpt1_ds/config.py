@@ -12,6 +12,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -164,7 +166,29 @@ def read_settings(cls: type, path: str | Path | None, overrides: list[str] | Non
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"unknown settings {unknown} (from {path or 'overrides'}); known: {sorted(known)}")
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if f.name in data and not _fits(data[f.name], hints[f.name]):
+            where = path or "overrides"
+            raise ValueError(f"setting {f.name} (from {where}) must be {f.type}, got {data[f.name]!r}")
     return data
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a setting's value has its field's type (an int is a float, a bool is not an int)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in typing.get_args(hint))
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    kind = origin or hint
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
 
 
 @dataclass

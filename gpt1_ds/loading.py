@@ -20,6 +20,7 @@ import contextlib
 import io
 import json
 import logging
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,9 +66,29 @@ def resolve_tag(source: str | Path, tag: str | None = None) -> tuple[Path, str]:
     return path, tag
 
 
+def _deepspeed_types() -> list[type]:
+    """The classes DeepSpeed pickles into a checkpoint beside tensors and plain values."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
 def _load(file: Path) -> dict[str, Any]:
+    """A checkpoint file read as data (``weights_only``: tensors, plain values and DeepSpeed's few
+    types): a file that names any other object (a pickle that could run code) is refused."""
+    torch.serialization.add_safe_globals(_deepspeed_types())
     try:
-        return torch.load(file, map_location="cpu", weights_only=False)
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise CheckpointError(f"{file}: unreadable checkpoint file (UnpicklingError: {e})") from None
+        unsafe = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(file)) or "unknown objects"
+        raise CheckpointError(
+            f"{file}: holds {unsafe}, which a gpt1-ds checkpoint never does: not unpickled "
+            "(a checkpoint is a pickle that could run code; read only those you trust)"
+        ) from None
     except Exception as e:  # truncated or overwritten files fail in many ways inside torch.load
         raise CheckpointError(f"{file}: unreadable checkpoint file ({type(e).__name__}: {e})") from None
 
@@ -170,12 +191,12 @@ def _fp32_weights(
     if any(tag_dir.glob("zero_pp_rank_*optim_states.pt")) or stage >= 2:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+        for file in sorted(tag_dir.glob("*.pt")):  # DeepSpeed unpickles them all: data only first
+            _load(file)
         try:
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag))
-        except Exception as e:  # DeepSpeed reads every rank's files itself and does not name a bad one
-            for file in sorted(tag_dir.glob("*.pt")):
-                _load(file)  # raises, naming the first unreadable file
+        except Exception as e:
             raise CheckpointError(
                 f"{tag_dir}: DeepSpeed could not consolidate it ({type(e).__name__}: {e})"
             ) from None

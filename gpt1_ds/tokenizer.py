@@ -61,7 +61,10 @@ class SentencePieceTokenizer:
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: no tokenizer model")
         data = self.path.read_bytes()
-        self.sp = spm.SentencePieceProcessor(model_proto=data)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_proto=data)
+        except (RuntimeError, TypeError, ValueError) as e:  # sentencepiece names neither file nor field
+            raise ValueError(f"{self.path}: not a sentencepiece model ({type(e).__name__}: {e})") from None
         self.sha256 = hashlib.sha256(data).hexdigest()
         self.vocab_size = self.sp.get_piece_size()
         ids = {p: self.sp.piece_to_id(p) for p in (PAD, EOD, *CONTROL, NEWLINE)}

@@ -35,11 +35,25 @@ def test_yaml_and_overrides(tmp_path):
             r"GPTConfig.n_embd \(768\) must be divisible by GPTConfig.n_head \(5\)",
         ),
         (["micro_batch_size"], "is not key=value"),
+        (["max_steps=ten"], r"setting max_steps \(from overrides\) must be int \| None, got 'ten'"),
+        (["seed=true"], "setting seed .* must be int, got True"),
+        (["model_overrides=3"], r"setting model_overrides .* must be dict\[str, Any\], got 3"),
+        (["data_on_error=ignore"], "data_on_error must be raise or skip"),
     ],
 )
 def test_bad_settings_are_named(overrides, message):
     with pytest.raises(ValueError, match=message):
         RunConfig.from_yaml(None, overrides)
+
+
+def test_a_config_file_with_a_wrong_type_names_the_file_and_key(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("micro_batch_size: 8\nrun_dir: [a, b]\n")
+    with pytest.raises(ValueError, match=rf"setting run_dir \(from {path}\) must be str, got \['a', 'b'\]"):
+        RunConfig.from_yaml(path)
+    path.write_text("task: sst2\nlm_coef: half\n")
+    with pytest.raises(ValueError, match=rf"setting lm_coef \(from {path}\) must be float"):
+        FinetuneConfig.from_yaml(path)
 
 
 def test_values_parse_as_a_user_means_them():

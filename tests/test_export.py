@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -327,6 +328,36 @@ def test_cli_names_a_truncated_optimizer_file(runs, tmp_path):
     out = export_cli(ckpt, "--out", tmp_path / "hf", ok=False)
     assert file in out.stderr and "unreadable" in out.stderr
     assert not (tmp_path / "hf" / "model.safetensors").exists()
+
+
+class Payload:
+    """Unpickled, it would run a command: what a checkpoint from an untrusted source can hold."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "file"),
+    [("zero0", MODEL_STATES), ("zero2", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt")],
+)
+def test_a_checkpoint_holding_code_is_refused_without_running_it(runs, tmp_path, name, file):
+    ckpt = copy_checkpoints(runs(name), tmp_path)
+    marker = tmp_path / "ran"
+    states = torch.load(ckpt / TAG / file, map_location="cpu", weights_only=False)
+    states["extra"] = Payload(marker)
+    torch.save(states, ckpt / TAG / file)
+    with pytest.raises(
+        CheckpointError, match=rf"{file}: holds posix.system, which a gpt1-ds checkpoint never"
+    ):
+        load_model(ckpt)
+    out = export_cli(ckpt, "--out", tmp_path / "hf", ok=False)
+    assert "not unpickled" in out.stderr
+    assert not marker.exists()
 
 
 @pytest.mark.slow

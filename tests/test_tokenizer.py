@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from data_prep.tokenizer import ensure_tokenizer, train, train_docs
 from gpt1_ds.tokenizer import INFO_NAME, MODEL_NAME, load_tokenizer
 
@@ -57,3 +59,10 @@ def test_training_is_deterministic_and_reused_when_up_to_date(prepared, tmp_path
         sample_bytes=settings["sample_bytes"],
     )
     assert kept.sha256 == load_tokenizer(prepared / MODEL_NAME).sha256
+
+
+def test_a_file_that_is_not_a_tokenizer_is_an_error_naming_it(prepared, tmp_path):
+    bad = tmp_path / MODEL_NAME
+    bad.write_bytes((prepared / MODEL_NAME).read_bytes()[:300])  # cut short
+    with pytest.raises(ValueError, match=rf"{bad}: not a sentencepiece model"):
+        load_tokenizer(bad)
