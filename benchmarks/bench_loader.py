@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 
 from data_prep.manifest import read_manifest
-from gpt1_ds.data import TrainLoader, to_batch
+from gpt1_ds.data import TrainLoader, open_dataset, to_batch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -69,6 +70,21 @@ def checks_cost(
             (on if verify else off).append(ours(split, workers, batches, batch_size, verify))
     costs = [1 - a / b for a, b in zip(on, off, strict=True)]
     return float(np.median(on)), float(np.median(off)), float(np.median(costs))
+
+
+def checks_alone(split: Path, repeats: int) -> tuple[float, int]:
+    """Seconds per member for the checks by themselves (``Dataset.check``: CRC-32, token ids,
+    the uint16 view), over every member of the split read into memory; and the member size."""
+    dataset = open_dataset(split)
+    members = []
+    for shard in dataset.shards:
+        with tarfile.open(shard.url) as tar:
+            members += [(tar.extractfile(m).read(), shard, i) for i, m in enumerate(tar)]
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for data, shard, index in members:
+            dataset.check(data, shard, index)
+    return (time.perf_counter() - start) / (repeats * len(members)), len(members[0][0])
 
 
 def baseline(split: Path, workers: int, batches: int, batch_size: int) -> float:
@@ -176,6 +192,19 @@ def main() -> None:
     for workers in args.workers:
         on, off, cost = checks_cost(split, workers, args.check_batches, args.batch_size, args.rounds)
         checks["rows"].append([workers, on / 1e6, off / 1e6, cost])
+    per_member, member_bytes = checks_alone(split, args.rounds * 20)
+    members_per_s = {r[0]: r[2] * 1e6 / (member_bytes / 2) for r in checks["rows"]}  # ≈ 2 bytes a token
+    alone = benchlib.table(
+        f"The checks by themselves, timed on every member of the split in memory ({member_bytes:,} bytes "
+        "each), against the time the loader spends per member with them off",
+        {
+            "workers": "{}",
+            "checks, µs per member": "{:.1f}",
+            "loader, µs per member": "{:.1f}",
+            "share": "{:.1%}",
+        },
+        [[w, per_member * 1e6, 1e6 / n, per_member * n] for w, n in members_per_s.items()],
+    )
     resume = benchlib.table(
         "Time to the first batch of a fresh loader and after `load_state_dict` in the middle of an epoch",
         {"resume": "{}", "workers": "{}", "seconds to first batch": "{:.3f}"},
@@ -187,7 +216,7 @@ def main() -> None:
         "loader",
         "Loader: gpt1-ds `TrainLoader` against a plain WebDataset pipeline",
         f"{benchlib.cpu_name()}, {os.cpu_count()} cores",
-        [rates, checks, resume],
+        [rates, checks, alone, resume],
         [
             "Both read the same shards, decode the uint16 blocks and build int64 `input_ids`/`targets` "
             "batches; gpt1-ds also shuffles within its window and splits by rank and worker. Tokens/s "

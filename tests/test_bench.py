@@ -152,13 +152,14 @@ def test_loader_quick_json_holds_numeric_rows(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out_json.read_text(encoding="utf-8"))
     assert result["benchmark"] == "loader" and result["notes"]
-    rates, checks, resume = result["tables"]
+    rates, checks, alone, resume = result["tables"]
     assert [r[:2] for r in rates["rows"]] == [
         [name, w] for w in (0, 1) for name in ("gpt1-ds TrainLoader", "plain webdataset.WebDataset")
     ]
     assert all(r[2] > 0 and r[3] == r[2] for r in rates["rows"])  # 0 and 1 worker: per worker = total
     assert [r[0] for r in checks["rows"]] == [0, 1]
     assert all(r[1] > 0 and r[2] > 0 and r[3] == pytest.approx(1 - r[1] / r[2]) for r in checks["rows"])
+    assert [r[0] for r in alone["rows"]] == [0, 1] and all(0 < r[3] < 1 for r in alone["rows"])
     assert [r[0] for r in resume["rows"]] == ["fresh start", "resume mid-epoch"] * 2
     assert all(r[2] >= 0 for r in resume["rows"])
     # What it printed is what it wrote.
