@@ -6,6 +6,7 @@
 #                 processes or take more than a few seconds): a check in under two minutes
 #   make bench    set up, then run every benchmark in benchmarks/ and write this
 #                 machine's section of benchmarks/RESULTS.md (and results.json)
+#   make gpu-wheels  the wheels benchmarks/gpu_check.sh installs on a GPU machine with no registry
 #
 # Setup makes a virtual environment in $(VENV): torch first ($(TORCH_SPEC)), then
 # DeepSpeed built against it, then this package with its extras. A second run does
@@ -24,7 +25,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.gpt1-ds-setup
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench clean gpu-wheels
 
 setup: $(STAMP)
 
@@ -61,6 +62,24 @@ demo: setup
 	$(PY) -m gpt1_ds.export $(DEMO_DIR)/run/checkpoints --out $(DEMO_DIR)/hf
 	$(PY) -m gpt1_ds.generate $(DEMO_DIR)/hf --prompt "It was" --prompt "The ship" --max-new-tokens 40 --seed 0
 	$(PY) -m gpt1_ds.plot $(DEMO_DIR)/run --out $(DEMO_DIR)/curves.png
+
+# Wheels for a GPU machine without a package registry (Python 3.12, x86-64, torch and CUDA
+# already there): DeepSpeed built here as a pure-Python wheel (its CUDA ops compile there on
+# first use) and what else that image lacks, at the versions installed here. Carried as .whl/
+# to benchmarks/gpu_check.sh.
+GPU_WHEELS ?= .whl
+GPU_PACKAGES := hjson pydantic pydantic-core annotated-types typing-inspection webdataset braceexpand \
+	ftfy wcwidth isal typing-extensions
+GPU_PLATFORMS := $(foreach n,28 27 17,--platform manylinux_2_$(n)_x86_64) --platform manylinux2014_x86_64
+
+gpu-wheels: setup
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	DS_BUILD_OPS=0 $(PIP) wheel --quiet --no-deps --no-build-isolation -w $(GPU_WHEELS) \
+		deepspeed==$$($(PY) -c 'from importlib.metadata import version; print(version("deepspeed"))')
+	$(PIP) download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(GPU_PLATFORMS) -d $(GPU_WHEELS) $$($(PY) -c 'import sys; from importlib.metadata import version; \
+		print(" ".join(f"{p}=={version(p)}" for p in sys.argv[1:]))' $(GPU_PACKAGES))
+	ls -l $(GPU_WHEELS); du -sh $(GPU_WHEELS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

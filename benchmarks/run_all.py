@@ -4,6 +4,7 @@
     python benchmarks/run_all.py --only model,loader --quick      # some, with tiny sizes
     python benchmarks/run_all.py --corpus DIR --list FILE         # the books bench_prep reads
     python benchmarks/run_all.py --out-dir DIR                    # write DIR/RESULTS.md, DIR/results.json
+    python benchmarks/run_all.py --only train --args "train=--presets gpt1 --batch 16"  # a script's own flags
 
 Each benchmark script runs in a process of its own with ``--json`` (its tables and
 notes, ``benchmarks/benchlib.py``). The machine (CPU model, cores, memory, GPUs and
@@ -26,6 +27,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -131,6 +133,9 @@ def run_benchmark(name: str, args: argparse.Namespace, scratch: Path) -> benchli
     cmd = [sys.executable, str(HERE / BENCHMARKS[name]), "--json", str(out)]
     if args.quick:
         cmd.append("--quick")
+    for given in args.args:
+        target, _, extra = given.partition("=")
+        cmd += shlex.split(extra) if target == name else []
     if name == "prep":
         cmd += ["--corpus", args.corpus] if args.corpus else []
         cmd += ["--list", args.list] if args.list else []
@@ -180,7 +185,16 @@ def main() -> int:
     parser.add_argument("--corpus", help="directory of books for bench_prep (default: data/sample)")
     parser.add_argument("--list", help="file naming the books bench_prep takes from --corpus")
     parser.add_argument("--out-dir", type=Path, default=HERE, help="where RESULTS.md and results.json are")
+    parser.add_argument(
+        "--args",
+        action="append",
+        default=[],
+        metavar="NAME=ARGS",
+        help='more arguments for one benchmark, e.g. "train=--presets gpt1 --batch 16"',
+    )
     args = parser.parse_args()
+    if bad := [a for a in args.args if a.partition("=")[0] not in BENCHMARKS]:
+        parser.error(f"--args {bad[0]!r}: NAME=ARGS with NAME one of {', '.join(BENCHMARKS)}")
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = sorted(set(names) - set(BENCHMARKS))
     if unknown or not names:

@@ -171,9 +171,10 @@ class Finetuning(runner.Loop):
         log.info(
             f"fine-tuning {cfg.task} ({data.kind}): {examples}"
             + (f" ({skipped} malformed rows skipped)" if skipped else "")
-            + f"; init {cfg.init}; {self.ctx.world} ranks × micro-batch {cfg.micro_batch_size} × "
-            f"accumulation {self.accum} = {self.ds_cfg['train_batch_size']}; {self.total_steps} steps "
-            f"({self.steps_per_epoch} per epoch); lm_coef {cfg.lm_coef:g}; majority class on dev {majority}"
+            + f"; init {cfg.init}; {self.ctx.world} ranks ({runner.where(self.ctx)}) × micro-batch "
+            f"{cfg.micro_batch_size} × accumulation {self.accum} = {self.ds_cfg['train_batch_size']}; "
+            f"{self.total_steps} steps ({self.steps_per_epoch} per epoch); optimizer "
+            f"{runner.optimizer_name(self.engine)}; lm_coef {cfg.lm_coef:g}; majority class on dev {majority}"
         )
 
     @property

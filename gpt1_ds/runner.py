@@ -164,6 +164,17 @@ def in_lockstep(batches: Iterable[T], count: int, device: torch.device) -> Itera
         yield next(it, None)
 
 
+def where(ctx: Context) -> str:
+    """``cuda, nccl``: the device type and the collective backend, for the start-up line."""
+    return f"{ctx.device.type}, {dist.get_backend()}"
+
+
+def optimizer_name(engine: Any) -> str:
+    """The optimiser doing the update under DeepSpeed's wrappers: FusedAdam on CUDA,
+    DeepSpeedCPUAdam with offload, torch's AdamW where neither was built."""
+    return type(getattr(engine, "basic_optimizer", None) or engine.optimizer).__name__
+
+
 def precision(ds_cfg: dict[str, Any]) -> str:
     if ds_cfg.get("bf16", {}).get("enabled"):
         return "bf16"

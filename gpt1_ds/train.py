@@ -141,10 +141,11 @@ class Pretraining(runner.Loop):
         ds, ctx, cfg = self.ds_cfg, self.ctx, self.cfg
         stage = ds.get("zero_optimization", {}).get("stage", 0)
         log.info(
-            f"gpt1-ds: {cfg.model}, {ctx.world} ranks ({ctx.device.type}), micro-batch "
+            f"gpt1-ds: {cfg.model}, {ctx.world} ranks ({runner.where(ctx)}), micro-batch "
             f"{cfg.micro_batch_size} × accumulation {self.accum} × {ctx.world} ranks = "
             f"{ds['train_batch_size']} sequences of {self.seq_len}; {self.total_steps} steps "
-            f"({self.steps_per_epoch} per epoch); ZeRO stage {stage}; {runner.precision(ds)}"
+            f"({self.steps_per_epoch} per epoch); ZeRO stage {stage}; {runner.precision(ds)}; "
+            f"optimizer {runner.optimizer_name(self.engine)}"
         )
 
     def next_batch(self, _micro: int) -> dict[str, torch.Tensor]:

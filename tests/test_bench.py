@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import platform
 import re
 import subprocess
@@ -165,3 +166,27 @@ def test_loader_quick_json_holds_numeric_rows(tmp_path: Path) -> None:
     # What it printed is what it wrote.
     assert "| gpt1-ds TrainLoader | 0 |" in out.stdout
     assert f"{rates['rows'][0][2]:.1f}" in out.stdout
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_runs_every_step_and_returns_few_files(tmp_path: Path) -> None:
+    """benchmarks/gpu_check.sh --dry-run: the GPU machine's script, each step on this CPU with tiny
+    sizes, so that it cannot rot between the sessions that have a GPU."""
+    out = subprocess.run(
+        ["bash", str(BENCH / "gpu_check.sh"), "--dry-run"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OUT": str(tmp_path)},
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = (tmp_path / "summary.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in summary] == ["env", "fused_adam", "cuda_tests", "bench_train"]
+    assert all(": exit 0 in " in line for line in summary), summary
+    assert "torch" in (tmp_path / "env.txt").read_text()
+    tests = (tmp_path / "cuda_tests.txt").read_text()
+    assert re.search(r"\b[1-9]\d* skipped", tests) and "passed" not in tests  # no GPU: none counted
+    store = json.loads((tmp_path / "results.json").read_text())
+    assert any("train" in m["benchmarks"] for m in store["machines"].values())
+    assert len(list(tmp_path.iterdir())) <= 8  # what the GPU machine sends back
