@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command for a GPU machine with no package registry: install the carried wheelhouse, say
-# what the machine is, build DeepSpeed's CUDA FusedAdam, run the CUDA tests, then the gpt1
-# training benchmark, recorded under the machine's key in a copy of benchmarks/results.json.
+# what the machine is, build DeepSpeed's CUDA FusedAdam, run the CUDA tests, the gpt1 training
+# benchmark (recorded under the machine's key in a copy of benchmarks/results.json), then about
+# two minutes of gpt1_ds.train at GPT-1's per-GPU micro-batch.
 #
 #   make gpu-wheels                        # here, once: the wheels into .whl/ (Python 3.12, x86-64)
 #   bash benchmarks/gpu_check.sh           # there, with .whl/ carried along; results in $OUT
@@ -11,7 +12,7 @@
 # within GPU_CHECK_SECONDS (default 560) for the whole script, so that a run cut short still
 # returns what it measured; $OUT/summary.txt has one line per step (exit code, seconds). At
 # most 8 files: summary.txt, env.txt, fused_adam.txt, cuda_tests.txt, bench_train.txt,
-# RESULTS.md, results.json. Copy the last two over benchmarks/ to keep them.
+# RESULTS.md, results.json, train.txt. Copy the last two over benchmarks/ to keep them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
@@ -32,7 +33,7 @@ step() {
     ((limit > DEADLINE - start)) && limit=$((DEADLINE - start))
     ((limit < 10)) && { echo "$name: not run, no time left" | tee -a "$OUT/summary.txt"; return 124; }
     echo "== $name: $*"
-    timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
+    timeout --kill-after=30 "$limit" "$@" >"$OUT/$name.txt" 2>&1  # SIGTERM: train.py saves, exits 75
     rc=$?
     echo "$name: exit $rc in $(($(date +%s) - start)) s" | tee -a "$OUT/summary.txt"
     tail -n 5 "$OUT/$name.txt"
@@ -81,7 +82,25 @@ if [ $DRY = 1 ]; then
 else
     BENCH=(--args "train=--presets gpt1 --variants plain ds-z2 --batch 16 --steps 20 --warmup 3")
 fi
-step bench_train 300 $PY benchmarks/run_all.py --only train "${BENCH[@]}" --out-dir "$OUT"
+step bench_train 200 $PY benchmarks/run_all.py --only train "${BENCH[@]}" --out-dir "$OUT"
+
+# GPT-1's step on one GPU: the gpt1 model at micro-batch 8 and no accumulation (one rank's share
+# of the batch of 64 on 8 GPUs), bf16, ZeRO-2, on the embedded books (tokenizer of 8,192 pieces
+# in a model of GPT-1's 40,478 rows), for about two minutes; its log lines give the step time.
+DATA=$(mktemp -d -t gpu_check_data.XXXX)
+trap 'rm -rf "$DATA"' EXIT
+if [ $DRY = 1 ]; then
+    PREP=(--vocab-size 2000 --seq-len 64 --shard-bytes 200000)
+    TRAIN=(model=tiny model_overrides.n_positions=64 max_steps=20 log_interval=5 micro_batch_size=4)
+    TRAIN+=(ds.train_batch_size=4 ds.bf16.enabled=false)
+else
+    PREP=(--vocab-size 8192 --seq-len 512 --shard-bytes 2000000)
+    TRAIN=(max_steps=100000 log_interval=100 micro_batch_size=8 ds.train_batch_size=8 num_workers=4)
+fi
+step train 170 sh -c "$PY -m data_prep.prepare --input data/sample --out $DATA --quiet ${PREP[*]} \
+    --val-fraction 0.1 --test-fraction 0 && exec $PY -m gpt1_ds.train --deepspeed_config ds_configs/zero2.json \
+    --config configs/gpt1.yaml --data $DATA --run-dir $DATA/run ${TRAIN[*]} eval_interval=1000000 \
+    eval_batches=2 checkpoint_interval=1000000 sample_interval=0"
 
 echo "== done; in $OUT:"
 ls "$OUT"

@@ -190,6 +190,7 @@ class Pretraining(runner.Loop):
         if self.ctx.rank == 0:
             tqdm.write(
                 f"step {step}/{total} | loss {loss:.4f} | lr {self.lr():.3e} | {tps:,.0f} tok/s"
+                + f" | {1000 * step_time:.1f} ms/step"
                 + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else "")
                 + f" | ETA {timedelta(seconds=int((total - step) * step_time))}"
             )
