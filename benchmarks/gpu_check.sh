@@ -73,7 +73,7 @@ else:
     print(f"FusedAdam built and loaded in {time.time() - start:.1f} s")
 EOF
 
-step cuda_tests 240 $PY -m pytest -m cuda -q -p no:cacheprovider tests/
+step cuda_tests 240 $PY -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py
 
 # The training benchmark, through run_all so that its figures land under this machine's key.
 cp benchmarks/RESULTS.md benchmarks/results.json "$OUT/"

@@ -243,6 +243,9 @@ class Finetuning(runner.Loop):
             "epoch %d (step %d): dev %s%s", self.epoch, step, metrics_text, " (best)" if improved else ""
         )
 
+    def acts_now(self) -> bool:
+        return self.due(self.steps_per_epoch)
+
     def after_step(self, preempted: bool) -> None:
         end_of_epoch = self.due(self.steps_per_epoch)
         if end_of_epoch:

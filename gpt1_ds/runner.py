@@ -9,8 +9,8 @@ checkpoints) → on a signal, exit 75 after the checkpoint. A subclass builds it
 and engine (everything that can contradict is checked before any compute), then
 ``main`` reads: setup → ``resume`` → ``start`` → ``run`` → ``finish``.
 
-Exit codes: 0 done; 75 preempted (SIGUSR1 or SIGTERM: the step in flight was finished and a
-checkpoint saved; rerun with ``resume=auto`` to continue); 1 on error (e.g. a NaN/Inf loss,
+Exit codes: 0 done; 75 preempted (SIGUSR1 or SIGTERM: the steps up to the next log line were
+finished and a checkpoint saved; rerun with ``resume=auto`` to continue); 1 on error (e.g. a NaN/Inf loss,
 named with its step, or a checkpoint that could not be saved, with each rank's reason).
 """
 
@@ -43,6 +43,7 @@ from gpt1_ds.tokenizer import INFO_NAME, MODEL_NAME, Tokenizer
 log = logging.getLogger(__name__)
 
 PREEMPTED_EXIT = 75
+NEVER = 2**62  # "no step": the first bad step's value while every value was finite
 T = TypeVar("T")
 
 
@@ -332,34 +333,56 @@ class Loop:
         log.info("checkpoint %s (%s)", self.run_dir.checkpoints / tag, reason)
         return tag
 
-    def _agree_to_stop(self, values: torch.Tensor) -> tuple[bool, bool]:
-        """(a non-finite loss, a signal) on any rank: every rank stops at the same step."""
-        flags = torch.tensor(
-            [float(not bool(torch.isfinite(values).all())), float(self.preempt.signal is not None)],
-            device=self.ctx.device,
-        )
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        return bool(flags[0]), bool(flags[1])
+    def acts_now(self) -> bool:
+        """Whether ``after_step`` does anything at this step (evaluation, samples, a checkpoint):
+        the flags are checked then, so that nothing is saved after a non-finite loss."""
+        return False
+
+    def _watch(self, values: torch.Tensor) -> None:
+        """Remember, on the device, the first step whose logged values are not finite."""
+        newly = ~torch.isfinite(values).all() & (self.bad_step == NEVER)
+        self.bad_value = torch.where(newly, values[0].float(), self.bad_value)
+        self.bad_step = torch.where(newly, self.state.step, self.bad_step)
+
+    def _agree_to_stop(self) -> tuple[int | None, bool]:
+        """(the first step with a non-finite value on any rank, a signal on any rank): every
+        rank stops at the same step. The one point of the loop where the host waits for the device."""
+        signal = torch.tensor([-float(self.preempt.signal is not None)], device=self.ctx.device)
+        flags = torch.cat([self.bad_step.reshape(1).to(signal.dtype), signal])
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        bad = int(flags[0].item())
+        if bad < NEVER and int(self.bad_step) == bad:
+            log.error("step %d: loss is %s on rank %d", bad, self.bad_value.item(), self.ctx.rank)
+        return (bad if bad < NEVER else None), bool(flags[1] < 0)
 
     def run(self) -> int:
-        """Steps until ``total_steps``, a signal (75) or a non-finite loss (1)."""
+        """Steps until ``total_steps``, a signal (75) or a non-finite loss (1). Between log lines
+        and ``after_step``'s work, nothing reads from the device: the flags (a signal, a non-finite
+        value, remembered with its step) are agreed on every ``log_interval`` steps and before
+        any evaluation or checkpoint, so a signal is honoured within ``log_interval`` steps."""
         opts = dict(desc=self.name, unit="step", disable=self.ctx.rank != 0, dynamic_ncols=True, leave=False)
         bar = tqdm(total=self.total_steps, initial=self.state.step, **opts)
+        self.bad_step = torch.full((), NEVER, dtype=torch.int64, device=self.ctx.device)
+        self.bad_value = torch.zeros((), device=self.ctx.device)
         code = 0
         while self.state.step < self.total_steps:
             start = time.perf_counter()
             values = self.train_step()
             self.state.step += 1
-            non_finite, preempted = self._agree_to_stop(values)
-            if non_finite:
-                tags = checkpoint.complete_tags(self.run_dir.checkpoints)[-1:] or "no checkpoint"
-                log.error(
-                    "step %d: loss is %s; stopping (resume from %s)", self.state.step, values[0].item(), tags
-                )
-                code = 1
-                break
+            self._watch(values)
             self.window.add(values, time.perf_counter() - start)
             bar.update(1)
+            if not (self.due(self.cfg.log_interval) or self.acts_now()):
+                continue  # the same steps on every rank: the agreement below is a collective
+            start = time.perf_counter()
+            bad, preempted = self._agree_to_stop()
+            self.window.seconds += time.perf_counter() - start  # the device's queue, drained
+            if bad is not None:
+                tags = checkpoint.complete_tags(self.run_dir.checkpoints)[-1:] or "no checkpoint"
+                if self.ctx.rank == 0:
+                    log.error("step %d: a non-finite loss; stopping (resume from %s)", bad, tags)
+                code = 1
+                break
             if self.due(self.cfg.log_interval):
                 self.log_window(
                     self.window.mean_over_ranks(self.ctx.world), self.window.seconds / self.window.steps

@@ -11,8 +11,8 @@ The same script runs under ``torchrun``, ``srun``, ``mpirun`` and as a plain
 ``RUN/ds_config.json`` (the resolved JSON), ``RUN/checkpoints/``,
 ``RUN/tensorboard/``.
 
-Exit codes: 0 done; 75 preempted (SIGUSR1 or SIGTERM: the step in flight was
-finished and a checkpoint saved; rerun with ``resume=auto`` to continue);
+Exit codes: 0 done; 75 preempted (SIGUSR1 or SIGTERM: the steps up to the next
+log line were finished and a checkpoint saved; rerun with ``resume=auto`` to continue);
 1 on error (e.g. a NaN/Inf loss, named with its step).
 """
 
@@ -206,6 +206,11 @@ class Pretraining(runner.Loop):
         log.info("step %d: val loss %.4f, ppl %.2f", step, val_loss, self.state.val_ppl)
         if step == 0:
             self.first_ppl = self.state.val_ppl
+
+    def acts_now(self) -> bool:
+        run = self.cfg
+        sampling = run.sample_interval and self.due(run.sample_interval)
+        return self.due(run.eval_interval) or self.due(run.checkpoint_interval) or bool(sampling)
 
     def after_step(self, preempted: bool) -> None:
         run, step = self.cfg, self.state.step

@@ -12,10 +12,10 @@
 #
 # Preemption and time limits (slurm/requeue.sh): SLURM sends USR1 to this script 300 s before
 # the time limit (--signal=B:USR1@300), on preemption, or on `scancel --signal=USR1 -b JOB`. The
-# script forwards it to the training tasks; they finish the step in flight, save a checkpoint
-# and exit with 75; only then does the script requeue the job (at most MAX_REQUEUES times). The
-# requeued job (SLURM_RESTART_COUNT ≥ 1) resumes from that checkpoint (resume=auto). A run
-# that finishes, or fails with no USR1, is never requeued.
+# script forwards it to the training tasks; they finish the steps up to their next log line,
+# save a checkpoint and exit with 75; only then does the script requeue the job (at most
+# MAX_REQUEUES times). The requeued job (SLURM_RESTART_COUNT ≥ 1) resumes from that
+# checkpoint (resume=auto). A run that finishes, or fails with no USR1, is never requeued.
 #
 # The deepspeed launcher instead of srun: build a hostfile from the allocation and run it
 # from the first node, e.g.

@@ -5,10 +5,10 @@
 #   RUN_DIR=... requeueable_srun CMD [ARG ...]
 #
 # USR1 (from --signal=B:USR1@N, preemption, or `scancel -b --signal=USR1 JOB`) reaches this
-# shell only; it is forwarded to the srun step, whose tasks finish the step in flight, save a
-# checkpoint, write RUN_DIR/PREEMPTED and exit with 75. Only then is the job requeued, at most
-# MAX_REQUEUES times (default 20); the requeued job (SLURM_RESTART_COUNT >= 1) resumes from
-# that checkpoint (resume=auto). The marker counts, not only the exit code: with
+# shell only; it is forwarded to the srun step, whose tasks finish the steps up to their next
+# log line, save a checkpoint, write RUN_DIR/PREEMPTED and exit with 75. Only then is the job
+# requeued, at most MAX_REQUEUES times (default 20); the requeued job (SLURM_RESTART_COUNT >= 1)
+# resumes from that checkpoint (resume=auto). The marker counts, not only the exit code: with
 # --kill-on-bad-exit srun terminates the ranks still shutting down when the first one exits with
 # 75, and then reports their 143. A run that dies after USR1 without a checkpoint (e.g. still
 # starting) is requeued too. A run that finishes, or fails with no USR1, is never requeued.

@@ -439,19 +439,31 @@ def test_fp16_config_is_refused_on_a_cpu_with_a_clear_error(prepared, tmp_path):
 
 
 def test_a_non_finite_loss_stops_the_run_naming_the_step(prepared, tmp_path):
-    out = train(
-        prepared,
-        tmp_path / "nan",
-        "max_steps=30",
-        "ds.optimizer.params.lr=1e9",
-        "ds.scheduler.params.warmup_num_steps=2",
-        "ds.gradient_clipping=0",
-        launcher="python",
-        port=free_port(),
-        check=False,
-    )
-    assert out.returncode == 1, out.stderr[-2000:]
-    assert re.search(r"step \d+: loss is (nan|inf); stopping", out.stderr)
+    """The flags are read every log_interval steps (no host wait in between), yet the step
+    named is the one where the loss went bad, and nothing is saved after it."""
+    steps = []
+    for interval in (1, 7):
+        out = train(
+            prepared,
+            tmp_path / f"nan{interval}",
+            "max_steps=30",
+            f"log_interval={interval}",
+            "checkpoint_interval=3",
+            "ds.optimizer.params.lr=1e9",
+            "ds.scheduler.params.warmup_num_steps=2",
+            "ds.gradient_clipping=0",
+            port=free_port(),
+            check=False,
+        )
+        assert out.returncode == 1, out.stderr[-2000:]
+        found = re.search(r"step (\d+): loss is (nan|inf) on rank \d", out.stderr)
+        assert found and f"step {found.group(1)}: a non-finite loss; stopping" in out.stderr, out.stderr[
+            -2000:
+        ]
+        steps.append(int(found.group(1)))
+        saved = [int(p.name[4:]) for p in (tmp_path / f"nan{interval}" / "checkpoints").glob("step*")]
+        assert max(saved, default=0) < steps[-1]  # no checkpoint of a model that went bad
+    assert steps[0] == steps[1] < 30
 
 
 def test_continued_pretraining_from_an_hf_export(prepared, tmp_path):
