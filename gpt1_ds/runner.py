@@ -142,7 +142,41 @@ def deepspeed_config(
             f"{source} gives {micro_batches} micro-batches per rank per epoch, fewer than one step's {accum} "
             f"(train_batch_size {ds_cfg['train_batch_size']})"
         )
-    return ds_cfg, micro_batches // accum
+    return adam_fallback(ds_cfg, ctx.device.type, fused_adam_unavailable), micro_batches // accum
+
+
+def fused_adam_unavailable() -> str | None:
+    """Why DeepSpeed's CUDA FusedAdam cannot be loaded (it is compiled on first use), or None."""
+    try:
+        from deepspeed.ops.op_builder import FusedAdamBuilder
+
+        FusedAdamBuilder().load(verbose=False)
+    except Exception as e:  # no nvcc, a compiler error, a missing header: any of them means no op
+        return f"{type(e).__name__}: {str(e).strip()[:300]}"
+    return None
+
+
+def adam_fallback(
+    ds_cfg: dict[str, Any], device_type: str, unavailable: Callable[[], str | None]
+) -> dict[str, Any]:
+    """The JSON to use: on CUDA, where DeepSpeed's FusedAdam cannot be built, its Adam(W) becomes
+    torch's fused AdamW (DeepSpeed's own ``torch_adam``, with ``fused``), the same update; said
+    in a warning. Unchanged on a CPU, with optimiser offload, or when ``torch_adam`` is set."""
+    optimizer = ds_cfg.get("optimizer") or {}
+    params = optimizer.get("params") or {}
+    offload = (ds_cfg.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    if (
+        device_type != "cuda"
+        or str(optimizer.get("type", "")).lower() not in ("adam", "adamw")
+        or "torch_adam" in params
+        or offload.get("device", "none") != "none"
+    ):
+        return ds_cfg
+    reason = unavailable()
+    if reason is None:
+        return ds_cfg
+    log.warning("DeepSpeed's FusedAdam cannot be built (%s): using torch.optim.AdamW(fused=True)", reason)
+    return {**ds_cfg, "optimizer": {**optimizer, "params": {**params, "torch_adam": True, "fused": True}}}
 
 
 def memory_metrics(device: torch.device) -> dict[str, float]:

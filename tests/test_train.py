@@ -187,6 +187,29 @@ def test_one_rank_and_two_ranks_and_zero_stages_give_the_same_losses(prepared, t
             assert losses[step] == pytest.approx(value, abs=1e-5), (stage, step)
 
 
+def test_torchs_fused_adamw_the_fallback_for_fused_adam_gives_the_same_losses(prepared, tmp_path):
+    """What runs where DeepSpeed's CUDA FusedAdam cannot be built (runner.adam_fallback)."""
+    common = ["max_steps=6", "ds.optimizer.params.lr=2e-3", *FP32_NO_DROPOUT]
+    train(prepared, tmp_path / "fused_adam", *common, launcher="python")
+    out = train(
+        prepared,
+        tmp_path / "torch",
+        *common,
+        "ds.optimizer.params.torch_adam=true",
+        "ds.optimizer.params.fused=true",
+        launcher="python",
+    )
+    assert "optimizer AdamW" in out.stderr
+    reference, losses = (
+        scalars(tmp_path / "fused_adam", "train/loss"),
+        scalars(tmp_path / "torch", "train/loss"),
+    )
+    assert sorted(losses) == sorted(reference) == [1, 2, 3, 4, 5, 6]
+    assert reference[1] - reference[6] > 0.05  # the updates move the loss: they are compared
+    for step, value in reference.items():
+        assert losses[step] == pytest.approx(value, abs=1e-4), step
+
+
 def test_tensorboard_holds_the_listed_tags(prepared, tmp_path):
     run = tmp_path / "run"
     train(
