@@ -381,7 +381,9 @@ class Loop:
     def _agree_to_stop(self) -> tuple[int | None, bool]:
         """(the first step with a non-finite value on any rank, a signal on any rank): every
         rank stops at the same step. The one point of the loop where the host waits for the device."""
-        signal = torch.tensor([-float(self.preempt.signal is not None)], device=self.ctx.device)
+        signal = torch.tensor(
+            [-float(self.preempt.signal is not None)], dtype=torch.float64, device=self.ctx.device
+        )
         flags = torch.cat([self.bad_step.reshape(1).to(signal.dtype), signal])
         dist.all_reduce(flags, op=dist.ReduceOp.MIN)
         bad = int(flags[0].item())
