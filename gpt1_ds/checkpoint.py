@@ -218,10 +218,11 @@ def _failure(failed: dict[int, str], ckpt_dir: Path, tag: str) -> str:
     reasons = "; ".join(f"rank {rank}: {e}" for rank, e in failed.items())
     tags = complete_tags(ckpt_dir)
     try:
-        space = f"{shutil.disk_usage(ckpt_dir).free / 1e6:,.1f} MB free on its file system"
+        free = shutil.disk_usage(ckpt_dir).free
+        space = f"{free / 1e6:,.1f} MB free on its file system"
         if tags:
             need = sum(f.stat().st_size for f in (ckpt_dir / tags[-1]).rglob("*") if f.is_file())
-            if need > shutil.disk_usage(ckpt_dir).free:
+            if need > free:
                 space += f", less than a checkpoint takes ({need / 1e6:,.1f} MB): the disk is full"
     except OSError:
         space = "its free space unknown"

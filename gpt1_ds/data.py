@@ -29,9 +29,9 @@ values.
 Bad shards: every member is checked as it streams, its bytes against the manifest's CRC-32 and its
 token ids against the vocabulary. A missing, truncated or corrupt shard is an error naming the
 shard, the member, the rank and the worker. With ``on_error="skip"`` it is logged and counted, and
-each sequence it should have given (from the damaged member on) is replaced by a sequence of the
-next readable shard of the epoch (same offset modulo its size): every rank keeps its number of
-batches, and resume stays exact.
+each sequence it should have given (of a damaged member: that member's only; of a truncated or
+missing shard: the rest of it) is replaced by a sequence of the next readable shard of the epoch
+(same offset modulo its size): every rank keeps its number of batches, and resume stays exact.
 """
 
 from __future__ import annotations
@@ -132,6 +132,8 @@ def open_dataset(
     vocab_size: int | None = None,
     seq_len: int | None = None,
     verify: bool = True,
+    retries: int = 3,
+    retry_wait: float = 1.0,
 ) -> Dataset:
     """A split directory (local), or a URL that ``manifest.json`` and the shard names complete: appended
     (``http://host/train/``) or in place of ``{name}`` (``pipe:aws s3 cp s3://bucket/train/{name} -``);
@@ -163,7 +165,14 @@ def open_dataset(
             "%s: no member checksums (prepared by an older data_prep.shard): bytes are not checked", where
         )
     return Dataset(
-        shards, manifest["seq_len"], manifest["sequences_per_sample"], manifest["pad_id"], manifest, verify
+        shards,
+        manifest["seq_len"],
+        manifest["sequences_per_sample"],
+        manifest["pad_id"],
+        manifest,
+        verify,
+        retries,
+        retry_wait,
     )
 
 
@@ -447,8 +456,9 @@ class TrainLoader:
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        self.dataset = open_dataset(source, tokenizer_sha256, vocab_size, seq_len, verify)
-        self.dataset = replace(self.dataset, retries=retries, retry_wait=retry_wait)
+        self.dataset = open_dataset(
+            source, tokenizer_sha256, vocab_size, seq_len, verify, retries, retry_wait
+        )
         self.seq_len = seq_len or self.dataset.seq_len
         self.world_size, self.workers = world_size, max(1, num_workers)
         slots = slots or world_size * self.workers
@@ -552,8 +562,7 @@ class EvalLoader:
         retries: int = 3,
         retry_wait: float = 1.0,
     ) -> None:
-        self.dataset = open_dataset(source, tokenizer_sha256, vocab_size, seq_len)
-        self.dataset = replace(self.dataset, retries=retries, retry_wait=retry_wait)
+        self.dataset = open_dataset(source, tokenizer_sha256, vocab_size, seq_len, True, retries, retry_wait)
         self.seq_len = seq_len or self.dataset.seq_len
         total = self.dataset.total_sequences
         if max_batches is not None:
