@@ -142,7 +142,10 @@ def test_twenty_kills_during_saves_always_leave_a_complete_checkpoint(prepared, 
         found = find_resume(ckpt_dir, "auto")
         if found is not None:  # what the next attempt resumes from is complete, and so is `latest`
             assert (found[0] / found[1] / COMPLETE).is_file()
-            assert (ckpt_dir / (ckpt_dir / LATEST).read_text() / COMPLETE).is_file()
+            if (ckpt_dir / LATEST).exists():
+                assert (ckpt_dir / (ckpt_dir / LATEST).read_text() / COMPLETE).is_file()
+            else:  # killed between the first save's marker and its `latest`
+                assert complete_tags(ckpt_dir) == [found[1]]
     print(f"{mid_save} of 20 kills landed inside a save (window {window:.3f} s)")
     assert mid_save >= 5, f"only {mid_save} of 20 kills landed inside a save ({window:.3f} s)"
     train(prepared, run, *steps, "resume=auto")
