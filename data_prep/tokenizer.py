@@ -11,7 +11,7 @@ The reserved ids are listed in ``gpt1_ds.tokenizer``.
 Training reads paragraphs of the train documents: a deterministic sample
 (``--seed``) bounded by ``--max-sentences`` and ``--sample-bytes``, so memory
 and time stay bounded whatever the corpus size. Output: ``OUT/tokenizer.model``
-and ``OUT/tokenizer.json`` (sha256, vocab size, special ids, settings).
+and ``OUT/tokenizer_info.json`` (sha256, vocab size, special ids, settings).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from gpt1_ds.tokenizer import (
     PAD,
     UNK,
     SentencePieceTokenizer,
+    info_file,
 )
 
 log = logging.getLogger("data_prep.tokenizer")
@@ -85,7 +86,7 @@ def train(
     num_threads: int = 1,
     fingerprint: str = "",
 ) -> SentencePieceTokenizer:
-    """Train the BPE model on ``docs``; writes tokenizer.model and tokenizer.json atomically."""
+    """Train the BPE model on ``docs``; writes tokenizer.model and tokenizer_info.json atomically."""
     start = time.perf_counter()
     sentences = training_sentences(docs, max_sentences, sample_bytes, seed)
     if not sentences:
@@ -164,7 +165,8 @@ def ensure_tokenizer(dataset_dir: str | Path, force: bool = False, **settings) -
     docs, fingerprint = train_docs(dataset_dir)
     if not force and (dataset_dir / MODEL_NAME).is_file():
         try:  # a missing or unreadable model or info means: train again
-            info = json.loads((dataset_dir / INFO_NAME).read_text())
+            info_path = info_file(dataset_dir)
+            info = json.loads(info_path.read_text()) if info_path else {}
             tok = SentencePieceTokenizer(dataset_dir / MODEL_NAME)
         except (OSError, ValueError):
             info, tok = {}, None

@@ -14,17 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 from pathlib import Path
 
 from safetensors.torch import save
 
 from gpt1_ds.checkpoint import CheckpointError
 from gpt1_ds.files import atomic_write_bytes, atomic_write_text
-from gpt1_ds.hf import WEIGHTS_NAME, export_hf
+from gpt1_ds.hf import WEIGHTS_NAME, export_hf, export_hf_tokenizer
 from gpt1_ds.loading import OWN_CONFIG_NAME, Checkpoint, find_tokenizer, model_from_checkpoint
 from gpt1_ds.model import LM_HEAD, GPTConfig
-from gpt1_ds.tokenizer import INFO_NAME, MODEL_NAME
+from gpt1_ds.tokenizer import copy_tokenizer, load_tokenizer
 
 log = logging.getLogger("gpt1_ds.export")
 
@@ -37,8 +36,9 @@ def model_card(ckpt: Checkpoint, config: GPTConfig, n_params: int) -> str:
         "",
         "A GPT-1 model (Radford et al., 2018) pretrained with gpt1-ds: post-LayerNorm, learned",
         "positions, tanh GELU, LM head tied to the token table. Load it with",
-        "`transformers.OpenAIGPTLMHeadModel.from_pretrained(<this folder>)`; the tokenizer is the",
-        "sentencepiece model `tokenizer.model` (`gpt1_ds.tokenizer.load_tokenizer`).",
+        "`transformers.AutoModelForCausalLM.from_pretrained(<this folder>)` and its tokenizer with",
+        "`transformers.AutoTokenizer.from_pretrained(<this folder>)` (the same ids as the sentencepiece",
+        "model `tokenizer.model`, which `gpt1_ds.tokenizer.load_tokenizer` opens).",
         "",
         f"- Shape: {config.n_layer} layers × {config.n_embd}, {config.n_head} heads, context "
         f"{config.n_positions}, vocab {config.vocab_size:,}: {n_params:,} parameters",
@@ -66,9 +66,9 @@ def export(source: str | Path, out: str | Path, tag: str | None = None, fmt: str
         atomic_write_text(out / OWN_CONFIG_NAME, json.dumps(model.config.to_dict(), indent=2) + "\n")
     tokenizer = find_tokenizer(source, ckpt)
     if tokenizer is not None:
-        for name in (MODEL_NAME, INFO_NAME):
-            if (tokenizer.parent / name).is_file():
-                shutil.copyfile(tokenizer.parent / name, out / name)
+        copy_tokenizer(tokenizer, out)
+        if fmt == "hf":
+            export_hf_tokenizer(load_tokenizer(tokenizer), out, model.config.n_positions)
     else:
         log.warning("no tokenizer.model found for %s: copy it into %s yourself", source, out)
     log.info("exported %s (step %s) → %s (%s)", ckpt.path, ckpt.state.step, out, fmt)

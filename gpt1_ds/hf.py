@@ -5,6 +5,15 @@ with weights ``[in, out]`` (the transpose of ``nn.Linear``), prefixes the body w
 ties ``lm_head.weight`` to the token table, and old checkpoints carry ``h.{i}.attn.bias`` causal-mask
 buffers, which are ignored on import. Writing and reading a directory needs only ``safetensors``;
 ``transformers`` is needed only to load the result with ``from_pretrained``.
+
+``export_hf_tokenizer`` writes the tokenizer of the same directory for ``AutoTokenizer``: our
+sentencepiece BPE model restated as a ``tokenizers`` file that gives the same ids and the same text.
+Each line is encoded on its own (``\\n`` is a token of its own, between which the text is
+normalised: ``▁`` for spaces and one in front), pieces never cross a ``▁``, the merges are the
+vocabulary's pieces in id order, and unknown characters fall back to bytes. Decoding keeps the
+space that a text's first ``▁`` stands for (``decode(encode("It was"))`` is ``" It was"``), so that
+a continuation decodes with the space that joins it to its prompt, as ``pipeline`` does it;
+``gpt1_ds.tokenizer`` drops that space.
 """
 
 from __future__ import annotations
@@ -19,10 +28,16 @@ from safetensors.torch import load_file, save
 
 from gpt1_ds.files import atomic_write_bytes, atomic_write_text
 from gpt1_ds.model import GPT, LM_HEAD, TOKENS_EMBED, GPTConfig
+from gpt1_ds.tokenizer import EOD, NEWLINE, PAD, UNK, SentencePieceTokenizer
 
 HF_PREFIX = "transformer."
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+HF_TOKENIZER_NAME = "tokenizer.json"
+"""The ``tokenizers`` serialisation (with ``tokenizer_config.json`` beside it)."""
+HF_TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
+SPACE = "\u2581"  # sentencepiece's word-start mark
 LEGACY_WEIGHTS_NAME = "pytorch_model.bin"
 
 # Keys whose weights are Conv1D in HF ([in, out]) and nn.Linear here ([out, in]).
@@ -107,6 +122,102 @@ def export_hf(model: GPT, path: str | Path, metadata: dict[str, str] | None = No
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
     atomic_write_bytes(path / WEIGHTS_NAME, save(state, metadata={"format": "pt", **(metadata or {})}))
     atomic_write_text(path / CONFIG_NAME, json.dumps(config_to_hf(model.config), indent=2) + "\n")
+    return path
+
+
+def _bpe_merges(sp: Any, normal: set[str], ids: dict[str, int]) -> list[list[str]]:
+    """Every split of every normal piece into two normal pieces, ordered by the piece's id (a
+    sentencepiece BPE model numbers its pieces in merge order), then by the parts' ids."""
+    merges = []
+    for piece in sorted(normal, key=ids.__getitem__):
+        parts = [(piece[:k], piece[k:]) for k in range(1, len(piece))]
+        found = [p for p in parts if p[0] in normal and p[1] in normal]
+        merges += [list(p) for p in sorted(found, key=lambda p: (ids[p[0]], ids[p[1]]))]
+    return merges
+
+
+def tokenizers_json(tok: SentencePieceTokenizer) -> dict[str, Any]:
+    """Our tokenizer as a Hugging Face ``tokenizers`` serialisation (``tokenizer.json``)."""
+    sp = tok.sp
+    ids = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    special = {i for i in ids.values() if sp.is_control(i) or sp.is_unknown(i)}
+    normal = {p for p, i in ids.items() if not (i in special or sp.is_byte(i) or p == NEWLINE)}
+
+    def added(i: int, is_special: bool) -> dict[str, Any]:
+        return dict(
+            id=i,
+            content=sp.id_to_piece(i),
+            single_word=False,
+            lstrip=False,
+            rstrip=False,
+            normalized=False,
+            special=is_special,
+        )
+
+    space = {"String": " "}
+    split = {"behavior": "MergedWithNext", "invert": False}  # a piece starts at each ▁
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [added(i, True) for i in sorted(special)] + [added(tok.newline_id, False)],
+        "normalizer": {
+            "type": "Sequence",
+            "normalizers": [
+                {"type": "Prepend", "prepend": SPACE},
+                {"type": "Replace", "pattern": space, "content": SPACE},
+            ],
+        },
+        "pre_tokenizer": {"type": "Split", "pattern": {"String": SPACE}, **split},
+        "post_processor": None,
+        "decoder": {
+            "type": "Sequence",
+            "decoders": [
+                {"type": "Replace", "pattern": {"String": SPACE}, "content": " "},
+                {"type": "ByteFallback"},
+                {"type": "Fuse"},
+                {"type": "Replace", "pattern": {"String": "\n "}, "content": "\n"},  # each line's own ▁
+            ],
+        },
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": UNK,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": True,
+            "byte_fallback": True,
+            "ignore_merges": False,
+            "vocab": ids,
+            "merges": _bpe_merges(sp, normal, ids),
+        },
+    }
+
+
+def export_hf_tokenizer(tok: SentencePieceTokenizer, path: str | Path, n_positions: int) -> Path:
+    """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``generation_config.json`` so that
+    ``AutoTokenizer.from_pretrained(path)`` gives our ids and ``pipeline("text-generation")`` stops
+    at ``<eod>``: ``<unk>``, ``<pad>``, ``<eod>`` are the unk, pad and eos tokens, the control
+    tokens additional special tokens. No BOS is added (GPT-1 has none)."""
+    path = Path(path)
+    controls = [tok.sp.id_to_piece(i) for i in (tok.start_id, tok.delim_id, tok.extract_id)]
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "unk_token": UNK,
+        "pad_token": PAD,
+        "eos_token": EOD,
+        "bos_token": None,
+        "additional_special_tokens": controls,
+        "extra_special_tokens": controls,
+        "model_max_length": n_positions,
+        "clean_up_tokenization_spaces": False,
+        "padding_side": "left",
+        "gpt1_ds_tokenizer_sha256": tok.sha256,
+    }
+    generation = {"eos_token_id": tok.eod_id, "pad_token_id": tok.pad_id, "bos_token_id": None}
+    atomic_write_text(path / HF_TOKENIZER_NAME, json.dumps(tokenizers_json(tok), ensure_ascii=False) + "\n")
+    atomic_write_text(path / HF_TOKENIZER_CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+    atomic_write_text(path / GENERATION_CONFIG_NAME, json.dumps(generation, indent=2) + "\n")
     return path
 
 

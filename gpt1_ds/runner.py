@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -38,7 +37,7 @@ from gpt1_ds.env import setup_logging
 from gpt1_ds.files import atomic_write_text
 from gpt1_ds.metrics import Monitor
 from gpt1_ds.model import param_groups
-from gpt1_ds.tokenizer import INFO_NAME, MODEL_NAME, Tokenizer
+from gpt1_ds.tokenizer import Tokenizer, copy_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -331,10 +330,7 @@ class Loop:
             checkpoint.clear_preempted(self.run_dir)
             atomic_write_text(self.run_dir.config, config_yaml)
             atomic_write_text(self.run_dir.ds_config, json.dumps(self.ds_cfg, indent=2))
-            for name in (MODEL_NAME, INFO_NAME):
-                src, dst = self.tok.path.parent / name, self.run_dir.path / name
-                if src.is_file() and src.resolve() != dst.resolve():
-                    shutil.copyfile(src, dst)
+            copy_tokenizer(self.tok.path, self.run_dir.path)
         step = self.state.step
         log_dir = str(self.run_dir.tensorboard) if self.ctx.rank == 0 else None
         self.monitor = Monitor(log_dir, purge_step=step + 1 if step else None)

@@ -13,6 +13,8 @@ produced from text), then ``\\n`` as a piece of its own (the paragraph separator
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
 from pathlib import Path
 from typing import Protocol
 
@@ -20,8 +22,11 @@ import numpy as np
 
 MODEL_NAME = "tokenizer.model"
 """The sentencepiece model, in a dataset, a run directory and an export."""
-INFO_NAME = "tokenizer.json"
+INFO_NAME = "tokenizer_info.json"
 """gpt1-ds's metadata of a tokenizer (sha256, settings, special ids), beside the model."""
+LEGACY_INFO_NAME = "tokenizer.json"
+"""Where older datasets, runs and exports keep that metadata. The name is Hugging Face's
+``tokenizers`` file, which an HF export holds (``gpt1_ds.hf.export_hf_tokenizer``); these are read."""
 PAD, UNK, EOD = "<pad>", "<unk>", "<eod>"
 CONTROL = ("<start>", "<delim>", "<extract>")
 NEWLINE = "\n"
@@ -115,6 +120,28 @@ class SentencePieceTokenizer:
             else:
                 lines[-1].append(i)
         return "\n".join(self.sp.decode(line) for line in lines)
+
+
+def info_file(folder: str | Path) -> Path | None:
+    """The tokenizer metadata in ``folder``: ``INFO_NAME``, else a legacy ``tokenizer.json`` that is
+    ours (it has a ``sha256``, which HF's ``tokenizers`` file has not), else None."""
+    folder = Path(folder)
+    if (folder / INFO_NAME).is_file():
+        return folder / INFO_NAME
+    legacy = folder / LEGACY_INFO_NAME
+    try:
+        return legacy if "sha256" in json.loads(legacy.read_text(encoding="utf-8")) else None
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def copy_tokenizer(model: Path, folder: Path) -> None:
+    """Copy the tokenizer model ``model`` and its metadata (as ``INFO_NAME``) into ``folder``."""
+    sources = {MODEL_NAME: model, INFO_NAME: info_file(model.parent)}
+    for name, src in sources.items():
+        dst = folder / name
+        if src is not None and src.is_file() and src.resolve() != dst.resolve():
+            shutil.copyfile(src, dst)
 
 
 def load_tokenizer(path: str | Path) -> SentencePieceTokenizer:

@@ -21,6 +21,7 @@ from gpt1_ds.hf import import_hf
 from gpt1_ds.loading import _gpt_weights, consolidate, load_model, model_from_checkpoint
 from gpt1_ds.model import GPT, LM_HEAD, GPTConfig
 from gpt1_ds.model import TOKENS_EMBED as TOKENS
+from gpt1_ds.tokenizer import load_tokenizer
 
 transformers = pytest.importorskip("transformers")
 OpenAIGPTLMHeadModel = transformers.OpenAIGPTLMHeadModel
@@ -114,11 +115,14 @@ def test_hf_export_gives_the_logits_of_the_checkpoint(runs, tmp_path, name):
     assert sorted(p.name for p in hf_dir.iterdir()) == [
         "README.md",
         "config.json",
+        "generation_config.json",
         "model.safetensors",
         "tokenizer.json",
         "tokenizer.model",
+        "tokenizer_config.json",
+        "tokenizer_info.json",
     ]
-    for tokenizer_file in ("tokenizer.model", "tokenizer.json"):
+    for tokenizer_file in ("tokenizer.model", "tokenizer_info.json"):
         assert (hf_dir / tokenizer_file).read_bytes() == (run / tokenizer_file).read_bytes()
     card = (hf_dir / "README.md").read_text()
     assert f"Training: {STEPS} steps" in card and f"`{TAG}`" in card
@@ -219,8 +223,8 @@ def test_safetensors_format_reads_back_identical_weights(runs, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [
         "gpt1_config.json",
         "model.safetensors",
-        "tokenizer.json",
         "tokenizer.model",
+        "tokenizer_info.json",
     ]
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         names = set(f.keys())
@@ -406,3 +410,51 @@ def test_untied_head_is_refused():
     without_table = {k: v for k, v in gpt.items() if k != TOKENS}
     with pytest.raises(CheckpointError, match=TOKENS):
         _gpt_weights(without_table, "broken")
+
+
+@pytest.mark.slow
+def test_pipeline_continues_a_prompt_as_gpt1_ds_generate_does(runs, tmp_path):
+    run = runs("zero2")
+    hf_dir = tmp_path / "hf"
+    export_cli(run / "checkpoints", "--out", hf_dir)
+    prompts = ["It was", "The ship\nsailed"]
+    args = [a for p in prompts for a in ("--prompt", p)] + ["--temperature", "0", "--max-new-tokens", "24"]
+    ours = subprocess.run(
+        [sys.executable, "-m", "gpt1_ds.generate", hf_dir, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ours.returncode == 0, ours.stderr[-3000:]
+    texts = [part.split("\n", 1)[1].removesuffix("\n") for part in ours.stdout.split("--- [")[1:]]
+    generator = transformers.pipeline("text-generation", model=str(hf_dir), device="cpu")
+    for prompt, expected in zip(prompts, texts, strict=True):
+        (got,) = generator(prompt, max_new_tokens=24, do_sample=False)
+        assert got["generated_text"] == expected
+        assert len(expected) > len(prompt) + 10  # it did continue
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
+    assert model.generation_config.eos_token_id == load_tokenizer(hf_dir / "tokenizer.model").eod_id
+
+
+@pytest.mark.slow
+def test_an_export_made_before_the_hf_tokenizer_still_loads(runs, tmp_path):
+    """Older exports and runs hold gpt1-ds's tokenizer metadata as tokenizer.json."""
+    run = runs("zero2")
+    old = tmp_path / "old_run"
+    shutil.copytree(run, old)
+    (old / "tokenizer_info.json").rename(old / "tokenizer.json")
+    hf_dir = tmp_path / "hf"
+    export_cli(old / "checkpoints", "--out", hf_dir)
+    assert (
+        json.loads((hf_dir / "tokenizer_info.json").read_text())["sha256"]
+        == load_tokenizer(old / "tokenizer.model").sha256
+    )
+    assert json.loads((hf_dir / "tokenizer.json").read_text())["model"]["type"] == "BPE"
+    # An old export: our metadata under tokenizer.json, no HF tokenizer files.
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        (hf_dir / name).unlink()
+    (hf_dir / "tokenizer_info.json").rename(hf_dir / "tokenizer.json")
+    model, tokenizer = load_model(hf_dir)
+    assert tokenizer == hf_dir / "tokenizer.model"
+    assert_same_weights(model, model_from_checkpoint(run / "checkpoints")[0])

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import pytest
 import torch
+from conftest import REPO, SAMPLE_DIR
 from safetensors.torch import load_file, save_file
 
-from gpt1_ds.hf import export_hf, import_hf, to_hf_state_dict
+from gpt1_ds.hf import export_hf, export_hf_tokenizer, import_hf, to_hf_state_dict
 from gpt1_ds.model import GPT, GPTConfig
+from gpt1_ds.tokenizer import MODEL_NAME, load_tokenizer
 
 transformers = pytest.importorskip("transformers")
 OpenAIGPTConfig = transformers.OpenAIGPTConfig
@@ -112,3 +115,46 @@ def test_full_gpt1_parity_both_ways(tmp_path):
     del hf
     export_hf(ours, tmp_path)
     assert_same_logits(OpenAIGPTLMHeadModel.from_pretrained(tmp_path), ours, T=128, seed=2)
+
+
+# --- The tokenizer: AutoTokenizer over export_hf_tokenizer's files gives our ids ---------------
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(prepared, tmp_path_factory):
+    """(our tokenizer, AutoTokenizer over the files export_hf_tokenizer writes for it)."""
+    out = tmp_path_factory.mktemp("hf_tokenizer")
+    tok = load_tokenizer(prepared / MODEL_NAME)
+    export_hf_tokenizer(tok, out, n_positions=64)
+    return tok, transformers.AutoTokenizer.from_pretrained(out)
+
+
+def test_autotokenizer_gives_our_ids_on_every_line_of_real_text(hf_tokenizer):
+    tok, hf = hf_tokenizer
+    poe = SAMPLE_DIR / "pg01062_Edgar-Allan-Poe_First-Gutenberg-Collection-of-Edgar-Allan-Poe.txt.gz"
+    book = gzip.decompress(poe.read_bytes()).decode("utf-8")
+    sst2 = (REPO / "data" / "glue" / "sst2" / "stsa.binary.dev").read_text(encoding="utf-8")
+    edge = ["", "\n", " one space", "  two", "tabs\tand  double  spaces", "a\n\nb\n", "日本 🙂 — naïve…"]
+    lines = [*sst2.split("\n"), *book.split("\n"), *edge]
+    differ = [line for line in lines if hf(line, add_special_tokens=False)["input_ids"] != tok.encode(line)]
+    assert not differ, f"{len(differ)} of {len(lines)} lines differ, e.g. {differ[:3]}"
+    ids = tok.encode(book)  # the whole book at once: newlines between the lines
+    assert hf(book, add_special_tokens=False)["input_ids"] == ids
+    # Decoding keeps the space the first ▁ stands for; every other character comes back.
+    assert hf.decode(ids) == " " + tok.decode(ids)
+    continuation = tok.encode("It was a dark night.\nThe ship")[2:]  # from "▁a": its space is kept
+    assert hf.decode(continuation) == " a dark night.\nThe ship"
+
+
+def test_autotokenizer_special_tokens_are_ours(hf_tokenizer):
+    tok, hf = hf_tokenizer
+    ids = tok.special_ids()
+    assert (hf.unk_token, hf.pad_token, hf.eos_token, hf.bos_token) == ("<unk>", "<pad>", "<eod>", None)
+    assert (hf.unk_token_id, hf.pad_token_id, hf.eos_token_id) == (ids["unk"], ids["pad"], ids["eod"])
+    controls = hf.convert_tokens_to_ids(["<start>", "<delim>", "<extract>"])
+    assert controls == [ids["start"], ids["delim"], ids["extract"]]
+    assert set(hf.all_special_tokens) == {"<unk>", "<pad>", "<eod>", "<start>", "<delim>", "<extract>"}
+    assert len(hf) == tok.vocab_size
+    # HF matches special tokens in text (ours spells them out); decoding drops them on request.
+    assert hf("x <eod>", add_special_tokens=False)["input_ids"][-1] == ids["eod"]
+    assert hf.decode([ids["start"], *tok.encode("hi"), ids["eod"]], skip_special_tokens=True) == " hi"

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
 from data_prep.tokenizer import ensure_tokenizer, train, train_docs
-from gpt1_ds.tokenizer import INFO_NAME, MODEL_NAME, load_tokenizer
+from gpt1_ds.tokenizer import INFO_NAME, LEGACY_INFO_NAME, MODEL_NAME, info_file, load_tokenizer
 
 
 def test_special_ids_and_info(prepared):
@@ -66,3 +67,20 @@ def test_a_file_that_is_not_a_tokenizer_is_an_error_naming_it(prepared, tmp_path
     bad.write_bytes((prepared / MODEL_NAME).read_bytes()[:300])  # cut short
     with pytest.raises(ValueError, match=rf"{bad}: not a sentencepiece model"):
         load_tokenizer(bad)
+
+
+def test_a_dataset_with_the_older_metadata_name_keeps_its_tokenizer(prepared, tmp_path):
+    """Datasets prepared before the HF tokenizer export kept the metadata as tokenizer.json."""
+    old = tmp_path / "old"
+    shutil.copytree(prepared, old)
+    (old / INFO_NAME).rename(old / LEGACY_INFO_NAME)
+    assert info_file(old) == old / LEGACY_INFO_NAME
+    model_bytes = (old / MODEL_NAME).read_bytes()
+    settings = json.loads((old / LEGACY_INFO_NAME).read_text())["settings"]
+    keys = ("vocab_size", "seed", "max_sentences", "sample_bytes")
+    kept = ensure_tokenizer(old, **{k: settings[k] for k in keys})
+    assert (old / MODEL_NAME).read_bytes() == model_bytes and not (old / INFO_NAME).exists()  # not retrained
+    assert kept.sha256 == load_tokenizer(prepared / MODEL_NAME).sha256
+    # An HF tokenizers file under that name is not ours.
+    (old / LEGACY_INFO_NAME).write_text(json.dumps({"version": "1.0", "model": {"type": "BPE"}}))
+    assert info_file(old) is None
