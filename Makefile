@@ -14,13 +14,14 @@
 #   make setup TORCH_SPEC='torch==2.5.1 --index-url https://download.pytorch.org/whl/cu124'
 # or reuse the torch already installed in the system Python:
 #   make setup TORCH_SPEC= VENV_ARGS=--system-site-packages
-# EXTRAS: `mpi` brings Open MPI from PyPI for mpirun; drop it to use the cluster's MPI.
+# EXTRAS: `mpi` brings Open MPI from PyPI for mpirun; drop it to use the cluster's MPI. `eval`
+# brings lm-evaluation-harness (gpt1_ds.evaluate --tasks).
 
 PYTHON ?= python3
 VENV ?= .venv
 VENV_ARGS ?=
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,mpi
+EXTRAS ?= dev,mpi,eval
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.gpt1-ds-setup

@@ -5,8 +5,10 @@
 Reads the TensorBoard scalars a run wrote (``RUN/tensorboard``; RUN or its ``tensorboard``
 directory may be given) and draws four panels, runs overlaid: loss (train and val), perplexity
 (train and val, log scale), learning rate and throughput (tokens/s), each against the optimiser
-step. Runs are named in the legend by their directory, or by ``--labels``. ``--csv`` also writes
-the plotted series, one ``run,tag,step,value`` row per point.
+step; and, where ``gpt1_ds.evaluate --all-checkpoints`` wrote them, zero-shot SST-2 accuracy and
+held-out bits per byte against the step of each checkpoint. Runs are named in the legend by their
+directory, or by ``--labels``. ``--csv`` also writes the plotted series, one ``run,tag,step,value``
+row per point.
 """
 
 from __future__ import annotations
@@ -40,6 +42,11 @@ PANELS = (
     Panel("learning rate", ("train/lr",), "learning rate"),
     Panel("throughput", ("train/tokens_per_sec",), "tokens/s"),
 )
+EVAL_PANELS = (
+    Panel("zero-shot (GPT-1 §5)", ("zero_shot/sst2_acc",), "SST-2 accuracy"),
+    Panel("held-out text", ("text/bits_per_byte",), "bits per byte"),
+)
+"""Drawn when a run has them: ``gpt1_ds.evaluate --all-checkpoints`` writes them per checkpoint."""
 # Line style by the part of the tag before the slash: train solid, val dashed with markers.
 STYLES = {"train": {"linestyle": "-"}, "val": {"linestyle": "--", "marker": "o", "markersize": 3}}
 
@@ -86,10 +93,15 @@ def plot(
         names = [str(r) for r in runs]
     data = {name: load_scalars(run) for name, run in zip(names, runs, strict=True)}
 
-    fig = Figure(figsize=(12, 8), layout="constrained")
+    extra = [p for p in EVAL_PANELS if any(t in series for series in data.values() for t in p.tags)]
+    panels = (*PANELS, *extra)
+    columns = 2 if not extra else 3
+    fig = Figure(figsize=(6 * columns, 8), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(2, 2).flatten()
-    for ax, panel in zip(axes, PANELS, strict=True):
+    axes = fig.subplots(2, columns).flatten()
+    for ax in axes[len(panels) :]:
+        ax.set_axis_off()
+    for ax, panel in zip(axes, panels, strict=False):
         for i, name in enumerate(names):
             for tag in (t for t in panel.tags if t in data[name]):
                 steps, values = data[name][tag]
@@ -114,7 +126,7 @@ def plot(
             writer = csv.writer(f)
             writer.writerow(["run", "tag", "step", "value"])
             for name in names:
-                for tag in (t for p in PANELS for t in p.tags if t in data[name]):
+                for tag in (t for p in panels for t in p.tags if t in data[name]):
                     writer.writerows((name, tag, s, v) for s, v in zip(*data[name][tag], strict=True))
         log.info("wrote %s", csv_path)
     return Plotted(out, csv_path, fig)

@@ -1,0 +1,501 @@
+"""Evaluate a language model: bits per byte on raw text, GPT-1's zero-shot SST-2, harness tasks.
+
+    python -m gpt1_ds.evaluate MODEL --text FILE [FILE ...] [--unigram DATASET]
+    python -m gpt1_ds.evaluate MODEL --zero-shot sst2
+    python -m gpt1_ds.evaluate MODEL --tasks gpt1_sst2 gpt1_rte [gpt1_text] [--limit N]
+    python -m gpt1_ds.evaluate RUN --all-checkpoints --zero-shot sst2 [--text FILE ...]
+
+MODEL is an HF export, our safetensors export, or a run's checkpoints (``gpt1_ds.loading``), with
+the tokenizer found beside it (or ``--tokenizer``).
+
+``--text``: each file (plain or .gz/.bz2/.xz) is cleaned as pretraining text is (``data_prep.clean``:
+Gutenberg markers, unwrapped paragraphs, ftfy; ``--lowercase`` as the dataset was), encoded after an
+``<eod>`` (a document's start, as in the shards) and scored with a sliding window: every token once,
+each with at least ``n_positions - stride`` tokens of context once the first window is full. Reported:
+loss per token (nats), perplexity, and bits per UTF-8 byte of the cleaned text (total nats / ln 2 /
+bytes), which compares models whose tokenizers differ. ``--unigram DATASET`` adds the bits per byte
+of a unigram model of that dataset's train split (add-one counts), a floor any LM should beat.
+
+``--zero-shot sst2`` (GPT-1 §5, Figure 2 right): each dev sentence followed by " very", then the
+log-probabilities of " negative" and " positive" compared; accuracy against the majority class.
+
+``--tasks`` runs lm-evaluation-harness (the ``eval`` extra) through its ``hf`` model on an HF
+directory of the model, over task definitions written to ``--tasks-dir`` from local files only:
+``gpt1_sst2``, ``gpt1_rte`` (zero-shot multiple choice) and ``gpt1_text`` (rolling log-likelihood of
+the ``--text`` files); the harness's own task names work where their data is on disk.
+
+``--all-checkpoints`` evaluates every complete checkpoint of a run and writes the figures as
+TensorBoard scalars (``zero_shot/*``, ``text/*``) at each checkpoint's step, which ``gpt1_ds.plot``
+draws against pretraining steps. ``--out FILE`` writes all results as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gpt1_ds.model import GPT
+from gpt1_ds.tokenizer import MODEL_NAME, SentencePieceTokenizer, load_tokenizer
+
+log = logging.getLogger("gpt1_ds.evaluate")
+
+REPO = Path(__file__).resolve().parent.parent
+GLUE = REPO / "data" / "glue"
+"""The embedded SST-2 and RTE files (``data/glue/README.md``)."""
+SST2_WORDS = ("negative", "positive")  # label 0, label 1
+HARNESS_TASKS = ("gpt1_sst2", "gpt1_rte", "gpt1_text")
+
+
+class EvalError(ValueError):
+    """Bad input to an evaluation, naming the file."""
+
+
+# --- Text: loss, perplexity, bits per byte ---------------------------------------------------
+
+
+@dataclass
+class TextScore:
+    """The score of one text (or of several, summed)."""
+
+    name: str
+    tokens: int
+    bytes: int
+    nats: float  # summed negative log-likelihood of every token
+
+    @property
+    def loss(self) -> float:
+        return self.nats / max(self.tokens, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "loss": self.loss,
+            "ppl": math.exp(min(self.loss, 50.0)),
+            "bits_per_byte": self.nats / math.log(2) / max(self.bytes, 1),
+        }
+
+
+def read_text(path: Path, lowercase: bool = False) -> str:
+    """A raw text file cleaned as pretraining text is; binary, unreadable or empty is an error."""
+    from data_prep.clean import clean_text, iter_documents
+
+    try:
+        ((_, text, _, repairs),) = iter_documents(path, path.stem, "books", re.compile(""))
+    except (OSError, EOFError, ValueError) as e:
+        raise EvalError(f"{path}: not a readable text file ({e})") from None
+    cleaned = clean_text(text, repairs, lowercase=lowercase)
+    if not cleaned:
+        raise EvalError(f"{path}: no text after cleaning")
+    return cleaned
+
+
+def windows(n: int, n_ctx: int, stride: int) -> list[tuple[int, int, int]]:
+    """Sliding windows over a sequence of ``n`` tokens whose first is context only: (begin, end,
+    first scored) with inputs ``[begin, end - 1)`` (≤ n_ctx), targets ``[begin + 1, end)`` and the
+    targets from ``first scored`` on new. Every target of 1..n-1 is scored exactly once."""
+    if not 0 < stride <= n_ctx:
+        raise ValueError(f"stride must lie in 1..{n_ctx}, got {stride}")
+    out, scored = [], 1
+    while scored < n:
+        end = min(scored + (n_ctx if scored == 1 else stride), n)
+        begin = max(0, end - 1 - n_ctx)
+        out.append((begin, end, scored))
+        scored = end
+    return out
+
+
+@torch.no_grad()
+def sequence_nats(model: GPT, ids: list[int], stride: int, batch_size: int = 8) -> float:
+    """Summed -log p of ``ids[1:]`` given what precedes, by sliding windows (``windows``)."""
+    device = next(model.parameters()).device
+    n_ctx = model.config.n_positions
+    total = 0.0
+    spans = windows(len(ids), n_ctx, stride)
+    for i in range(0, len(spans), batch_size):
+        group = spans[i : i + batch_size]
+        width = max(end - 1 - begin for begin, end, _ in group)
+        x = torch.zeros(len(group), width, dtype=torch.long)
+        y = torch.full((len(group), width), -100, dtype=torch.long)
+        for row, (begin, end, first) in enumerate(group):
+            seq = torch.tensor(ids[begin:end])
+            x[row, : len(seq) - 1] = seq[:-1]
+            keep = first - begin - 1  # targets before this were scored by an earlier window
+            y[row, keep : len(seq) - 1] = seq[1 + keep :]
+        logits = model(x.to(device)).float()  # [B, T, V]
+        loss = F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), reduction="sum")
+        total += float(loss)
+    return total
+
+
+def score_text(model: GPT, tok: SentencePieceTokenizer, name: str, text: str, stride: int) -> TextScore:
+    ids = tok.encode(text)
+    nats = sequence_nats(model, [tok.eod_id, *ids], stride)
+    return TextScore(name, len(ids), len(text.encode("utf-8")), nats)
+
+
+def unigram_nats(tok: SentencePieceTokenizer, dataset: Path, texts: list[str]) -> list[float]:
+    """For each text, its summed -log p under a unigram model of ``dataset``'s train split."""
+    from data_prep.tokenizer import train_docs
+
+    docs, _ = train_docs(dataset)
+    counts = np.ones(tok.vocab_size, dtype=np.float64)  # add-one
+    for ids in tok.encode_batch([d.read_text(encoding="utf-8") for d in docs]):
+        counts += np.bincount(ids, minlength=tok.vocab_size)[: tok.vocab_size]
+    counts[tok.eod_id] += len(docs)
+    logp = np.log(counts / counts.sum())
+    return [float(-logp[np.asarray(tok.encode(t), dtype=np.int64)].sum()) for t in texts]
+
+
+# --- GPT-1's zero-shot SST-2 -----------------------------------------------------------------
+
+
+@torch.no_grad()
+def choice_logprobs(
+    model: GPT,
+    tok: SentencePieceTokenizer,
+    contexts: list[str],
+    choices: tuple[str, ...],
+    batch_size: int = 32,
+) -> np.ndarray:
+    """[N, C]: log p(" " + choice | <eod> context) summed over the choice's tokens. Ours never cross
+    a word start, so ids(context + " " + choice) = ids(context) + ids(choice)."""
+    device = next(model.parameters()).device
+    n_ctx = model.config.n_positions
+    choice_ids = [tok.encode(c) for c in choices]
+    rows = [([tok.eod_id, *tok.encode(ctx)], c) for ctx in contexts for c in choice_ids]
+    out = []
+    for i in range(0, len(rows), batch_size):
+        group = [(ctx + c)[-(n_ctx + 1) :] for ctx, c in rows[i : i + batch_size]]
+        lengths = [len(c) for _, c in rows[i : i + batch_size]]
+        width = max(len(g) for g in group) - 1
+        x = torch.zeros(len(group), width, dtype=torch.long)
+        y = torch.full((len(group), width), -100, dtype=torch.long)
+        for r, (seq, n) in enumerate(zip(group, lengths, strict=True)):
+            x[r, : len(seq) - 1] = torch.tensor(seq[:-1])
+            y[r, len(seq) - 1 - n : len(seq) - 1] = torch.tensor(seq[-n:])
+        logp = model(x.to(device)).float().log_softmax(-1)  # [B, T, V]
+        picked = logp.gather(-1, y.clamp(min=0).to(device)[..., None])[..., 0]
+        out += picked.masked_fill(y.to(device) < 0, 0).sum(-1).tolist()
+    return np.asarray(out).reshape(len(contexts), len(choices))
+
+
+def zero_shot_sst2(model: GPT, tok: SentencePieceTokenizer, path: Path, limit: int | None = None) -> dict:
+    """GPT-1's SST-2 heuristic over the file ``path`` (``LABEL SENTENCE`` lines)."""
+    from gpt1_ds.tasks import TaskData
+
+    examples = TaskData("sst2").read(path)[:limit]
+    labels = np.array([int(e.label) for e in examples])
+    scores = choice_logprobs(model, tok, [f"{e.texts[0]} very" for e in examples], SST2_WORDS)
+    predicted = scores.argmax(1)
+    majority = max(np.mean(labels), 1 - np.mean(labels))
+    accuracy, positive = float(np.mean(predicted == labels)), float(np.mean(predicted == 1))
+    return dict(
+        task="sst2",
+        file=str(path),
+        examples=len(examples),
+        accuracy=accuracy,
+        majority=float(majority),
+        predicted_positive=positive,
+    )
+
+
+# --- lm-evaluation-harness -------------------------------------------------------------------
+
+_TASK_YAML = {
+    "gpt1_sst2": {
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{sentence}} very",
+        "doc_to_choice": list(SST2_WORDS),
+        "doc_to_target": "label",
+        "metric_list": [{"metric": "acc"}],
+    },
+    "gpt1_rte": {  # the harness's own glue/rte prompt
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{sentence1}}\nQuestion: {{sentence2}} True or False?\nAnswer:",
+        "doc_to_choice": ["True", "False"],
+        "doc_to_target": "label",
+        "metric_list": [{"metric": "acc"}],
+    },
+    "gpt1_text": {
+        "output_type": "loglikelihood_rolling",
+        "doc_to_text": "",
+        "doc_to_target": "{{text}}",
+        "process_results": "!function gpt1_text.process_results",
+        "metric_list": [{"metric": m} for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")],
+    },
+}
+_PROCESS_RESULTS = """import re
+
+
+def process_results(doc, results):
+    (loglikelihood,) = results
+    words, n_bytes = len(re.split(r"\\s+", doc["text"])), len(doc["text"].encode("utf-8"))
+    return {"word_perplexity": (loglikelihood, words), "byte_perplexity": (loglikelihood, n_bytes),
+            "bits_per_byte": (loglikelihood, n_bytes)}
+"""
+
+
+def _jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def write_harness_tasks(dest: Path, glue: Path = GLUE, texts: dict[str, str] | None = None) -> Path:
+    """lm-evaluation-harness task definitions over local files, in ``dest`` (its ``--include_path``):
+    ``gpt1_sst2`` and ``gpt1_rte`` from ``glue``'s dev files, ``gpt1_text`` from ``texts``."""
+    from gpt1_ds.tasks import TaskData
+
+    dest.mkdir(parents=True, exist_ok=True)
+    sst2 = TaskData("sst2").read(glue / "sst2" / "stsa.binary.dev")
+    rte = TaskData("rte").read(glue / "rte" / "dev.tsv")
+    data = {
+        "gpt1_sst2": [{"sentence": e.texts[0], "label": int(e.label)} for e in sst2],
+        "gpt1_rte": [{"sentence1": e.texts[0], "sentence2": e.texts[1], "label": int(e.label)} for e in rte],
+        "gpt1_text": [{"name": k, "text": v} for k, v in (texts or {}).items()],
+    }
+    (dest / "gpt1_text.py").write_text(_PROCESS_RESULTS)
+    for name, spec in _TASK_YAML.items():
+        if not data[name]:
+            continue
+        _jsonl(dest / f"{name}.jsonl", data[name])
+        files = {"data_files": {"validation": str((dest / f"{name}.jsonl").resolve())}}
+        body = {
+            "task": name,
+            "dataset_path": "json",
+            "dataset_kwargs": files,
+            "validation_split": "validation",
+        }
+        lines = [f"{k}: {json.dumps(v)}" for k, v in {**body, **spec}.items()]
+        text = "\n".join(lines).replace(
+            '"!function gpt1_text.process_results"', "!function gpt1_text.process_results"
+        )
+        (dest / f"{name}.yaml").write_text(text + "\n")
+    return dest
+
+
+def hf_directory(source: Path, model: GPT, tok: SentencePieceTokenizer, scratch: Path) -> Path:
+    """``source`` when it is an HF directory with its tokenizer, else one written to ``scratch``."""
+    from gpt1_ds.hf import CONFIG_NAME, HF_TOKENIZER_CONFIG_NAME, export_hf, export_hf_tokenizer
+
+    if (source / CONFIG_NAME).is_file() and (source / HF_TOKENIZER_CONFIG_NAME).is_file():
+        return source
+    export_hf(model, scratch)
+    export_hf_tokenizer(tok, scratch, model.config.n_positions)
+    return scratch
+
+
+def run_harness(hf_dir: Path, tasks: list[str], include: Path, limit: int | None, device: str) -> dict:
+    """The harness's results for ``tasks`` on ``hf_dir`` (offline: nothing is downloaded)."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise SystemExit("error: --tasks needs lm-evaluation-harness: pip install 'gpt1-ds[eval]'") from None
+    manager = TaskManager(include_path=str(include))
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise EvalError(
+            f"unknown harness task(s) {unknown}: ours are {list(HARNESS_TASKS)} (gpt1_text needs --text)"
+        )
+    args = f"pretrained={hf_dir},dtype=float32"
+    out = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=args,
+        tasks=tasks,
+        task_manager=manager,
+        limit=limit,
+        batch_size=8,
+        device=device,
+        log_samples=False,
+    )
+    return {
+        task: {k: v for k, v in values.items() if isinstance(v, (int, float))}
+        for task, values in out["results"].items()
+    }
+
+
+# --- The command -----------------------------------------------------------------------------
+
+
+def check_tokenizer(source: Path, model: GPT, path: Path | None) -> SentencePieceTokenizer:
+    """The tokenizer at ``path``; a missing one or one larger than the model's table is an error."""
+    if path is None:
+        raise EvalError(f"{source}: no {MODEL_NAME} found with the model; pass --tokenizer")
+    tok = load_tokenizer(path)
+    if tok.vocab_size > model.config.vocab_size:
+        raise EvalError(
+            f"{path}: {tok.vocab_size} pieces but the model's vocabulary is {model.config.vocab_size}: "
+            "this tokenizer does not belong to this model"
+        )
+    return tok
+
+
+def evaluate(
+    model: GPT, tok: SentencePieceTokenizer, args: argparse.Namespace, texts: dict[str, str]
+) -> dict:
+    """Every evaluation the arguments ask for, on one model; results by kind, with their seconds."""
+    results: dict[str, Any] = {}
+    if texts:
+        start = time.perf_counter()
+        scores = [
+            score_text(model, tok, name, text, args.stride or model.config.n_positions // 2)
+            for name, text in texts.items()
+        ]
+        total = TextScore("all", *(sum(getattr(s, k) for s in scores) for k in ("tokens", "bytes", "nats")))
+        results["text"] = {s.name: s.to_dict() for s in [*scores, total]}
+        if args.unigram:
+            for score, nats in zip(
+                scores, unigram_nats(tok, args.unigram, list(texts.values())), strict=True
+            ):
+                results["text"][score.name]["unigram_bits_per_byte"] = nats / math.log(2) / score.bytes
+        results["text_seconds"] = time.perf_counter() - start
+    if args.zero_shot:
+        start = time.perf_counter()
+        results["zero_shot"] = {"sst2": zero_shot_sst2(model, tok, args.sst2_file, args.limit)}
+        results["zero_shot_seconds"] = time.perf_counter() - start
+    return results
+
+
+def summary(results: dict) -> list[str]:
+    """One log line per figure."""
+    lines = []
+    for name, r in results.get("text", {}).items():
+        unigram = f", unigram {r['unigram_bits_per_byte']:.3f}" if "unigram_bits_per_byte" in r else ""
+        lines.append(
+            f"text {name}: {r['tokens']:,} tokens, {r['bytes']:,} bytes: loss {r['loss']:.4f}, "
+            f"ppl {r['ppl']:.2f}, {r['bits_per_byte']:.4f} bits/byte{unigram}"
+        )
+    for name, r in results.get("zero_shot", {}).items():
+        lines.append(
+            f"zero-shot {name}: accuracy {r['accuracy']:.4f} on {r['examples']} examples "
+            f"(majority {r['majority']:.4f}, {r['predicted_positive']:.0%} predicted positive)"
+        )
+    for task, r in results.get("harness", {}).items():
+        lines.append(f"harness {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(r.items())))
+    return lines
+
+
+def scalars(results: dict) -> dict[str, float]:
+    """The TensorBoard scalars of one checkpoint's results."""
+    out = {f"zero_shot/{k}_acc": r["accuracy"] for k, r in results.get("zero_shot", {}).items()}
+    if "text" in results:
+        out["text/bits_per_byte"] = results["text"]["all"]["bits_per_byte"]
+    return out
+
+
+def every_checkpoint(args: argparse.Namespace, texts: dict[str, str]) -> list[dict]:
+    """Evaluate each complete checkpoint of a run, oldest first; scalars into the run's TensorBoard."""
+    from gpt1_ds.checkpoint import RunDir, complete_tags
+    from gpt1_ds.loading import find_tokenizer, model_from_checkpoint, resolve_tag
+    from gpt1_ds.metrics import Monitor
+
+    ckpt_dir, _ = resolve_tag(args.model)
+    run = RunDir(ckpt_dir.parent)
+    monitor, out = Monitor(str(run.tensorboard)), []
+    for tag in complete_tags(ckpt_dir):
+        model, ckpt = model_from_checkpoint(ckpt_dir, tag)
+        tok = check_tokenizer(ckpt.path, model, args.tokenizer or find_tokenizer(ckpt_dir, ckpt))
+        results = evaluate(model.to(args.device), tok, args, texts)
+        out.append({"tag": tag, "step": ckpt.state.step, **results})
+        for line in summary(results):
+            log.info("step %d: %s", ckpt.state.step, line)
+        monitor.scalars(scalars(results), ckpt.state.step)
+    monitor.close()
+    log.info("wrote the scalars of %d checkpoints to %s", len(out), run.tensorboard)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m gpt1_ds.evaluate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add = parser.add_argument
+    add("model", type=Path, help="HF directory, safetensors export, RUN or RUN/checkpoints[/TAG]")
+    add("--tag", help="checkpoint tag (default: the newest complete one)")
+    add("--tokenizer", type=Path, help="tokenizer.model (default: the one found with MODEL)")
+    add("--text", type=Path, nargs="+", default=[], help="raw text files: loss, perplexity, bits per byte")
+    add("--lowercase", action="store_true", help="lower-case the text (for a dataset prepared with it)")
+    add("--stride", type=int, help="sliding window step (default: half the context)")
+    add(
+        "--unigram",
+        type=Path,
+        metavar="DATASET",
+        help="also a unigram baseline from this dataset's train split",
+    )
+    add("--zero-shot", choices=["sst2"], help="GPT-1's zero-shot heuristic")
+    add(
+        "--sst2-file",
+        type=Path,
+        default=GLUE / "sst2" / "stsa.binary.dev",
+        help="SST-2 lines: LABEL SENTENCE",
+    )
+    add(
+        "--tasks",
+        nargs="+",
+        default=[],
+        help=f"lm-evaluation-harness tasks (ours: {', '.join(HARNESS_TASKS)})",
+    )
+    add("--tasks-dir", type=Path, help="where the harness task files are written (default: a temporary one)")
+    add("--limit", type=int, help="evaluate only the first N examples of each task")
+    add("--all-checkpoints", action="store_true", help="every complete checkpoint of the run MODEL")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--out", type=Path, help="write the results here as JSON")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if not (args.text or args.zero_shot or args.tasks):
+        parser.error("nothing to evaluate: give --text, --zero-shot and/or --tasks")
+    if args.all_checkpoints and args.tasks:
+        parser.error("--all-checkpoints runs --text and --zero-shot; run --tasks on one checkpoint")
+    try:
+        texts = {str(p): read_text(p, args.lowercase) for p in args.text}
+        results = every_checkpoint(args, texts) if args.all_checkpoints else one_model(args, texts)
+    except (EvalError, FileNotFoundError, ValueError) as e:
+        log.error("error: %s", e)
+        return 1
+    if args.out:
+        from gpt1_ds.files import atomic_write_text
+
+        atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
+        log.info("wrote %s", args.out)
+    return 0
+
+
+def one_model(args: argparse.Namespace, texts: dict[str, str]) -> dict:
+    """Every evaluation asked for, on MODEL (``--tag``)."""
+    from gpt1_ds.loading import load_model
+
+    model, found = load_model(args.model, args.tag)
+    tok = check_tokenizer(args.model, model, args.tokenizer or found)
+    model = model.to(args.device)
+    results = evaluate(model, tok, args, texts)
+    if args.tasks:
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="gpt1_eval_") as scratch:
+            include = write_harness_tasks(args.tasks_dir or Path(scratch) / "tasks", texts=texts)
+            hf_dir = hf_directory(args.model, model.cpu(), tok, Path(scratch) / "hf")
+            results["harness"] = run_harness(hf_dir, args.tasks, include, args.limit, args.device)
+        results["harness_seconds"] = time.perf_counter() - start
+    for line in summary(results):
+        log.info("%s", line)
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""gpt1_ds.evaluate: sliding windows, bits per byte, zero-shot SST-2, the harness, every checkpoint."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import REPO, SAMPLE_BOOKS
+from test_train import scalars, train
+
+from gpt1_ds.evaluate import (
+    GLUE,
+    choice_logprobs,
+    main,
+    read_text,
+    sequence_nats,
+    windows,
+    write_harness_tasks,
+    zero_shot_sst2,
+)
+from gpt1_ds.hf import export_hf, export_hf_tokenizer
+from gpt1_ds.model import GPT, GPTConfig
+from gpt1_ds.plot import plot
+from gpt1_ds.tokenizer import MODEL_NAME, copy_tokenizer, load_tokenizer
+
+SST2_DEV = GLUE / "sst2" / "stsa.binary.dev"
+SNARK = SAMPLE_BOOKS[1]
+
+
+def tiny_gpt(vocab_size: int, n_positions: int = 16, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    config = GPTConfig(
+        vocab_size=vocab_size, n_positions=n_positions, n_embd=32, n_layer=2, n_head=2, n_inner=128
+    )
+    return GPT(config).eval()
+
+
+@pytest.mark.parametrize("n", [2, 5, 16, 17, 18, 40, 101])
+@pytest.mark.parametrize(("n_ctx", "stride"), [(16, 16), (16, 8), (16, 1), (16, 5)])
+def test_windows_score_every_token_once_with_enough_context(n, n_ctx, stride):
+    scored = []
+    for begin, end, first in windows(n, n_ctx, stride):
+        assert end - 1 - begin <= n_ctx and begin < first < end
+        context = first - 1 - begin  # tokens before the first new target in this window
+        assert begin == 0 or context >= n_ctx - stride
+        scored += range(first, end)
+    assert scored == list(range(1, n))
+
+
+def test_sliding_window_nats_equal_the_sum_of_per_token_losses():
+    model = tiny_gpt(50)
+    ids = torch.randint(0, 50, (60,), generator=torch.Generator().manual_seed(1)).tolist()
+    with torch.no_grad():
+        # stride 1: every token sees the longest context the model has; computed one by one here
+        expected = 0.0
+        for t in range(1, len(ids)):
+            context = torch.tensor([ids[max(0, t - 16) : t]])
+            expected -= F.log_softmax(model(context)[0, -1], -1)[ids[t]].item()
+        whole = F.cross_entropy(model(torch.tensor([ids[:16]]))[0], torch.tensor(ids[1:17]), reduction="sum")
+    assert sequence_nats(model, ids, stride=1, batch_size=7) == pytest.approx(expected, rel=1e-5)
+    assert sequence_nats(model, ids[:17], stride=8) == pytest.approx(whole.item(), rel=1e-5)
+    assert sequence_nats(model, ids, stride=16) > sequence_nats(model, ids, stride=1) * 0.9  # sane scale
+
+
+def test_zero_shot_scores_are_the_words_log_probabilities(prepared):
+    tok = load_tokenizer(prepared / MODEL_NAME)
+    model = tiny_gpt(tok.vocab_size, n_positions=64)
+    scores = choice_logprobs(model, tok, ["a fine film very", "dull"], ("negative", "positive"), batch_size=3)
+    ctx, word = [tok.eod_id, *tok.encode("a fine film very")], tok.encode("positive")
+    assert tok.encode("a fine film very positive") == ctx[1:] + word  # pieces never cross a word start
+    with torch.no_grad():
+        logp = F.log_softmax(model(torch.tensor([ctx + word[:-1]]))[0], -1)
+    expected = sum(logp[len(ctx) - 1 + i, w].item() for i, w in enumerate(word))
+    assert scores.shape == (2, 2) and scores[0, 1] == pytest.approx(expected, rel=1e-5)
+    result = zero_shot_sst2(model, tok, SST2_DEV, limit=100)
+    assert result["examples"] == 100 and 0 <= result["accuracy"] <= 1
+    positive = _positive_share(100)
+    assert result["majority"] == pytest.approx(max(positive, 1 - positive))
+
+
+def _positive_share(limit: int) -> float:
+    labels = [line.split(" ", 1)[0] for line in SST2_DEV.read_text().splitlines()[:limit]]
+    return labels.count("1") / len(labels)
+
+
+def test_text_is_cleaned_as_pretraining_text_and_bad_files_are_named(tmp_path):
+    text = read_text(SNARK)
+    assert "Project Gutenberg" not in text[:2000] and "\n\n" not in text  # markers gone, one paragraph a line
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(bytes(range(256)) * 64)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n\n \n")
+    for path, message in ((binary, "not a readable text file"), (empty, "no text after cleaning")):
+        with pytest.raises(ValueError, match=f"{path}: {message}"):
+            read_text(path)
+
+
+def test_cli_errors_name_the_file_and_write_nothing(prepared, tmp_path, caplog):
+    model_dir = tmp_path / "hf"
+    export_hf(tiny_gpt(1000, n_positions=64), model_dir)  # a table smaller than the tokenizer
+    out = tmp_path / "results.json"
+    tokenizer = prepared / MODEL_NAME
+    assert (
+        main([str(model_dir), "--zero-shot", "sst2", "--tokenizer", str(tokenizer), "--out", str(out)]) == 1
+    )
+    assert f"{tokenizer}: 2000 pieces but the model's vocabulary is 1000" in caplog.text
+    assert main([str(model_dir), "--zero-shot", "sst2", "--out", str(out)]) == 1
+    assert f"{model_dir}: no tokenizer.model found" in caplog.text
+    bad = tmp_path / "sst2.txt"
+    bad.write_text("1 a good film\nmaybe a bad row\n")
+    export_hf(tiny_gpt(2000, n_positions=64), model_dir)
+    args = [str(model_dir), "--tokenizer", str(tokenizer), "--zero-shot", "sst2", "--sst2-file", str(bad)]
+    assert main([*args, "--out", str(out)]) == 1
+    assert f"{bad}:2" in caplog.text
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def export(prepared, tmp_path_factory) -> Path:
+    """An HF export of a small random model with the prepared dataset's tokenizer."""
+    out = tmp_path_factory.mktemp("eval_export")
+    tok = load_tokenizer(prepared / MODEL_NAME)
+    export_hf(tiny_gpt(tok.vocab_size, n_positions=64), out)
+    export_hf_tokenizer(tok, out, 64)
+    copy_tokenizer(tok.path, out)
+    return out
+
+
+@pytest.mark.slow
+def test_the_harness_runs_our_tasks_and_agrees_on_bits_per_byte(export, tmp_path):
+    pytest.importorskip("lm_eval")
+    book = tmp_path / "snark.txt"
+    book.write_text(gzip.decompress(SNARK.read_bytes()).decode("utf-8"))
+    out = tmp_path / "results.json"
+    args = f"--text {book} --stride 64 --zero-shot sst2 --tasks gpt1_sst2 gpt1_rte gpt1_text --limit 24"
+    cmd = [sys.executable, "-m", "gpt1_ds.evaluate", str(export), *args.split(), "--out", str(out)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads(out.read_text())
+    ours = results["text"][str(book)]
+    assert ours["bits_per_byte"] == pytest.approx(ours["nats"] / math.log(2) / ours["bytes"])
+    assert ours["bytes"] == len(read_text(book).encode())
+    harness = results["harness"]
+    # Disjoint windows after <eod> (stride = context): the harness's rolling windows, the same score.
+    assert harness["gpt1_text"]["bits_per_byte,none"] == pytest.approx(ours["bits_per_byte"], rel=1e-4)
+    for task in ("gpt1_sst2", "gpt1_rte"):
+        assert harness[task]["sample_len"] == 24 and 0 <= harness[task]["acc,none"] <= 1
+    assert results["zero_shot"]["sst2"]["examples"] == 24  # --limit applies to it too
+    assert "zero-shot sst2: accuracy" in done.stderr and "harness gpt1_text" in done.stderr
+
+
+def test_harness_task_files_hold_the_embedded_dev_sets(tmp_path):
+    dest = write_harness_tasks(tmp_path, texts={"a": "Some text."})
+    rows = [json.loads(line) for line in (dest / "gpt1_sst2.jsonl").read_text().splitlines()]
+    assert len(rows) == 872 and {r["label"] for r in rows} == {0, 1}
+    rte = [json.loads(line) for line in (dest / "gpt1_rte.jsonl").read_text().splitlines()]
+    assert len(rte) == 277 and sum(r["label"] == 0 for r in rte) == 146  # entailment: 146 of 277
+    assert "!function gpt1_text.process_results" in (dest / "gpt1_text.yaml").read_text()
+    assert str(dest / "gpt1_sst2.jsonl") in (dest / "gpt1_sst2.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_every_checkpoint_is_evaluated_and_plotted_against_its_step(prepared, tmp_path):
+    run = tmp_path / "run"
+    train(prepared, run, "max_steps=4", "checkpoint_interval=2", "keep_checkpoints=3", launcher="python")
+    out = tmp_path / "all.json"
+    args = [str(run), "--all-checkpoints", "--zero-shot", "sst2", "--limit", "40", "--text", str(SNARK)]
+    assert main([*args, "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert [r["step"] for r in results] == [2, 4]
+    accuracy = scalars(run, "zero_shot/sst2_acc")
+    assert accuracy == pytest.approx({r["step"]: r["zero_shot"]["sst2"]["accuracy"] for r in results})
+    bits = scalars(run, "text/bits_per_byte")
+    assert bits == pytest.approx({r["step"]: r["text"]["all"]["bits_per_byte"] for r in results})
+    assert bits[4] < bits[2]  # the model learns between its two checkpoints
+    figure = plot([run], tmp_path / "curves.png").figure
+    titled = {ax.get_title(): ax for ax in figure.axes}
+    assert list(titled)[:4] == ["loss", "perplexity", "learning rate", "throughput"]
+    (line,) = titled["zero-shot (GPT-1 §5)"].get_lines()
+    assert list(line.get_xdata()) == [2, 4]
+    (line,) = titled["held-out text"].get_lines()
+    assert list(line.get_ydata()) == pytest.approx([bits[2], bits[4]])
