@@ -62,6 +62,8 @@ demo: setup
 		$(DEMO_FINETUNE_OVERRIDES)
 	$(PY) -m gpt1_ds.export $(DEMO_DIR)/run/checkpoints --out $(DEMO_DIR)/hf
 	$(PY) -m gpt1_ds.generate $(DEMO_DIR)/hf --prompt "It was" --prompt "The ship" --max-new-tokens 40 --seed 0
+	$(PY) -m gpt1_ds.evaluate $(DEMO_DIR)/hf --held-out $(DEMO_DIR)/data --random-init --unigram $(DEMO_DIR)/data \
+		--zero-shot sst2
 	$(PY) -m gpt1_ds.plot $(DEMO_DIR)/run --out $(DEMO_DIR)/curves.png
 
 # Wheels for a GPU machine without a package registry (Python 3.12, x86-64, torch and CUDA

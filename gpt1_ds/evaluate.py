@@ -13,8 +13,10 @@ Gutenberg markers, unwrapped paragraphs, ftfy; ``--lowercase`` as the dataset wa
 ``<eod>`` (a document's start, as in the shards) and scored with a sliding window: every token once,
 each with at least ``n_positions - stride`` tokens of context once the first window is full. Reported:
 loss per token (nats), perplexity, and bits per UTF-8 byte of the cleaned text (total nats / ln 2 /
-bytes), which compares models whose tokenizers differ. ``--unigram DATASET`` adds the bits per byte
-of a unigram model of that dataset's train split (add-one counts), a floor any LM should beat.
+bytes), which compares models whose tokenizers differ. ``--held-out DATASET`` adds the cleaned test
+documents of a prepared dataset. Baselines: ``--unigram DATASET``, a unigram model of that dataset's
+train split (add-one counts), the floor any LM should beat; ``--random-init``, an untrained model of
+the same shape (what pretraining starts from).
 
 ``--zero-shot sst2`` (GPT-1 §5, Figure 2 right): each dev sentence followed by " very", then the
 log-probabilities of " negative" and " positive" compared; accuracy against the majority class.
@@ -145,6 +147,19 @@ def score_text(model: GPT, tok: SentencePieceTokenizer, name: str, text: str, st
     ids = tok.encode(text)
     nats = sequence_nats(model, [tok.eod_id, *ids], stride)
     return TextScore(name, len(ids), len(text.encode("utf-8")), nats)
+
+
+def held_out_texts(dataset: Path) -> dict[str, str]:
+    """The cleaned documents of a dataset's test split (as data prep wrote them), by name."""
+    from data_prep.clean import read_splits
+
+    docs = read_splits(dataset)["splits"].get("test", [])
+    if not docs:
+        raise EvalError(f"{dataset}: the dataset has no test split (prepared with --test-fraction 0)")
+    return {
+        f"{dataset}:test/{d}": (dataset / "clean" / "docs" / f"{d}.txt").read_text(encoding="utf-8")
+        for d in docs
+    }
 
 
 def unigram_nats(tok: SentencePieceTokenizer, dataset: Path, texts: list[str]) -> list[float]:
@@ -345,6 +360,19 @@ def check_tokenizer(source: Path, model: GPT, path: Path | None) -> SentencePiec
     return tok
 
 
+def baselines(model: GPT, tok: SentencePieceTokenizer, args: argparse.Namespace, texts: list[str]) -> dict:
+    """The summed nats of each text under the baselines asked for: ``unigram``, ``random_init``."""
+    out = {}
+    if args.unigram:
+        out["unigram"] = unigram_nats(tok, args.unigram, texts)
+    if args.random_init:
+        torch.manual_seed(0)
+        untrained = GPT(model.config).to(next(model.parameters()).device).eval()
+        stride = args.stride or model.config.n_positions // 2
+        out["random_init"] = [score_text(untrained, tok, "", text, stride).nats for text in texts]
+    return out
+
+
 def evaluate(
     model: GPT, tok: SentencePieceTokenizer, args: argparse.Namespace, texts: dict[str, str]
 ) -> dict:
@@ -352,17 +380,13 @@ def evaluate(
     results: dict[str, Any] = {}
     if texts:
         start = time.perf_counter()
-        scores = [
-            score_text(model, tok, name, text, args.stride or model.config.n_positions // 2)
-            for name, text in texts.items()
-        ]
+        stride = args.stride or model.config.n_positions // 2
+        scores = [score_text(model, tok, name, text, stride) for name, text in texts.items()]
         total = TextScore("all", *(sum(getattr(s, k) for s in scores) for k in ("tokens", "bytes", "nats")))
         results["text"] = {s.name: s.to_dict() for s in [*scores, total]}
-        if args.unigram:
-            for score, nats in zip(
-                scores, unigram_nats(tok, args.unigram, list(texts.values())), strict=True
-            ):
-                results["text"][score.name]["unigram_bits_per_byte"] = nats / math.log(2) / score.bytes
+        for kind, nats in baselines(model, tok, args, list(texts.values())).items():
+            for score, n in zip([*scores, total], [*nats, sum(nats)], strict=True):
+                results["text"][score.name][f"{kind}_bits_per_byte"] = n / math.log(2) / score.bytes
         results["text_seconds"] = time.perf_counter() - start
     if args.zero_shot:
         start = time.perf_counter()
@@ -374,8 +398,12 @@ def evaluate(
 def summary(results: dict) -> list[str]:
     """One log line per figure."""
     lines = []
-    for name, r in results.get("text", {}).items():
-        unigram = f", unigram {r['unigram_bits_per_byte']:.3f}" if "unigram_bits_per_byte" in r else ""
+    texts = results.get("text", {})
+    for name, r in texts.items():
+        if name == "all" and len(texts) == 2:
+            continue  # one text: "all" is the same figures
+        kinds = [k for k in ("random_init", "unigram") if f"{k}_bits_per_byte" in r]
+        unigram = "".join(f", {k.replace('_', ' ')} {r[f'{k}_bits_per_byte']:.4f}" for k in kinds)
         lines.append(
             f"text {name}: {r['tokens']:,} tokens, {r['bytes']:,} bytes: loss {r['loss']:.4f}, "
             f"ppl {r['ppl']:.2f}, {r['bits_per_byte']:.4f} bits/byte{unigram}"
@@ -439,6 +467,17 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DATASET",
         help="also a unigram baseline from this dataset's train split",
     )
+    add(
+        "--held-out",
+        type=Path,
+        metavar="DATASET",
+        help="also score this dataset's test split (its cleaned docs)",
+    )
+    add(
+        "--random-init",
+        action="store_true",
+        help="also score the texts with an untrained model of this shape",
+    )
     add("--zero-shot", choices=["sst2"], help="GPT-1's zero-shot heuristic")
     add(
         "--sst2-file",
@@ -459,12 +498,13 @@ def main(argv: list[str] | None = None) -> int:
     add("--out", type=Path, help="write the results here as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    if not (args.text or args.zero_shot or args.tasks):
-        parser.error("nothing to evaluate: give --text, --zero-shot and/or --tasks")
+    if not (args.text or args.held_out or args.zero_shot or args.tasks):
+        parser.error("nothing to evaluate: give --text, --held-out, --zero-shot and/or --tasks")
     if args.all_checkpoints and args.tasks:
         parser.error("--all-checkpoints runs --text and --zero-shot; run --tasks on one checkpoint")
     try:
         texts = {str(p): read_text(p, args.lowercase) for p in args.text}
+        texts.update(held_out_texts(args.held_out) if args.held_out else {})
         results = every_checkpoint(args, texts) if args.all_checkpoints else one_model(args, texts)
     except (EvalError, FileNotFoundError, ValueError) as e:
         log.error("error: %s", e)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -187,3 +188,24 @@ def test_every_checkpoint_is_evaluated_and_plotted_against_its_step(prepared, tm
     assert list(line.get_xdata()) == [2, 4]
     (line,) = titled["held-out text"].get_lines()
     assert list(line.get_ydata()) == pytest.approx([bits[2], bits[4]])
+
+
+def test_held_out_split_with_its_baselines(export, prepared, tmp_path):
+    out = tmp_path / "held_out.json"
+    args = [str(export), "--held-out", str(prepared), "--unigram", str(prepared), "--random-init"]
+    assert main([*args, "--out", str(out)]) == 0
+    text = json.loads(out.read_text())["text"]
+    test_docs = json.loads((prepared / "clean" / "splits.json").read_text())["splits"]["test"]
+    assert set(text) == {f"{prepared}:test/{d}" for d in test_docs} | {"all"}
+    total = text["all"]
+    assert total["tokens"] == sum(r["tokens"] for name, r in text.items() if name != "all")
+    # An untrained model predicts nearly uniformly: ln(V) nats a token.
+    uniform = math.log2(2000) * total["tokens"] / total["bytes"]
+    assert total["random_init_bits_per_byte"] == pytest.approx(uniform, rel=0.02)
+    assert total["unigram_bits_per_byte"] < 0.9 * uniform  # word frequencies carry information
+    missing = tmp_path / "no_test"
+    shutil.copytree(prepared / "clean", missing / "clean")
+    splits = json.loads((missing / "clean" / "splits.json").read_text())
+    splits["splits"]["test"] = []
+    (missing / "clean" / "splits.json").write_text(json.dumps(splits))
+    assert main([str(export), "--held-out", str(missing)]) == 1
