@@ -13,9 +13,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
-from typing import NoReturn
+from collections.abc import Mapping
+from typing import NamedTuple, NoReturn
 
 import torch
 
@@ -64,15 +66,83 @@ def init() -> tuple[int, int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), local
 
 
+class BindingError(RuntimeError):
+    """Ranks and the GPUs they can see do not match; the message names the variables."""
+
+
+BINDING_VARS = ("CUDA_VISIBLE_DEVICES", "LOCAL_RANK", "SLURM_LOCALID", "SLURM_STEP_GPUS", "SLURM_JOB_GPUS")
+
+
+def _binding(env: Mapping[str, str]) -> str:
+    return ", ".join(f"{v}={env[v]}" for v in BINDING_VARS if v in env) or "none of " + ", ".join(
+        BINDING_VARS
+    )
+
+
+def device_index(local_rank: int, visible: int, env: Mapping[str, str] = os.environ) -> int:
+    """Which of the ``visible`` GPUs this rank uses. One visible (``srun --gpus-per-task=1``,
+    ``--gpu-bind=single:1``, a site's per-task ``CUDA_VISIBLE_DEVICES``): that one, whatever the
+    local rank. Several (one task per node sees all, as under ``deepspeed`` or ``torchrun``): the
+    local rank's, which must be one of them."""
+    if visible < 1:
+        raise BindingError(f"this process sees no GPU ({_binding(env)})")
+    if visible == 1:
+        return 0
+    if not 0 <= local_rank < visible:
+        raise BindingError(
+            f"local rank {local_rank} but this process sees {visible} GPUs ({_binding(env)}): start "
+            f"at most {visible} ranks per node, or bind one GPU to each task (srun --gpus-per-task=1)"
+        )
+    return local_rank
+
+
 def device(local_rank: int) -> torch.device:
-    """This rank's device: its GPU (made current) under DeepSpeed's CUDA accelerator, else the CPU."""
+    """This rank's device: a GPU chosen by ``device_index`` (made current) under DeepSpeed's CUDA
+    accelerator, else the CPU."""
     from deepspeed.accelerator import get_accelerator
 
     accel = get_accelerator()
     if accel.device_name() == "cuda":
-        accel.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        index = device_index(local_rank, torch.cuda.device_count())
+        accel.set_device(index)
+        return torch.device("cuda", index)
     return torch.device(accel.device_name())
+
+
+class Placement(NamedTuple):
+    """Where one rank runs: its host and device, and the GPU's identity (empty on a CPU)."""
+
+    rank: int
+    host: str
+    device: str
+    uuid: str
+    visible: int
+
+
+def placement(rank: int, dev: torch.device) -> Placement:
+    if dev.type != "cuda":
+        return Placement(rank, socket.gethostname(), str(dev), "", 0)
+    uuid = str(getattr(torch.cuda.get_device_properties(dev), "uuid", dev.index))
+    return Placement(rank, socket.gethostname(), str(dev), uuid, torch.cuda.device_count())
+
+
+def check_placements(places: list[Placement]) -> str:
+    """Every rank's placement checked: two ranks on one GPU, or more ranks on a node than the GPUs
+    its ranks can see, is a ``BindingError``. Returns the one-line rank → host → device map."""
+    by_gpu: dict[tuple[str, str], list[int]] = {}
+    for p in places:
+        if p.uuid:
+            by_gpu.setdefault((p.host, p.uuid), []).append(p.rank)
+    shared = {key: ranks for key, ranks in by_gpu.items() if len(ranks) > 1}
+    if shared:
+        (host, uuid), ranks = next(iter(shared.items()))
+        raise BindingError(
+            f"ranks {ranks} on {host} share one GPU ({uuid}): each task sees the same device; bind one "
+            "GPU per task (srun --gpus-per-task=1) or let each task see all of the node's GPUs"
+        )
+    shown = [f"{p.rank}→{p.host}:{p.device}" for p in places[:16]]
+    more = f" … ({len(places) - 16} more)" if len(places) > 16 else ""
+    return "ranks → hosts → devices: " + ", ".join(shown) + more
 
 
 def exit_now(code: int) -> NoReturn:

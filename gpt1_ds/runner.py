@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -104,7 +105,11 @@ class Context:
         """Initialise torch.distributed for whichever launcher started the process."""
         rank, world, local_rank = distributed.init()
         setup_logging(rank, world, tag_rank=True)  # the rank in every line, also in a world of one
-        return cls(rank, world, distributed.device(local_rank))
+        device = distributed.device(local_rank)
+        places: list[Any] = [None] * world
+        dist.all_gather_object(places, distributed.placement(rank, device))
+        log.info("%s", distributed.check_placements(places))  # every rank checks; rank 0 logs
+        return cls(rank, world, device)
 
 
 def build_engine(model: torch.nn.Module, ds_cfg: dict[str, Any]) -> tuple[Any, Any]:
@@ -115,10 +120,15 @@ def build_engine(model: torch.nn.Module, ds_cfg: dict[str, Any]) -> tuple[Any, A
     use lr(s): 0 → peak over the warm-up, and lr 0 exactly at the last update.
     """
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
 
     weight_decay = ds_cfg.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
+    # DeepSpeed makes GPU LOCAL_RANK current unless told the device: with one GPU bound per task
+    # that is not the one to use (``distributed.device_index``).
+    cuda = get_accelerator().device_name() == "cuda"
+    args = SimpleNamespace(device_rank=torch.cuda.current_device()) if cuda else None
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, weight_decay), config=ds_cfg
+        args=args, model=model, model_parameters=param_groups(model, weight_decay), config=ds_cfg
     )
     if scheduler is not None and getattr(scheduler, "last_batch_iteration", 0) == -1:
         scheduler.step()

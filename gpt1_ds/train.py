@@ -202,8 +202,17 @@ class Pretraining(runner.Loop):
     def validate(self) -> None:
         val_loss, self.state.val_ppl = evaluate(self.engine, self.val_loader, self.ctx.device)
         step = self.state.step
-        self.monitor.scalars({"val/loss": val_loss, "val/ppl": self.state.val_ppl}, step)
-        log.info("step %d: val loss %.4f, ppl %.2f", step, val_loss, self.state.val_ppl)
+        values = {"val/loss": val_loss, "val/ppl": self.state.val_ppl}
+        # The split's bytes per token (its manifest) turn nats per token into bits per byte, the
+        # figure gpt1_ds.evaluate gives and the one that compares tokenizers.
+        manifest = self.val_loader.dataset.manifest
+        if manifest.get("text_bytes") and manifest.get("total_tokens"):
+            values["val/bits_per_byte"] = (
+                val_loss * manifest["total_tokens"] / manifest["text_bytes"] / math.log(2)
+            )
+        self.monitor.scalars(values, step)
+        bpb = f", {values['val/bits_per_byte']:.4f} bits/byte" if "val/bits_per_byte" in values else ""
+        log.info("step %d: val loss %.4f, ppl %.2f%s", step, val_loss, self.state.val_ppl, bpb)
         if step == 0:
             self.first_ppl = self.state.val_ppl
 

@@ -435,6 +435,10 @@ def test_loss_falls_on_real_books(prepared, tmp_path):
     train_loss = scalars(run, "train/loss")
     assert val[150] < val[0] - 0.8, val  # from about ln(2000) = 7.6
     assert train_loss[150] < train_loss[10] - 0.5, train_loss
+    manifest = json.loads((prepared / "val" / "manifest.json").read_text())
+    bits = scalars(run, "val/bits_per_byte")  # nats per token × tokens per byte / ln 2
+    ratio = manifest["total_tokens"] / manifest["text_bytes"] / math.log(2)
+    assert bits == pytest.approx({step: loss * ratio for step, loss in val.items()}, rel=1e-5)
 
 
 @pytest.mark.parametrize("name", ["zero0", "zero1", "zero3", "zero2_offload"])
