@@ -9,9 +9,10 @@
 #   make gpu-wheels  the wheels benchmarks/gpu_check.sh installs on a GPU machine with no registry
 #
 # Setup makes a virtual environment in $(VENV): torch first ($(TORCH_SPEC)), then
-# DeepSpeed built against it, then this package with its extras. A second run does
-# no work. On a cluster, keep your own CUDA build of torch with e.g.
-#   make setup TORCH_SPEC='torch==2.5.1 --index-url https://download.pytorch.org/whl/cu124'
+# DeepSpeed built against it, then this package with its extras, all under the tested
+# versions of constraints.txt. A second run does no work. On a cluster, keep your own
+# CUDA build of torch (the tested release) with e.g.
+#   make setup TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130'
 # or reuse the torch already installed in the system Python:
 #   make setup TORCH_SPEC= VENV_ARGS=--system-site-packages
 # EXTRAS: `mpi` brings Open MPI from PyPI for mpirun; drop it to use the cluster's MPI. `eval`
@@ -20,7 +21,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 VENV_ARGS ?=
-TORCH_SPEC ?= torch==2.13.0
+CONSTRAINTS := constraints.txt
+TORCH_SPEC ?= $(shell grep -m1 '^torch==' $(CONSTRAINTS))
 EXTRAS ?= dev,mpi,eval
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
@@ -30,13 +32,13 @@ STAMP := $(VENV)/.gpt1-ds-setup
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_ARGS) $(VENV)
 	$(PIP) install --quiet --upgrade pip setuptools wheel
 	if [ -n "$(TORCH_SPEC)" ]; then $(PIP) install --quiet $(TORCH_SPEC); fi
 	$(PY) -c "import torch; print('torch', torch.__version__)"
-	$(PY) -c "import deepspeed" 2>/dev/null || $(PIP) install --quiet --no-build-isolation deepspeed
-	$(PIP) install --quiet --no-build-isolation -e '.[$(EXTRAS)]'
+	$(PY) -c "import deepspeed" 2>/dev/null || $(PIP) install --quiet --no-build-isolation -c $(CONSTRAINTS) deepspeed
+	$(PIP) install --quiet --no-build-isolation -c $(CONSTRAINTS) -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 DEMO_DIR ?= runs/demo

@@ -33,6 +33,7 @@ class Settings:
     run_dir: str
     seed: int
     resume: str
+    allow_untested_versions: bool
     log_interval: int
     keep_checkpoints: int
     max_steps: int | None
@@ -99,6 +100,8 @@ class RunConfig(Settings):
     """Complete checkpoints kept; older ones are deleted."""
     seed: int = 1234
     """Seed of the initialisation, the data order and the dropout masks."""
+    allow_untested_versions: bool = False
+    """Run with a torch or DeepSpeed release other than the tested ones (``gpt1_ds.env.TESTED``)."""
     resume: str = "auto"
     """``auto`` (newest complete checkpoint in run_dir, else start), ``none``, or a checkpoint path."""
     init: str | None = None
@@ -242,6 +245,8 @@ class FinetuneConfig(Settings):
     """Newest complete checkpoints kept besides the best one."""
     seed: int = 1234
     """Seed of the head's init, the data order and the dropout masks."""
+    allow_untested_versions: bool = False
+    """Run with a torch or DeepSpeed release other than the tested ones (``gpt1_ds.env.TESTED``)."""
     resume: str = "auto"
     """``auto`` (newest complete checkpoint in run_dir), ``none``, or a checkpoint path."""
     ds: dict[str, Any] = field(default_factory=dict)

@@ -7,6 +7,10 @@ import logging
 import os
 import socket
 
+TESTED = {"torch": "2.13", "deepspeed": "0.19"}
+"""The torch and DeepSpeed releases (major.minor) gpt1-ds is tested with; ``constraints.txt`` pins
+them for ``make setup`` and ``pyproject.toml`` bounds them."""
+
 MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE")
 """Variables that MPI launchers set on every rank, holding the world size."""
 MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
@@ -60,3 +64,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class UntestedVersions(RuntimeError):
+    """torch or DeepSpeed is a release gpt1-ds has not been tested with."""
+
+
+def untested_versions(versions: dict[str, str]) -> list[str]:
+    """``name version`` of each package in ``versions`` whose major.minor is not the tested one."""
+    return [
+        f"{name} {v}"
+        for name, v in versions.items()
+        if ".".join(v.split("+")[0].split(".")[:2]) != TESTED[name]
+    ]
+
+
+def check_versions(allow_untested: bool) -> None:
+    """Refuse (or, when allowed, warn about) a torch or DeepSpeed release outside ``TESTED``."""
+    import deepspeed
+    import torch
+
+    untested = untested_versions({"torch": torch.__version__, "deepspeed": deepspeed.__version__})
+    if not untested:
+        return
+    tested = " with ".join(f"{name} {v}" for name, v in TESTED.items())
+    message = f"{', '.join(untested)}: gpt1-ds is tested with {tested} (constraints.txt)"
+    if not allow_untested:
+        raise UntestedVersions(f"{message}; set allow_untested_versions=true to run anyway")
+    logging.getLogger(__name__).warning("%s; running anyway (allow_untested_versions)", message)

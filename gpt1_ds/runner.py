@@ -34,7 +34,7 @@ from tqdm import tqdm
 from gpt1_ds import checkpoint, distributed
 from gpt1_ds.checkpoint import ClientState, RunDir, dropout_seed
 from gpt1_ds.config import Settings, load_ds_config, parse_overrides, resolve_ds_config
-from gpt1_ds.env import setup_logging
+from gpt1_ds.env import check_versions, setup_logging
 from gpt1_ds.files import atomic_write_text
 from gpt1_ds.metrics import Monitor
 from gpt1_ds.model import param_groups
@@ -310,6 +310,7 @@ class Loop:
             argv, cls.prog, doc, cls.default_ds_config, cls.config_help, cls.flags
         )
         cfg = cls.config_class.from_yaml(args.config, over)
+        check_versions(cfg.allow_untested_versions)
         return cls(cfg, Context.start(), args.ds_config, ds_over).execute(preempt)
 
     def execute(self, preempt: Preemption) -> int:
