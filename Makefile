@@ -24,6 +24,11 @@ VENV_ARGS ?=
 CONSTRAINTS := constraints.txt
 TORCH_SPEC ?= $(shell grep -m1 '^torch==' $(CONSTRAINTS))
 EXTRAS ?= dev,mpi,eval
+# DeepSpeed's ops compiled into it at install where torch is a CUDA build and nvcc exists;
+# elsewhere they are compiled on first use, once per node (gpt1_ds/ops.py). DS_PREBUILD=0: never.
+DS_PREBUILD ?= auto
+PREBUILD_ENV = $(PY) -c 'import shutil, torch; print("DS_BUILD_FUSED_ADAM=1 DS_BUILD_CPU_ADAM=1" \
+	if "$(DS_PREBUILD)" != "0" and torch.version.cuda and shutil.which("nvcc") else "")'
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.gpt1-ds-setup
@@ -37,7 +42,8 @@ $(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	$(PIP) install --quiet --upgrade pip setuptools wheel
 	if [ -n "$(TORCH_SPEC)" ]; then $(PIP) install --quiet $(TORCH_SPEC); fi
 	$(PY) -c "import torch; print('torch', torch.__version__)"
-	$(PY) -c "import deepspeed" 2>/dev/null || $(PIP) install --quiet --no-build-isolation -c $(CONSTRAINTS) deepspeed
+	$(PY) -c "import deepspeed" 2>/dev/null || env $$($(PREBUILD_ENV)) $(PIP) install --quiet --no-build-isolation \
+		-c $(CONSTRAINTS) deepspeed
 	$(PIP) install --quiet --no-build-isolation -c $(CONSTRAINTS) -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 

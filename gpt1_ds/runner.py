@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from gpt1_ds import checkpoint, distributed
+from gpt1_ds import checkpoint, distributed, ops
 from gpt1_ds.checkpoint import ClientState, RunDir, dropout_seed
 from gpt1_ds.config import Settings, load_ds_config, parse_overrides, resolve_ds_config
 from gpt1_ds.env import check_versions, setup_logging
@@ -99,6 +99,8 @@ class Context:
     rank: int
     world: int
     device: torch.device
+    node_leader: bool = True
+    """The first rank on its host: it builds DeepSpeed's ops while the others wait (``gpt1_ds.ops``)."""
 
     @classmethod
     def start(cls) -> Context:
@@ -109,7 +111,8 @@ class Context:
         places: list[Any] = [None] * world
         dist.all_gather_object(places, distributed.placement(rank, device))
         log.info("%s", distributed.check_placements(places))  # every rank checks; rank 0 logs
-        return cls(rank, world, device)
+        leader = rank == min(p.rank for p in places if p.host == places[rank].host)
+        return cls(rank, world, device, leader)
 
 
 def build_engine(model: torch.nn.Module, ds_cfg: dict[str, Any]) -> tuple[Any, Any]:
@@ -151,18 +154,12 @@ def deepspeed_config(
             f"{source} gives {micro_batches} micro-batches per rank per epoch, fewer than one step's {accum} "
             f"(train_batch_size {ds_cfg['train_batch_size']})"
         )
-    return adam_fallback(ds_cfg, ctx.device.type, fused_adam_unavailable), micro_batches // accum
-
-
-def fused_adam_unavailable() -> str | None:
-    """Why DeepSpeed's CUDA FusedAdam cannot be loaded (it is compiled on first use), or None."""
-    try:
-        from deepspeed.ops.op_builder import FusedAdamBuilder
-
-        FusedAdamBuilder().load(verbose=False)
-    except Exception as e:  # no nvcc, a compiler error, a missing header: any of them means no op
-        return f"{type(e).__name__}: {str(e).strip()[:300]}"
-    return None
+    failed = ops.build_once(ops.needed(ds_cfg, ctx.device.type), ctx.node_leader, ctx.device)
+    if failed.get("cpu_adam"):
+        raise RuntimeError(
+            f"DeepSpeed's CPU Adam, which optimiser offload needs, cannot be built: {failed['cpu_adam']}"
+        )
+    return adam_fallback(ds_cfg, ctx.device.type, lambda: failed.get("fused_adam")), micro_batches // accum
 
 
 def adam_fallback(
@@ -173,13 +170,7 @@ def adam_fallback(
     in a warning. Unchanged on a CPU, with optimiser offload, or when ``torch_adam`` is set."""
     optimizer = ds_cfg.get("optimizer") or {}
     params = optimizer.get("params") or {}
-    offload = (ds_cfg.get("zero_optimization") or {}).get("offload_optimizer") or {}
-    if (
-        device_type != "cuda"
-        or str(optimizer.get("type", "")).lower() not in ("adam", "adamw")
-        or "torch_adam" in params
-        or offload.get("device", "none") != "none"
-    ):
+    if "fused_adam" not in ops.needed(ds_cfg, device_type) or "torch_adam" in params:  # or the user chose
         return ds_cfg
     reason = unavailable()
     if reason is None:

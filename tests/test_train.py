@@ -541,3 +541,26 @@ def test_samples_of_a_model_larger_than_its_tokenizer_never_end_the_run(prepared
     )
     assert len(re.findall(r"step \d sample: ", out.stderr)) == 2 and "no sample" not in out.stderr
     assert sorted(scalars(run, "train/loss")) == [1, 2, 3, 4]
+
+
+def test_deepspeed_ops_build_once_per_node_past_a_stale_lock(prepared, tmp_path):
+    """Two ranks, optimiser offload (DeepSpeed's CPU Adam, compiled on first use) into an empty
+    extension cache that holds the lock of a build killed long ago: without its removal every
+    rank would wait on it for ever. The node's first rank builds; the other loads its build."""
+    ext = tmp_path / "torch_extensions"
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(ext)}
+    where = "from torch.utils.cpp_extension import _get_build_directory as d; print(d('cpu_adam', False))"
+    build_dir = Path(
+        subprocess.run([sys.executable, "-c", where], env=env, capture_output=True, text=True).stdout.strip()
+    )
+    build_dir.mkdir(parents=True)
+    lock = build_dir / "lock"
+    lock.touch()
+    os.utime(lock, (time.time() - 7200, time.time() - 7200))
+    out = train(prepared, tmp_path / "run", "max_steps=2", ds_config="ds_configs/zero2_offload.json", env=env)
+    assert f"removing {lock}: a build of cpu_adam killed 120 min ago" in out.stderr
+    assert re.search(r"\[rank 0\] INFO DeepSpeed op cpu_adam: loaded in \d+\.\d s", out.stderr), out.stderr[
+        -3000:
+    ]
+    assert not lock.exists() and any(build_dir.glob("*.so"))
+    assert "DeepSpeedCPUAdam" in out.stderr and (tmp_path / "run" / "checkpoints" / "step00000002").is_dir()

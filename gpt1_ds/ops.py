@@ -1,0 +1,101 @@
+"""DeepSpeed's compiled ops, built once per node: FusedAdam on CUDA, CPU Adam for optimiser offload.
+
+DeepSpeed compiles an op the first time a process needs it, into torch's extension cache
+(``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``, often on a home directory that
+every node shares). Started by every rank at once, the builds queue on one lock file in one build
+directory; a rank killed while it holds the lock (a preemption, a time limit) leaves the file behind
+and every later run waits on it forever. So here the first rank of each node loads the op (building
+it if the cache has none) while the node's other ranks wait at a barrier, then they load the cached
+build; and a lock older than ``STALE_LOCK_SECONDS`` is removed with a warning naming it.
+
+Where a CUDA toolchain exists, ``make setup`` builds the ops into DeepSpeed itself instead
+(``DS_BUILD_FUSED_ADAM=1``, ``DS_BUILD_CPU_ADAM=1``), and nothing is compiled at run time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+STALE_LOCK_SECONDS = 1800
+"""A build lock this old was left by a killed build (an op compiles in a few minutes)."""
+
+
+def needed(ds_cfg: dict[str, Any], device_type: str) -> list[str]:
+    """The ops DeepSpeed will load for this config: ``fused_adam`` (Adam(W) on CUDA, unless
+    ``torch_adam``), ``cpu_adam`` (optimiser offload)."""
+    optimizer = ds_cfg.get("optimizer") or {}
+    adam = str(optimizer.get("type", "")).lower() in ("adam", "adamw")
+    offload = ((ds_cfg.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device", "none")
+    if adam and offload in ("cpu", "nvme"):
+        return ["cpu_adam"]
+    if adam and device_type == "cuda" and not (optimizer.get("params") or {}).get("torch_adam"):
+        return ["fused_adam"]
+    return []
+
+
+def _builder(name: str) -> Any:
+    from deepspeed.ops.op_builder import CPUAdamBuilder, FusedAdamBuilder
+
+    return {"fused_adam": FusedAdamBuilder, "cpu_adam": CPUAdamBuilder}[name]()
+
+
+def clear_stale_lock(name: str, max_age: float = STALE_LOCK_SECONDS) -> Path | None:
+    """Remove the op's build lock when it is older than ``max_age`` seconds; returns it if removed."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        return None
+    if age < max_age:
+        return None
+    log.warning(
+        "removing %s: a build of %s killed %.0f min ago left it, and it blocks every build",
+        lock,
+        name,
+        age / 60,
+    )
+    lock.unlink(missing_ok=True)
+    return lock
+
+
+def load(name: str) -> str | None:
+    """Load (building if needed) one op; why it cannot be, or None."""
+    try:
+        _builder(name).load(verbose=False)
+    except Exception as e:  # no nvcc, a compiler error, a missing header: any of them means no op
+        return f"{type(e).__name__}: {str(e).strip()[:300]}"
+    return None
+
+
+def build_once(names: list[str], node_leader: bool, device: torch.device) -> dict[str, str | None]:
+    """Load ``names`` on the node's first rank, then on the others; every rank gets the same
+    answer per op: None (loaded) or why not (when it failed on any rank)."""
+    failed: dict[str, str | None] = {}
+    for name in names:
+        if node_leader:
+            clear_stale_lock(name)
+            start = time.perf_counter()
+            failed[name] = load(name)
+            log.info(
+                "DeepSpeed op %s: %s in %.1f s", name, failed[name] or "loaded", time.perf_counter() - start
+            )
+        if dist.is_initialized():
+            dist.barrier()
+        if not node_leader:
+            failed[name] = load(name)
+        if dist.is_initialized():
+            flag = torch.tensor([float(failed[name] is not None)], dtype=torch.float64, device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and failed[name] is None:
+                failed[name] = "it could not be loaded on another rank"
+    return failed
