@@ -553,7 +553,7 @@ def test_deepspeed_ops_build_once_per_node_past_a_stale_lock(prepared, tmp_path)
     build_dir = Path(
         subprocess.run([sys.executable, "-c", where], env=env, capture_output=True, text=True).stdout.strip()
     )
-    build_dir.mkdir(parents=True)
+    build_dir.mkdir(parents=True, exist_ok=True)
     lock = build_dir / "lock"
     lock.touch()
     os.utime(lock, (time.time() - 7200, time.time() - 7200))
