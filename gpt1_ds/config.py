@@ -34,6 +34,8 @@ class Settings:
     seed: int
     resume: str
     allow_untested_versions: bool
+    collective_timeout: int
+    stall_timeout: int
     log_interval: int
     keep_checkpoints: int
     max_steps: int | None
@@ -52,6 +54,14 @@ class Settings:
             value = getattr(self, name)
             if (value is not None or name != "max_steps") and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{self.what} setting {name} must be a positive integer, got {value!r}")
+        if (
+            isinstance(self.stall_timeout, bool)
+            or not isinstance(self.stall_timeout, int)
+            or self.stall_timeout < 0
+        ):
+            raise ValueError(
+                f"{self.what} setting stall_timeout must be 0 (off) or seconds, got {self.stall_timeout!r}"
+            )
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(asdict(self), sort_keys=False)
@@ -72,6 +82,7 @@ class RunConfig(Settings):
         "eval_interval",
         "checkpoint_interval",
         "keep_checkpoints",
+        "collective_timeout",
     )
 
     model: str = "gpt1"
@@ -102,6 +113,13 @@ class RunConfig(Settings):
     """Seed of the initialisation, the data order and the dropout masks."""
     allow_untested_versions: bool = False
     """Run with a torch or DeepSpeed release other than the tested ones (``gpt1_ds.env.TESTED``)."""
+    collective_timeout: int = 600
+    """Seconds a collective may wait for the other ranks before it fails and the rank exits with 76
+    (``gpt1_ds.watchdog``): a dead or stuck rank ends the job instead of holding it."""
+    stall_timeout: int = 900
+    """Seconds without a finished step (or evaluation, checkpoint) before a rank logs its stacks and
+    exits with 76, saving nothing; SLURM jobs are then requeued from the last complete checkpoint.
+    0: no watchdog."""
     resume: str = "auto"
     """``auto`` (newest complete checkpoint in run_dir, else start), ``none``, or a checkpoint path."""
     init: str | None = None
@@ -247,13 +265,20 @@ class FinetuneConfig(Settings):
     """Seed of the head's init, the data order and the dropout masks."""
     allow_untested_versions: bool = False
     """Run with a torch or DeepSpeed release other than the tested ones (``gpt1_ds.env.TESTED``)."""
+    collective_timeout: int = 600
+    """Seconds a collective may wait for the other ranks before it fails and the rank exits with 76
+    (``gpt1_ds.watchdog``): a dead or stuck rank ends the job instead of holding it."""
+    stall_timeout: int = 900
+    """Seconds without a finished step (or evaluation, checkpoint) before a rank logs its stacks and
+    exits with 76, saving nothing; SLURM jobs are then requeued from the last complete checkpoint.
+    0: no watchdog."""
     resume: str = "auto"
     """``auto`` (newest complete checkpoint in run_dir), ``none``, or a checkpoint path."""
     ds: dict[str, Any] = field(default_factory=dict)
     """DeepSpeed JSON values this profile changes, by dotted key; ``ds.key=value`` come after."""
 
     what = "fine-tuning"
-    positive = ("micro_batch_size", "epochs", "log_interval", "keep_checkpoints")
+    positive = ("micro_batch_size", "epochs", "log_interval", "keep_checkpoints", "collective_timeout")
 
     def validate(self) -> None:
         super().validate()

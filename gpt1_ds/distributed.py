@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Mapping
+from datetime import timedelta
 from typing import NamedTuple, NoReturn
 
 import torch
@@ -53,15 +54,21 @@ def setup_env() -> str:
     return kind
 
 
-def init() -> tuple[int, int, int]:
-    """Initialise torch.distributed through DeepSpeed; returns (rank, world size, local rank)."""
+def init(timeout: float | None = None) -> tuple[int, int, int]:
+    """Initialise torch.distributed through DeepSpeed, collectives failing after ``timeout``
+    seconds (NCCL's watchdog then aborts the process, rather than leaving it hanging); returns
+    (rank, world size, local rank)."""
     import deepspeed
 
     kind = setup_env()
     if "SLURM_JOB_ID" in os.environ:  # mpirun inside an allocation: a port per job, as under srun
         os.environ.setdefault("MASTER_PORT", str(10000 + int(os.environ["SLURM_JOB_ID"]) % 50000))
     port = int(os.environ.get("MASTER_PORT", "29500"))  # MPI discovery announces this port
-    deepspeed.init_distributed(auto_mpi_discovery=kind == "mpi", distributed_port=port, verbose=False)
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    limit = {"timeout": timedelta(seconds=timeout)} if timeout else {}
+    deepspeed.init_distributed(
+        auto_mpi_discovery=kind == "mpi", distributed_port=port, verbose=False, **limit
+    )
     local = int(os.environ.get("LOCAL_RANK", os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")))
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), local
 

@@ -10,13 +10,16 @@ and engine (everything that can contradict is checked before any compute), then
 ``main`` reads: setup → ``resume`` → ``start`` → ``run`` → ``finish``.
 
 Exit codes: 0 done; 75 preempted (SIGUSR1 or SIGTERM: the steps up to the next log line were
-finished and a checkpoint saved; rerun with ``resume=auto`` to continue); 1 on error (e.g. a NaN/Inf loss,
-named with its step, or a checkpoint that could not be saved, with each rank's reason).
+finished and a checkpoint saved; rerun with ``resume=auto`` to continue); 76 hung (no progress for
+``stall_timeout`` seconds, or a collective that timed out: nothing saved, ``gpt1_ds.watchdog``);
+1 on error (e.g. a NaN/Inf loss, named with its step, or a checkpoint that could not be saved, with
+each rank's reason).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import signal
@@ -31,7 +34,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from gpt1_ds import checkpoint, distributed, ops
+from gpt1_ds import checkpoint, distributed, ops, watchdog
 from gpt1_ds.checkpoint import ClientState, RunDir, dropout_seed
 from gpt1_ds.config import Settings, load_ds_config, parse_overrides, resolve_ds_config
 from gpt1_ds.env import check_versions, setup_logging
@@ -103,9 +106,10 @@ class Context:
     """The first rank on its host: it builds DeepSpeed's ops while the others wait (``gpt1_ds.ops``)."""
 
     @classmethod
-    def start(cls) -> Context:
-        """Initialise torch.distributed for whichever launcher started the process."""
-        rank, world, local_rank = distributed.init()
+    def start(cls, collective_timeout: float | None = None) -> Context:
+        """Initialise torch.distributed for whichever launcher started the process; a collective
+        that waits longer than ``collective_timeout`` seconds fails."""
+        rank, world, local_rank = distributed.init(collective_timeout)
         setup_logging(rank, world, tag_rank=True)  # the rank in every line, also in a world of one
         device = distributed.device(local_rank)
         places: list[Any] = [None] * world
@@ -302,7 +306,19 @@ class Loop:
         )
         cfg = cls.config_class.from_yaml(args.config, over)
         check_versions(cfg.allow_untested_versions)
-        return cls(cfg, Context.start(), args.ds_config, ds_over).execute(preempt)
+        ctx = Context.start(cfg.collective_timeout)
+        try:
+            return cls(cfg, ctx, args.ds_config, ds_over).execute(preempt)
+        except Exception as e:
+            if not watchdog.timed_out(e):
+                raise
+            log.error(
+                "rank %d: a collective timed out (%s); exiting with %d", ctx.rank, e, watchdog.HUNG_EXIT
+            )
+            hung = RunDir(Path(cfg.run_dir)).path / watchdog.HUNG
+            with contextlib.suppress(OSError):
+                hung.write_text(f"rank {ctx.rank}: a collective timed out\n")
+            return watchdog.HUNG_EXIT
 
     def execute(self, preempt: Preemption) -> int:
         """The whole run once set up: resume → start → the loop → finish; the exit code."""
@@ -310,8 +326,11 @@ class Loop:
         self.resume(self.cfg.resume)
         self.start(self.cfg.to_yaml())
         self.describe()
+        marker = self.run_dir.path / watchdog.HUNG
+        self.watchdog = watchdog.Watchdog(self.cfg.stall_timeout, self.ctx.rank, marker).start()
         self.begin()
         code = self.run()
+        self.watchdog.stop()
         self.report(code)
         return self.finish(code)
 
@@ -330,6 +349,7 @@ class Loop:
         if self.ctx.rank == 0:
             self.run_dir.path.mkdir(parents=True, exist_ok=True)
             checkpoint.clear_preempted(self.run_dir)
+            (self.run_dir.path / watchdog.HUNG).unlink(missing_ok=True)
             atomic_write_text(self.run_dir.config, config_yaml)
             atomic_write_text(self.run_dir.ds_config, json.dumps(self.ds_cfg, indent=2))
             copy_tokenizer(self.tok.path, self.run_dir.path)
@@ -398,9 +418,11 @@ class Loop:
         bar = tqdm(total=self.total_steps, initial=self.state.step, **opts)
         self.bad_step = torch.full((), NEVER, dtype=torch.int64, device=self.ctx.device)
         self.bad_value = torch.zeros((), device=self.ctx.device)
-        code = 0
+        code, first_step = 0, self.state.step
         while self.state.step < self.total_steps:
+            self.watchdog.beat(f"step {self.state.step + 1}")
             start = time.perf_counter()
+            watchdog.injected_stall(self.ctx.rank, self.state.step + 1, first_step)
             values = self.train_step()
             self.state.step += 1
             self._watch(values)
@@ -422,6 +444,7 @@ class Loop:
                     self.window.mean_over_ranks(self.ctx.world), self.window.seconds / self.window.steps
                 )
                 self.window.reset()
+            self.watchdog.beat(f"evaluation, samples or checkpoint after step {self.state.step}")
             try:
                 self.after_step(preempted)
             except checkpoint.SaveFailed as e:  # raised on every rank alike

@@ -11,19 +11,23 @@
 # resumes from that checkpoint (resume=auto). The marker counts, not only the exit code: with
 # --kill-on-bad-exit srun terminates the ranks still shutting down when the first one exits with
 # 75, and then reports their 143. A run that dies after USR1 without a checkpoint (e.g. still
-# starting) is requeued too. A run that finishes, or fails with no USR1, is never requeued.
+# starting) is requeued too. A run whose ranks stalled or whose collective timed out (exit 76 and
+# RUN_DIR/HUNG, gpt1_ds/watchdog.py) saved nothing and is requeued to resume from the last complete
+# checkpoint. A run that finishes, or fails otherwise with no USR1, is never requeued.
 
 PREEMPTED=75
+HUNG=76
 
 requeueable_srun() {
     local restarts=${SLURM_RESTART_COUNT:-0} max=${MAX_REQUEUES:-20} rc last signalled=0 srun_pid=""
+    local saved="checkpoint saved"
     forward() {
         signalled=1
         echo "$(date -Is) USR1: asking the training tasks to checkpoint and stop"
         [ -n "$srun_pid" ] && kill -USR1 "$srun_pid" 2>/dev/null
     }
     trap forward USR1
-    rm -f "$RUN_DIR/PREEMPTED"
+    rm -f "$RUN_DIR/PREEMPTED" "$RUN_DIR/HUNG"
     srun --kill-on-bad-exit=1 "$@" &
     srun_pid=$!
     [ "$signalled" = 1 ] && kill -USR1 "$srun_pid" 2>/dev/null  # it came before srun started
@@ -41,15 +45,20 @@ requeueable_srun() {
     # Requeue when the run saved a preemption checkpoint (exit 75, or its marker when srun reports
     # another code), or when it died after USR1 came (e.g. during start-up, before its handler):
     # resume=auto then continues from the newest complete checkpoint.
+    if [ "$rc" -eq "$HUNG" ] || [ -f "$RUN_DIR/HUNG" ]; then
+        echo "$(date -Is) a rank stalled or a collective timed out: $(head -c 300 "$RUN_DIR/HUNG" 2>/dev/null)"
+        rc=$PREEMPTED
+        saved="nothing saved, the run resumes from the last complete checkpoint"
+    fi
     if [ "$rc" -eq "$PREEMPTED" ] || [ -f "$RUN_DIR/PREEMPTED" ] || { [ "$signalled" = 1 ] && [ "$rc" -ne 0 ]; }; then
         rc=$PREEMPTED
         if [ "$restarts" -lt "$max" ]; then
-            echo "$(date -Is) checkpoint saved; requeueing job $SLURM_JOB_ID (restart $((restarts + 1)) of at most $max)"
+            echo "$(date -Is) $saved; requeueing job $SLURM_JOB_ID (restart $((restarts + 1)) of at most $max)"
             # scontrol sends TERM to this script too once it has requeued: nothing may follow
             scontrol requeue "$SLURM_JOB_ID" || { echo "$(date -Is) scontrol requeue failed"; exit "$rc"; }
             exit 0
         fi
-        echo "$(date -Is) checkpoint saved; requeue cap $max reached, not requeueing"
+        echo "$(date -Is) $saved; requeue cap $max reached, not requeueing"
         exit "$rc"
     fi
     echo "$(date -Is) training exited with $rc"

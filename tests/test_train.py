@@ -17,6 +17,7 @@ import pytest
 from conftest import REPO
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from gpt1_ds import checkpoint
 from gpt1_ds.env import free_port
 from gpt1_ds.runner import PREEMPTED_EXIT
 
@@ -564,3 +565,34 @@ def test_deepspeed_ops_build_once_per_node_past_a_stale_lock(prepared, tmp_path)
     ]
     assert not lock.exists() and any(build_dir.glob("*.so"))
     assert "DeepSpeedCPUAdam" in out.stderr and (tmp_path / "run" / "checkpoints" / "step00000002").is_dir()
+
+
+def test_a_stalled_rank_ends_the_run_with_76_and_the_resumed_run_matches(prepared, tmp_path):
+    """Rank 1 sleeps inside step 6 (rank 0 waits in the step's all-reduce): a watchdog ends the
+    run within the stall timeout, with the rank's stacks, saving nothing; the next run resumes
+    from step 4 and gives the uninterrupted run's losses."""
+    steps = ["max_steps=10", "checkpoint_interval=4", "ds.bf16.enabled=false", "stall_timeout=8"]
+    train(prepared, tmp_path / "straight", *steps, port=free_port())
+    reference = scalars(tmp_path / "straight", "train/loss")
+
+    run = tmp_path / "stalled"
+    env = {**os.environ, "GPT1_DS_STALL": "1:6:900"}
+    out = train(prepared, run, *steps, port=free_port(), check=False, env=env)
+    assert out.returncode != 0
+    assert "rank 1: injected stall of 900 s in step 6" in out.stderr
+    idle = {
+        int(r): float(s) for r, s in re.findall(r"rank (\d): no progress for (\d+) s \(step 6\)", out.stderr)
+    }
+    # The first watchdog to fire ends the job (the launcher then stops the other rank).
+    assert idle and max(idle.values()) < 8 + 5 + 1, out.stderr[-3000:]  # timeout + watch period + a tick
+    assert "Most recent call first" in out.stderr or "Current thread" in out.stderr  # the stack dump
+    assert len(re.findall(r"exitcode\s*:\s*76", out.stderr)) >= 1, out.stderr[-3000:]
+    assert (run / "HUNG").read_text().startswith("rank ")
+    assert checkpoint.complete_tags(run / "checkpoints") == ["step00000004"]  # nothing half-done
+
+    out = train(prepared, run, *steps, port=free_port(), env=env)  # a resumed run does not stall
+    assert "resumed from" in out.stderr and not (run / "HUNG").exists()
+    losses = scalars(run, "train/loss")
+    assert sorted(losses) == list(range(1, 11))
+    for step in range(1, 11):
+        assert losses[step] == pytest.approx(reference[step], abs=1e-5), step
