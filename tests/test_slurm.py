@@ -135,6 +135,33 @@ def test_usr1_checkpoints_requeues_and_the_requeued_job_resumes(slurm_env, prepa
     assert steps == sorted(set(steps)), "a step was trained twice"
 
 
+def test_a_stalled_rank_ends_the_job_which_is_requeued_and_resumes(slurm_env, prepared, tmp_path):
+    """Rank 1 sleeps inside step 6 of the first attempt: the watchdogs end the srun step with 76
+    (nothing saved), the script requeues the job, and the requeued job resumes from step 4."""
+    run = tmp_path / "run"
+    log = tmp_path / "job.out"
+    settings = overrides("max_steps=10", "checkpoint_interval=4", "log_interval=1", "stall_timeout=8")
+    job = sbatch(
+        slurm_env,
+        "slurm/pretrain_cpu.sh",
+        log,
+        DATA=str(prepared),
+        RUN_DIR=str(run),
+        OVERRIDES=settings,
+        GPT1_DS_STALL="1:6:900",
+    )
+    state = wait_done(slurm_env, job)
+    text = read_log(log)
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", text[-3000:]
+    assert "rank 1: injected stall of 900 s in step 6" in text
+    assert re.search(r"rank \d: no progress for \d+ s \(step 6\)", text)
+    assert "a rank stalled or a collective timed out" in text
+    assert "nothing saved, the run resumes from the last complete checkpoint; requeueing job" in text
+    assert f"resumed from {run}/checkpoints/step00000004 at step 4" in text
+    assert "training exited with 0" in text and not (run / "HUNG").exists()
+    assert sorted(scalars(run, "train/loss")) == list(range(1, 11))
+
+
 def test_sbatch_prep_data_with_2_mpi_ranks_produces_a_dataset_that_verifies(slurm_env, tmp_path):
     out = tmp_path / "ds"
     job = sbatch(
