@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt1_ds.model import GPT
-from gpt1_ds.tokenizer import MODEL_NAME, SentencePieceTokenizer, load_tokenizer
+from gpt1_ds.tokenizer import MODEL_NAME, SentencePieceTokenizer, info_file, load_tokenizer
 
 log = logging.getLogger("gpt1_ds.evaluate")
 
@@ -347,11 +347,28 @@ def run_harness(hf_dir: Path, tasks: list[str], include: Path, limit: int | None
 # --- The command -----------------------------------------------------------------------------
 
 
+def recorded_tokenizer(source: Path) -> tuple[Path, str] | None:
+    """(file, sha256) of the tokenizer recorded with a model: the metadata beside an export, or in
+    the run directory of ``RUN``, ``RUN/checkpoints`` or ``RUN/checkpoints/TAG``."""
+    for folder in (source, source.parent, source.parent.parent):
+        info = info_file(folder)
+        if info is not None:
+            return info, json.loads(info.read_text(encoding="utf-8"))["sha256"]
+    return None
+
+
 def check_tokenizer(source: Path, model: GPT, path: Path | None) -> SentencePieceTokenizer:
-    """The tokenizer at ``path``; a missing one or one larger than the model's table is an error."""
+    """The tokenizer at ``path``; a missing one, one larger than the model's table, or one other
+    than the tokenizer recorded with the model is an error."""
     if path is None:
         raise EvalError(f"{source}: no {MODEL_NAME} found with the model; pass --tokenizer")
     tok = load_tokenizer(path)
+    recorded = recorded_tokenizer(Path(source))
+    if recorded is not None and recorded[1] != tok.sha256:
+        raise EvalError(
+            f"{path}: sha256 {tok.sha256[:12]}, but the model was trained with the tokenizer that "
+            f"{recorded[0]} records ({recorded[1][:12]}): they do not belong together"
+        )
     if tok.vocab_size > model.config.vocab_size:
         raise EvalError(
             f"{path}: {tok.vocab_size} pieces but the model's vocabulary is {model.config.vocab_size}: "

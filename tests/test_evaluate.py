@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from conftest import REPO, SAMPLE_BOOKS
 from test_train import scalars, train
 
+from data_prep.tokenizer import train as train_tokenizer
+from data_prep.tokenizer import train_docs
 from gpt1_ds.evaluate import (
     GLUE,
     choice_logprobs,
@@ -209,3 +211,18 @@ def test_held_out_split_with_its_baselines(export, prepared, tmp_path):
     splits["splits"]["test"] = []
     (missing / "clean" / "splits.json").write_text(json.dumps(splits))
     assert main([str(export), "--held-out", str(missing)]) == 1
+
+
+def test_a_tokenizer_other_than_the_recorded_one_is_refused(export, prepared, tmp_path, caplog):
+    docs, _ = train_docs(prepared)
+    other = train_tokenizer(docs, tmp_path / "other", vocab_size=600, seed=5)  # fits the table, wrong one
+    assert main([str(export), "--zero-shot", "sst2", "--limit", "4", "--tokenizer", str(other.path)]) == 1
+    assert (
+        f"{other.path}: sha256 {other.sha256[:12]}, but the model was trained with the tokenizer"
+        in caplog.text
+    )
+    assert f"{export / 'tokenizer_info.json'} records" in caplog.text
+    assert (
+        main([str(export), "--zero-shot", "sst2", "--limit", "4", "--tokenizer", str(prepared / MODEL_NAME)])
+        == 0
+    )
