@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import types
 import typing
@@ -18,9 +19,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from gpt1_ds.model import GPTConfig
+
+log = logging.getLogger(__name__)
 
 
 class Settings:
@@ -33,6 +37,10 @@ class Settings:
     run_dir: str
     seed: int
     resume: str
+    model: str
+    micro_batch_size: int | str
+    max_micro_batch_size: int | None
+    global_batch_size: int | None
     allow_untested_versions: bool
     collective_timeout: int
     stall_timeout: int
@@ -50,8 +58,12 @@ class Settings:
         return config
 
     def validate(self) -> None:
-        for name in (*self.positive, "max_steps"):
+        for name in (*self.positive, "max_steps", "max_micro_batch_size", "global_batch_size"):
             value = getattr(self, name)
+            if (name == "micro_batch_size" and value == "auto") or (
+                name.endswith("batch_size") and value is None
+            ):
+                continue
             if (value is not None or name != "max_steps") and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{self.what} setting {name} must be a positive integer, got {value!r}")
         if (
@@ -93,8 +105,16 @@ class RunConfig(Settings):
     """Dataset directory: ``tokenizer.model``, ``train/``, ``val/`` (from ``data_prep.prepare``)."""
     run_dir: str = "runs/gpt1"
     """Where checkpoints/, tensorboard/ and config.yaml go."""
-    micro_batch_size: int = 8
-    """Sequences per rank per forward pass (the JSON's ``train_micro_batch_size_per_gpu``)."""
+    micro_batch_size: int | str = "auto"
+    """Sequences per rank per forward pass (the JSON's ``train_micro_batch_size_per_gpu``); ``auto``:
+    the largest that divides the global batch per rank and is at most ``max_micro_batch_size``
+    (``resolve_batch``)."""
+    max_micro_batch_size: int | None = None
+    """The most sequences one forward pass may hold on a device, for ``micro_batch_size: auto``;
+    None: the preset's (``default_max_micro_batch``)."""
+    global_batch_size: int | None = None
+    """Change the recipe's global batch (the JSON's ``train_batch_size``), e.g. for a world size
+    that does not divide it; the learning rate is scaled by √(new / old) (``resolve_batch``)."""
     epochs: int = 100
     """Passes over the train split (GPT-1: 100); ``max_steps`` wins when set."""
     max_steps: int | None = None
@@ -247,8 +267,13 @@ class FinetuneConfig(Settings):
     """Weight of the auxiliary language-modelling loss (GPT-1: 0.5; 0 turns it off)."""
     clf_pdrop: float = 0.1
     """Dropout on the extract token's state before the head."""
-    micro_batch_size: int = 8
-    """Examples per rank per forward pass."""
+    micro_batch_size: int | str = "auto"
+    """Examples per rank per forward pass; ``auto`` as in pretraining (``resolve_batch``)."""
+    max_micro_batch_size: int | None = None
+    """The most examples one forward pass may hold, for ``micro_batch_size: auto`` (None: the
+    preset's, ``default_max_micro_batch``)."""
+    global_batch_size: int | None = None
+    """Change the recipe's batch (``train_batch_size``); the learning rate is scaled by √(new / old)."""
     epochs: int = 3
     """Passes over the training file (GPT-1: 3)."""
     max_steps: int | None = None
@@ -332,6 +357,65 @@ def _fill(value: Any, computed: int, where: str) -> int:
     if value != computed:
         raise ValueError(f"{where} is {value}, but the run needs {computed}")
     return value
+
+
+SQRT_RULE = "√(new / old), the square-root rule for Adam (Malladi et al., 2022, arXiv:2205.10287)"
+
+
+def default_max_micro_batch(model: str, device: torch.device) -> int:
+    """Sequences of 512 one device holds in one pass of ``model`` (bf16, no activation checkpointing).
+    gpt1: about 0.35 GiB of activations and logits a sequence (Korthikanti et al. 2022: 34·d + 5·h·T
+    bytes a token and layer, plus the fp32 logits of 40,478 words), so 64 on 80 GiB, 32 on 40,
+    16 on 24, 8 below and on a CPU; tiny: 64."""
+    if model == "tiny":
+        return 64
+    if device.type != "cuda":
+        return 8
+    gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+    return next((n for floor, n in ((75, 64), (38, 32), (22, 16)) if gib >= floor), 8)
+
+
+def world_sizes_for(batch: int, limit: int = 1024) -> list[int]:
+    """The world sizes over which ``batch`` sequences split evenly (its divisors up to ``limit``)."""
+    return [n for n in range(1, min(batch, limit) + 1) if batch % n == 0]
+
+
+def resolve_batch(
+    run: Any, ds: dict[str, Any], world: int, cap: int, where: str
+) -> tuple[int, dict[str, Any]]:
+    """(micro-batch, the DeepSpeed overrides the run's batch settings make). ``global_batch_size``
+    changes ``train_batch_size`` and scales the learning rate by ``SQRT_RULE``; ``micro_batch_size:
+    auto`` is the largest divisor of the batch per rank that is at most ``cap``. A batch that
+    the world size does not divide is an error naming the world sizes that can run it."""
+    batch, extra = ds.get("train_batch_size"), {}
+    if not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"{where}: train_batch_size must be a positive number (GPT-1: 64), got {batch!r}")
+    if run.global_batch_size is not None and run.global_batch_size != batch:
+        lr = ds.get("optimizer", {}).get("params", {}).get("lr")
+        if not isinstance(lr, (int, float)):
+            raise ValueError(f"{where}: global_batch_size needs a numeric optimizer.params.lr, got {lr!r}")
+        new_lr = lr * math.sqrt(run.global_batch_size / batch)
+        extra = {"train_batch_size": run.global_batch_size, "optimizer.params.lr": new_lr}
+        log.warning(
+            "the recipe changes: global batch %d → %d (global_batch_size), learning rate %.4g → %.4g by %s",
+            batch, run.global_batch_size, lr, new_lr, SQRT_RULE,
+        )  # fmt: skip
+        batch = run.global_batch_size
+    if batch % world:
+        near = " or ".join(
+            str(n) for n in sorted({world * (batch // world), world * (batch // world + 1)}) if n
+        )
+        raise ValueError(
+            f"{where}: the global batch of {batch} sequences does not split over {world} ranks; world "
+            f"sizes that can run it: {', '.join(map(str, world_sizes_for(batch)))}; or change the recipe "
+            f"with global_batch_size={near} (multiples of {world}), which scales the learning rate by "
+            "√(new / old)"
+        )
+    per_rank = batch // world
+    micro = run.micro_batch_size
+    if micro == "auto":
+        micro = max(n for n in range(1, min(per_rank, cap) + 1) if per_rank % n == 0)
+    return micro, extra
 
 
 def resolve_ds_config(

@@ -25,7 +25,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, ClassVar, TypeVar
@@ -36,7 +36,14 @@ from tqdm import tqdm
 
 from gpt1_ds import checkpoint, distributed, ops, watchdog
 from gpt1_ds.checkpoint import ClientState, RunDir, dropout_seed
-from gpt1_ds.config import Settings, load_ds_config, parse_overrides, resolve_ds_config
+from gpt1_ds.config import (
+    Settings,
+    default_max_micro_batch,
+    load_ds_config,
+    parse_overrides,
+    resolve_batch,
+    resolve_ds_config,
+)
 from gpt1_ds.env import check_versions, setup_logging
 from gpt1_ds.files import atomic_write_text
 from gpt1_ds.metrics import Monitor
@@ -140,6 +147,15 @@ def build_engine(model: torch.nn.Module, ds_cfg: dict[str, Any]) -> tuple[Any, A
     if scheduler is not None and getattr(scheduler, "last_batch_iteration", 0) == -1:
         scheduler.step()
     return engine, scheduler
+
+
+def batch_settings(cfg: Settings, ds_path: str, ds_over: list[str], ctx: Context) -> tuple[Any, list[str]]:
+    """The run's micro-batch resolved for this world size (``config.resolve_batch``), and the
+    DeepSpeed overrides with what a changed global batch implies (its size, the scaled lr)."""
+    raw = load_ds_config(ds_path, {**cfg.ds, **parse_overrides(ds_over, "ds.")})
+    cap = cfg.max_micro_batch_size or default_max_micro_batch(cfg.model, ctx.device)
+    micro, extra = resolve_batch(cfg, raw, ctx.world, cap, ds_path)
+    return replace(cfg, micro_batch_size=micro), ds_over + [f"{k}={json.dumps(v)}" for k, v in extra.items()]
 
 
 def deepspeed_config(
@@ -307,6 +323,7 @@ class Loop:
         cfg = cls.config_class.from_yaml(args.config, over)
         check_versions(cfg.allow_untested_versions)
         ctx = Context.start(cfg.collective_timeout)
+        cfg, ds_over = batch_settings(cfg, args.ds_config, ds_over, ctx)
         try:
             return cls(cfg, ctx, args.ds_config, ds_over).execute(preempt)
         except Exception as e:

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import MISSING, asdict, fields
 
 import pytest
 import yaml
 from conftest import REPO
 
-from gpt1_ds.config import FinetuneConfig, RunConfig, load_ds_config, parse_value, resolve_ds_config
+from gpt1_ds.config import (
+    FinetuneConfig,
+    RunConfig,
+    load_ds_config,
+    parse_value,
+    resolve_batch,
+    resolve_ds_config,
+)
 
 
 def test_yaml_and_overrides(tmp_path):
@@ -123,3 +132,44 @@ def test_profiles_hold_only_known_settings_and_differ_from_the_defaults():
         }
         for key in raw:
             assert loaded[key] != default[key], f"{path.name}: {key} restates the default"
+
+
+# --- The batch at any world size ---------------------------------------------------------------
+
+
+def batch(world: int, cap: int = 64, **settings):
+    run = RunConfig.from_yaml(None, [f"{k}={v}" for k, v in settings.items()])
+    ds = load_ds_config(REPO / "ds_configs" / "zero2.json")
+    return resolve_batch(run, ds, world, cap, "zero2.json")
+
+
+@pytest.mark.parametrize(
+    ("world", "cap", "micro"),
+    [(1, 64, 64), (1, 8, 8), (8, 64, 8), (8, 4, 4), (32, 64, 2), (64, 64, 1), (2, 24, 16), (4, 12, 8)],
+)
+def test_auto_micro_batch_is_the_largest_divisor_of_the_batch_per_rank_under_the_cap(world, cap, micro):
+    assert batch(world, cap) == (micro, {})  # GPT-1's batch of 64 sequences
+
+
+def test_a_world_size_that_does_not_divide_the_batch_names_those_that_do():
+    with pytest.raises(ValueError) as e:
+        batch(6)
+    message = str(e.value)
+    assert "the global batch of 64 sequences does not split over 6 ranks" in message
+    assert "world sizes that can run it: 1, 2, 4, 8, 16, 32, 64" in message
+    assert "global_batch_size=60 or 66 (multiples of 6)" in message
+
+
+def test_a_changed_global_batch_scales_the_learning_rate_by_the_square_root_rule(caplog):
+    with caplog.at_level(logging.WARNING):
+        micro, extra = batch(6, global_batch_size=48)
+    assert micro == 8 and extra["train_batch_size"] == 48
+    assert extra["optimizer.params.lr"] == pytest.approx(2.5e-4 * math.sqrt(48 / 64))
+    assert "global batch 64 → 48 (global_batch_size), learning rate 0.00025 → 0.0002165" in caplog.text
+    assert batch(8, global_batch_size=64) == (8, {})  # the recipe's own batch: nothing changes
+    with pytest.raises(ValueError, match="micro_batch_size must be a positive integer"):
+        batch(8, micro_batch_size=0)
+
+
+def test_an_explicit_micro_batch_is_kept_and_checked_later():
+    assert batch(8, micro_batch_size=4) == (4, {})

@@ -596,3 +596,35 @@ def test_a_stalled_rank_ends_the_run_with_76_and_the_resumed_run_matches(prepare
     assert sorted(losses) == list(range(1, 11))
     for step in range(1, 11):
         assert losses[step] == pytest.approx(reference[step], abs=1e-5), step
+
+
+def test_three_ranks_refuse_a_batch_of_8_before_compute_and_run_a_changed_one(prepared, tmp_path):
+    """A world size that does not divide the global batch: an error naming the sizes that do,
+    before any step; global_batch_size=9 runs, with the learning rate scaled and said."""
+    base = [str(BIN / "torchrun"), "--nproc_per_node", "3", "--master_port"]
+    script = ["gpt1_ds/train.py", "--deepspeed_config", "ds_configs/zero2.json", "--data", str(prepared)]
+    small = [s for s in SMALL if not s.startswith("micro_batch_size")]  # auto
+    run = tmp_path / "run"
+    cmd = [*base, str(free_port()), *script, "--run-dir", str(run), *small, "max_steps=2"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode != 0
+    assert "the global batch of 8 sequences does not split over 3 ranks" in out.stderr
+    assert (
+        "world sizes that can run it: 1, 2, 4, 8" in out.stderr and "global_batch_size=6 or 9" in out.stderr
+    )
+    assert not (run / "checkpoints").exists()
+    out = subprocess.run(
+        [*cmd[:4], str(free_port()), *cmd[5:], "global_batch_size=9"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "global batch 8 → 9 (global_batch_size), learning rate" in out.stderr
+    assert "micro-batch 3 × accumulation 1 × 3 ranks = 9 sequences" in out.stderr
+    lr = json.loads((run / "ds_config.json").read_text())["optimizer"]["params"]["lr"]
+    assert lr == pytest.approx(
+        json.loads((REPO / "ds_configs/zero2.json").read_text())["optimizer"]["params"]["lr"]
+        * math.sqrt(9 / 8)
+    )
