@@ -263,6 +263,7 @@ def test_other_launchers(launcher, prepared, tmp_path):
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
     ranks = 1 if launcher == "python" else 2
-    assert f"{ranks} ranks (cpu, gloo) × micro-batch 8" in out.stderr
+    micro = 32 // ranks  # micro_batch_size auto: the batch of 32 per rank, under the tiny preset's 64
+    assert f"{ranks} ranks (cpu, gloo) × micro-batch {micro} × accumulation 1" in out.stderr
     (h,) = json.loads((run / "results.json").read_text())["history"]
     assert h["step"] == 4  # 128 examples in steps of 32, on 1 rank as on 2
