@@ -21,8 +21,9 @@ the same shape (what pretraining starts from).
 ``--zero-shot sst2`` (GPT-1 §5, Figure 2 right): each dev sentence followed by " very", then the
 log-probabilities of " negative" and " positive" compared; accuracy against the majority class.
 
-``--tasks`` runs lm-evaluation-harness (the ``eval`` extra) through its ``hf`` model on an HF
-directory of the model, over task definitions written to ``--tasks-dir`` from local files only:
+``--tasks`` runs lm-evaluation-harness (the ``eval`` extra; ``gpt1_ds.harness``) through its ``hf``
+model on an HF directory of the model, over task definitions written to ``--tasks-dir`` from local
+files only:
 ``gpt1_sst2``, ``gpt1_rte`` (zero-shot multiple choice) and ``gpt1_text`` (rolling log-likelihood of
 the ``--text`` files); the harness's own task names work where their data is on disk.
 
@@ -37,7 +38,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import re
 import sys
 import tempfile
@@ -59,7 +59,6 @@ REPO = Path(__file__).resolve().parent.parent
 GLUE = REPO / "data" / "glue"
 """The embedded SST-2 and RTE files (``data/glue/README.md``)."""
 SST2_WORDS = ("negative", "positive")  # label 0, label 1
-HARNESS_TASKS = ("gpt1_sst2", "gpt1_rte", "gpt1_text")
 
 
 class EvalError(ValueError):
@@ -228,122 +227,6 @@ def zero_shot_sst2(model: GPT, tok: SentencePieceTokenizer, path: Path, limit: i
     )
 
 
-# --- lm-evaluation-harness -------------------------------------------------------------------
-
-_TASK_YAML = {
-    "gpt1_sst2": {
-        "output_type": "multiple_choice",
-        "doc_to_text": "{{sentence}} very",
-        "doc_to_choice": list(SST2_WORDS),
-        "doc_to_target": "label",
-        "metric_list": [{"metric": "acc"}],
-    },
-    "gpt1_rte": {  # the harness's own glue/rte prompt
-        "output_type": "multiple_choice",
-        "doc_to_text": "{{sentence1}}\nQuestion: {{sentence2}} True or False?\nAnswer:",
-        "doc_to_choice": ["True", "False"],
-        "doc_to_target": "label",
-        "metric_list": [{"metric": "acc"}],
-    },
-    "gpt1_text": {
-        "output_type": "loglikelihood_rolling",
-        "doc_to_text": "",
-        "doc_to_target": "{{text}}",
-        "process_results": "!function gpt1_text.process_results",
-        "metric_list": [{"metric": m} for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")],
-    },
-}
-_PROCESS_RESULTS = """import re
-
-
-def process_results(doc, results):
-    (loglikelihood,) = results
-    words, n_bytes = len(re.split(r"\\s+", doc["text"])), len(doc["text"].encode("utf-8"))
-    return {"word_perplexity": (loglikelihood, words), "byte_perplexity": (loglikelihood, n_bytes),
-            "bits_per_byte": (loglikelihood, n_bytes)}
-"""
-
-
-def _jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-
-
-def write_harness_tasks(dest: Path, glue: Path = GLUE, texts: dict[str, str] | None = None) -> Path:
-    """lm-evaluation-harness task definitions over local files, in ``dest`` (its ``--include_path``):
-    ``gpt1_sst2`` and ``gpt1_rte`` from ``glue``'s dev files, ``gpt1_text`` from ``texts``."""
-    from gpt1_ds.tasks import TaskData
-
-    dest.mkdir(parents=True, exist_ok=True)
-    sst2 = TaskData("sst2").read(glue / "sst2" / "stsa.binary.dev")
-    rte = TaskData("rte").read(glue / "rte" / "dev.tsv")
-    data = {
-        "gpt1_sst2": [{"sentence": e.texts[0], "label": int(e.label)} for e in sst2],
-        "gpt1_rte": [{"sentence1": e.texts[0], "sentence2": e.texts[1], "label": int(e.label)} for e in rte],
-        "gpt1_text": [{"name": k, "text": v} for k, v in (texts or {}).items()],
-    }
-    (dest / "gpt1_text.py").write_text(_PROCESS_RESULTS)
-    for name, spec in _TASK_YAML.items():
-        if not data[name]:
-            continue
-        _jsonl(dest / f"{name}.jsonl", data[name])
-        files = {"data_files": {"validation": str((dest / f"{name}.jsonl").resolve())}}
-        body = {
-            "task": name,
-            "dataset_path": "json",
-            "dataset_kwargs": files,
-            "validation_split": "validation",
-        }
-        lines = [f"{k}: {json.dumps(v)}" for k, v in {**body, **spec}.items()]
-        text = "\n".join(lines).replace(
-            '"!function gpt1_text.process_results"', "!function gpt1_text.process_results"
-        )
-        (dest / f"{name}.yaml").write_text(text + "\n")
-    return dest
-
-
-def hf_directory(source: Path, model: GPT, tok: SentencePieceTokenizer, scratch: Path) -> Path:
-    """``source`` when it is an HF directory with its tokenizer, else one written to ``scratch``."""
-    from gpt1_ds.hf import CONFIG_NAME, HF_TOKENIZER_CONFIG_NAME, export_hf, export_hf_tokenizer
-
-    if (source / CONFIG_NAME).is_file() and (source / HF_TOKENIZER_CONFIG_NAME).is_file():
-        return source
-    export_hf(model, scratch)
-    export_hf_tokenizer(tok, scratch, model.config.n_positions)
-    return scratch
-
-
-def run_harness(hf_dir: Path, tasks: list[str], include: Path, limit: int | None, device: str) -> dict:
-    """The harness's results for ``tasks`` on ``hf_dir`` (offline: nothing is downloaded)."""
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        import lm_eval
-        from lm_eval.tasks import TaskManager
-    except ImportError:
-        raise SystemExit("error: --tasks needs lm-evaluation-harness: pip install 'gpt1-ds[eval]'") from None
-    manager = TaskManager(include_path=str(include))
-    unknown = [t for t in tasks if t not in manager.all_tasks]
-    if unknown:
-        raise EvalError(
-            f"unknown harness task(s) {unknown}: ours are {list(HARNESS_TASKS)} (gpt1_text needs --text)"
-        )
-    args = f"pretrained={hf_dir},dtype=float32"
-    out = lm_eval.simple_evaluate(
-        model="hf",
-        model_args=args,
-        tasks=tasks,
-        task_manager=manager,
-        limit=limit,
-        batch_size=8,
-        device=device,
-        log_samples=False,
-    )
-    return {
-        task: {k: v for k, v in values.items() if isinstance(v, (int, float))}
-        for task, values in out["results"].items()
-    }
-
-
 # --- The command -----------------------------------------------------------------------------
 
 
@@ -506,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         "--tasks",
         nargs="+",
         default=[],
-        help=f"lm-evaluation-harness tasks (ours: {', '.join(HARNESS_TASKS)})",
+        help="lm-evaluation-harness tasks (ours: gpt1_sst2, gpt1_rte, gpt1_text)",
     )
     add("--tasks-dir", type=Path, help="where the harness task files are written (default: a temporary one)")
     add("--limit", type=int, help="evaluate only the first N examples of each task")
@@ -536,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def one_model(args: argparse.Namespace, texts: dict[str, str]) -> dict:
     """Every evaluation asked for, on MODEL (``--tag``)."""
+    from gpt1_ds import harness
     from gpt1_ds.loading import load_model
 
     model, found = load_model(args.model, args.tag)
@@ -545,9 +429,9 @@ def one_model(args: argparse.Namespace, texts: dict[str, str]) -> dict:
     if args.tasks:
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="gpt1_eval_") as scratch:
-            include = write_harness_tasks(args.tasks_dir or Path(scratch) / "tasks", texts=texts)
-            hf_dir = hf_directory(args.model, model.cpu(), tok, Path(scratch) / "hf")
-            results["harness"] = run_harness(hf_dir, args.tasks, include, args.limit, args.device)
+            include = harness.write_tasks(args.tasks_dir or Path(scratch) / "tasks", texts=texts)
+            hf_dir = harness.hf_directory(args.model, model.cpu(), tok, Path(scratch) / "hf")
+            results["harness"] = harness.run(hf_dir, args.tasks, include, args.limit, args.device)
         results["harness_seconds"] = time.perf_counter() - start
     for line in summary(results):
         log.info("%s", line)

@@ -25,9 +25,9 @@ from gpt1_ds.evaluate import (
     read_text,
     sequence_nats,
     windows,
-    write_harness_tasks,
     zero_shot_sst2,
 )
+from gpt1_ds.harness import write_tasks
 from gpt1_ds.hf import export_hf, export_hf_tokenizer
 from gpt1_ds.model import GPT, GPTConfig
 from gpt1_ds.plot import plot
@@ -160,7 +160,7 @@ def test_the_harness_runs_our_tasks_and_agrees_on_bits_per_byte(export, tmp_path
 
 
 def test_harness_task_files_hold_the_embedded_dev_sets(tmp_path):
-    dest = write_harness_tasks(tmp_path, texts={"a": "Some text."})
+    dest = write_tasks(tmp_path, texts={"a": "Some text."})
     rows = [json.loads(line) for line in (dest / "gpt1_sst2.jsonl").read_text().splitlines()]
     assert len(rows) == 872 and {r["label"] for r in rows} == {0, 1}
     rte = [json.loads(line) for line in (dest / "gpt1_rte.jsonl").read_text().splitlines()]
