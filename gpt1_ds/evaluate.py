@@ -23,9 +23,8 @@ log-probabilities of " negative" and " positive" compared; accuracy against the 
 
 ``--tasks`` runs lm-evaluation-harness (the ``eval`` extra; ``gpt1_ds.harness``) through its ``hf``
 model on an HF directory of the model, over task definitions written to ``--tasks-dir`` from local
-files only:
-``gpt1_sst2``, ``gpt1_rte`` (zero-shot multiple choice) and ``gpt1_text`` (rolling log-likelihood of
-the ``--text`` files); the harness's own task names work where their data is on disk.
+files only: ``gpt1_sst2``, ``gpt1_rte`` (zero-shot multiple choice) and ``gpt1_text`` (rolling
+log-likelihood of the ``--text`` files); the harness's own task names work where their data is on disk.
 
 ``--all-checkpoints`` evaluates every complete checkpoint of a run and writes the figures as
 TensorBoard scalars (``zero_shot/*``, ``text/*``) at each checkpoint's step, which ``gpt1_ds.plot``
