@@ -84,7 +84,22 @@ class Settings:
 
 
 @dataclass
-class RunConfig(Settings):
+class Safeguards:
+    """The settings of both configs that guard a run on a cluster (versions, hangs)."""
+
+    allow_untested_versions: bool = False
+    """Run with a torch or DeepSpeed release other than the tested ones (``gpt1_ds.env.TESTED``)."""
+    collective_timeout: int = 600
+    """Seconds a collective may wait for the other ranks before it fails and the rank exits with 76
+    (``gpt1_ds.watchdog``): a dead or stuck rank ends the job instead of holding it."""
+    stall_timeout: int = 900
+    """Seconds without a finished step (or evaluation, checkpoint) before a rank logs its stacks and
+    exits with 76, saving nothing; SLURM jobs are then requeued from the last complete checkpoint.
+    0: no watchdog."""
+
+
+@dataclass
+class RunConfig(Settings, Safeguards):
     """Everything about a pretraining run that is not in the DeepSpeed JSON."""
 
     positive = (
@@ -131,15 +146,6 @@ class RunConfig(Settings):
     """Complete checkpoints kept; older ones are deleted."""
     seed: int = 1234
     """Seed of the initialisation, the data order and the dropout masks."""
-    allow_untested_versions: bool = False
-    """Run with a torch or DeepSpeed release other than the tested ones (``gpt1_ds.env.TESTED``)."""
-    collective_timeout: int = 600
-    """Seconds a collective may wait for the other ranks before it fails and the rank exits with 76
-    (``gpt1_ds.watchdog``): a dead or stuck rank ends the job instead of holding it."""
-    stall_timeout: int = 900
-    """Seconds without a finished step (or evaluation, checkpoint) before a rank logs its stacks and
-    exits with 76, saving nothing; SLURM jobs are then requeued from the last complete checkpoint.
-    0: no watchdog."""
     resume: str = "auto"
     """``auto`` (newest complete checkpoint in run_dir, else start), ``none``, or a checkpoint path."""
     init: str | None = None
@@ -233,7 +239,7 @@ def _fits(value: Any, hint: Any) -> bool:
 
 
 @dataclass
-class FinetuneConfig(Settings):
+class FinetuneConfig(Settings, Safeguards):
     """A fine-tuning run (``gpt1_ds.finetune``); GPT-1's recipe by default. Batch, learning rate
     (6.25e-5), schedule and precision are in the DeepSpeed JSON (ds_configs/finetune.json)."""
 
@@ -288,15 +294,6 @@ class FinetuneConfig(Settings):
     """Newest complete checkpoints kept besides the best one."""
     seed: int = 1234
     """Seed of the head's init, the data order and the dropout masks."""
-    allow_untested_versions: bool = False
-    """Run with a torch or DeepSpeed release other than the tested ones (``gpt1_ds.env.TESTED``)."""
-    collective_timeout: int = 600
-    """Seconds a collective may wait for the other ranks before it fails and the rank exits with 76
-    (``gpt1_ds.watchdog``): a dead or stuck rank ends the job instead of holding it."""
-    stall_timeout: int = 900
-    """Seconds without a finished step (or evaluation, checkpoint) before a rank logs its stacks and
-    exits with 76, saving nothing; SLURM jobs are then requeued from the last complete checkpoint.
-    0: no watchdog."""
     resume: str = "auto"
     """``auto`` (newest complete checkpoint in run_dir), ``none``, or a checkpoint path."""
     ds: dict[str, Any] = field(default_factory=dict)
