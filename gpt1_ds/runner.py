@@ -470,6 +470,9 @@ class Loop:
                 code = 1
                 break
             self.monitor.flush()
+            if not preempted:  # the preflight's round trip holds one step for its USR1
+                signalled = lambda: self.preempt.signal is not None  # noqa: E731
+                watchdog.hold_for_signal(self.state.step, first_step, signalled, self.watchdog.beat)
             if preempted:
                 if self.ctx.rank == 0:
                     checkpoint.mark_preempted(self.run_dir, self.state.step)

@@ -11,7 +11,9 @@ is saved, so no half-done checkpoint can exist: the next run resumes from the la
 and the SLURM templates requeue a job that ends this way (``slurm/requeue.sh``).
 
 For tests, ``GPT1_DS_STALL=RANK:STEP:SECONDS`` makes that rank sleep inside that step of a run that
-started from step 0 (a resumed run does not stall again).
+started from step 0 (a resumed run does not stall again). For the preflight's round trip
+(``slurm/preflight.sh``), ``GPT1_DS_HOLD_AT=STEP`` makes every rank wait after that step's log line
+until a signal (USR1) arrives, so that the signal lands in the middle of the run however fast it is.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -91,3 +94,25 @@ def injected_stall(rank: int, step: int, first_step: int) -> None:
     if (rank, step) == (want_rank, want_step):
         log.warning("rank %d: injected stall of %d s in step %d (GPT1_DS_STALL)", rank, seconds, step)
         time.sleep(seconds)
+
+
+HOLD_LIMIT = 600.0
+"""The longest ``hold_for_signal`` waits before the run goes on without the signal."""
+
+
+def hold_for_signal(
+    step: int, first_step: int, signalled: Callable[[], bool], beat: Callable[[str], None]
+) -> None:
+    """Where ``GPT1_DS_HOLD_AT`` asks (``STEP``, in a run started before it): wait until ``signalled()``
+    (the process got USR1 or TERM), at most ``HOLD_LIMIT`` seconds, keeping the watchdog fed."""
+    spec = os.environ.get("GPT1_DS_HOLD_AT")
+    if not spec or int(spec) != step or first_step >= step:
+        return
+    log.info("step %d: waiting for a signal (GPT1_DS_HOLD_AT)", step)
+    deadline = time.monotonic() + HOLD_LIMIT
+    while not signalled():
+        if time.monotonic() > deadline:
+            log.warning("step %d: no signal in %.0f s (GPT1_DS_HOLD_AT); going on", step, HOLD_LIMIT)
+            return
+        beat(f"waiting for a signal after step {step} (GPT1_DS_HOLD_AT)")
+        time.sleep(0.05)

@@ -1,8 +1,11 @@
 # shellcheck shell=bash
-# Sourced by the training templates (pretrain.sh, finetune.sh): run one srun step so that
-# USR1 leads to checkpoint → requeue → resume.
+# Sourced by the training templates (pretrain.sh, finetune.sh, preflight.sh): run one srun step
+# so that USR1 leads to checkpoint → requeue → resume.
 #
 #   RUN_DIR=... requeueable_srun CMD [ARG ...]
+#
+# When the job is requeued the script ends here (exit 0: nothing may run after the requeue);
+# otherwise the function returns the training's exit status (75 when preempted past the cap).
 #
 # USR1 (from --signal=B:USR1@N, preemption, or `scancel -b --signal=USR1 JOB`) reaches this
 # shell only; it is forwarded to the srun step, whose tasks finish the steps up to their next
@@ -59,8 +62,8 @@ requeueable_srun() {
             exit 0
         fi
         echo "$(date -Is) $saved; requeue cap $max reached, not requeueing"
-        exit "$rc"
+        return "$rc"
     fi
     echo "$(date -Is) training exited with $rc"
-    exit "$rc"
+    return "$rc"
 }

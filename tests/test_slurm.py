@@ -220,3 +220,43 @@ def test_sbatch_finetune_is_preempted_requeued_and_resumes_to_the_end(slurm_env,
     assert [h["epoch"] for h in results["history"]] == [1, 2]
     steps = sorted(scalars(run, "finetune/loss"))
     assert steps == sorted(set(steps)) and steps[-1] == 100, "a step was trained twice or missing"
+
+
+def test_the_preflight_cpu_profile_checks_trains_round_trips_and_passes(slurm_env, prepared, tmp_path):
+    """slurm/preflight_cpu.sh end to end: the checks on 2 tasks, 30 steps with USR1 after step 15
+    (sent by the job itself) → checkpoint → requeue → resume → step 30, and the verdict table."""
+    run = tmp_path / "run"
+    log = tmp_path / "job.out"
+    job = sbatch(
+        slurm_env,
+        "slurm/preflight_cpu.sh",
+        log,
+        DATA=str(prepared),
+        RUN_DIR=str(run),
+        STEPS="30",
+        OVERRIDES=overrides(),
+    )
+    state = wait_done(slurm_env, job, timeout=500)
+    text = read_log(log)
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", text[-3000:]
+    assert state["ExitCode"] == "0:0" and "gpt1-ds preflight: PASS" in text
+    verdict = json.loads((run / "preflight" / "verdict.json").read_text())
+    rows = {r["check"]: r for r in verdict["rows"]}
+    assert list(rows) == [
+        "versions",
+        "GPUs and binding",
+        "dataset",
+        "run directory",
+        "all-reduce intra-node",
+        "DeepSpeed ops",
+        "training",
+        "preemption round trip",
+    ]
+    assert all(r["verdict"] in ("PASS", "INFO") for r in rows.values()), rows
+    assert "2 ranks on 1 host" in rows["GPUs and binding"]["detail"]
+    training = rows["training"]["figures"]
+    assert training["steps"] == 30 and training["loss_last"] < training["loss_first"] - 0.3
+    assert training["ms_per_step"] > 0 and training["tokens_per_sec"] > 0
+    saved = rows["preemption round trip"]["figures"]["checkpoint_step"]
+    assert 15 <= saved < 30 and f"resumed from {run}/checkpoints/step{saved:08d} at step {saved}" in text
+    assert sorted(scalars(run, "train/loss")) == list(range(5, 31, 5))
