@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
+UNIVERSAL = "universal"
+"""``TAG/universal``: the tag converted for another world size (``universal``), kept with it."""
 PREEMPTED = "PREEMPTED"
 """``RUN/PREEMPTED``: written after a checkpoint taken on a signal, removed when a run starts.
 Job scripts read it rather than exit codes, which a launcher may replace (srun with
@@ -251,9 +253,61 @@ def prune(ckpt_dir: Path, keep: int, protect: str | None = None) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def saved_world_size(path: Path) -> int | None:
+    """The data-parallel world size that wrote a checkpoint: its number of ZeRO (or bf16 optimiser)
+    partitions; None when the optimiser state is not partitioned (stage 0 in fp32)."""
+    return len(list(path.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"))) or None
+
+
+def universal(ckpt_dir: Path, tag: str) -> Path:
+    """Collective: the checkpoint in DeepSpeed's universal format (``ds_to_universal``: each
+    parameter's fp32 weights and Adam moments whole, for any world size), converted once by rank 0
+    into ``TAG/universal`` (written aside, then renamed) while the others wait."""
+    out = ckpt_dir / tag / UNIVERSAL
+    error = None
+    if dist.get_rank() == 0 and not (out / COMPLETE).is_file():
+        error = _attempt(_convert, ckpt_dir / tag, out)
+    errors: list[str | None] = [error]
+    dist.broadcast_object_list(errors)
+    if errors[0] is not None:
+        raise CheckpointError(f"{ckpt_dir / tag}: cannot convert it for another world size: {errors[0]}")
+    return out
+
+
+def _convert(path: Path, out: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    workers = str(max(1, min(8, (os.cpu_count() or 1) // 2)))
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path)]
+    cmd += ["--output_folder", str(tmp), "--num_extract_workers", workers, "--num_merge_workers", workers]
+    done = subprocess.run([*cmd, "--inject_missing_state"], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"ds_to_universal exited with {done.returncode}: {done.stderr.strip()[-500:]}")
+    atomic_write_text(tmp / COMPLETE, path.name + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
 def load(engine: Any, ckpt_dir: Path, tag: str) -> ClientState:
-    """Load a complete checkpoint into the engine; returns its client state."""
-    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    """Load a complete checkpoint into the engine; returns its client state. One written by another
+    data-parallel world size (ZeRO partitions its optimiser state by rank) is loaded through
+    DeepSpeed's universal format (``universal``), so that a run can go on with fewer or more ranks."""
+    saved, world = saved_world_size(ckpt_dir / tag), dist.get_world_size()
+    if saved is None or saved == world:
+        path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    else:
+        converted = universal(ckpt_dir, tag)
+        log.info("%s: written by %d ranks, loaded by %d through %s", ckpt_dir / tag, saved, world, converted)
+        config = engine._config  # DeepSpeed reads the universal switch from its config at load time
+        config.load_universal_checkpoint = True
+        try:
+            path, client = engine.load_checkpoint(str(converted.parent), tag=converted.name)
+        finally:
+            config.load_universal_checkpoint = False
     if path is None or client is None:  # DeepSpeed only warns when it finds nothing
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
     return ClientState.from_dict(client, ckpt_dir / tag)

@@ -50,7 +50,7 @@ FP32_NO_DROPOUT = [
 ]
 
 
-def command(launcher: str, port: int, ds_config: str = "ds_configs/zero2.json") -> list[str]:
+def command(launcher: str, port: int, ds_config: str = "ds_configs/zero2.json", ranks: int = 2) -> list[str]:
     script = ["--deepspeed_config", ds_config]
     if launcher == "python":
         return [sys.executable, "-m", "gpt1_ds.train", *script]
@@ -68,7 +68,7 @@ def command(launcher: str, port: int, ds_config: str = "ds_configs/zero2.json") 
         return [
             str(BIN / "torchrun"),
             "--nproc_per_node",
-            "2",
+            str(ranks),
             "--master_port",
             str(port),
             "gpt1_ds/train.py",
@@ -99,10 +99,11 @@ def train(
     port: int | None = None,
     ds_config: str = "ds_configs/zero2.json",
     check: bool = True,
+    ranks: int = 2,
     **popen,
 ) -> subprocess.CompletedProcess:
     cmd = [
-        *command(launcher, free_port() if port is None else port, ds_config),
+        *command(launcher, free_port() if port is None else port, ds_config, ranks),
         "--data",
         str(data),
         "--run-dir",
@@ -186,6 +187,38 @@ def test_one_rank_and_two_ranks_and_zero_stages_give_the_same_losses(prepared, t
         losses = scalars(run, "train/loss")
         for step, value in reference.items():
             assert losses[step] == pytest.approx(value, abs=1e-5), (stage, step)
+
+
+def test_sixteen_ranks_give_one_ranks_losses_and_their_checkpoint_resumes_on_four(prepared, tmp_path):
+    """Large world sizes, simulated: 16 CPU ranks of a small model (one sequence each, no
+    accumulation) against 1 rank (16 micro-batches accumulated) and 2 (8 each), with the same
+    data_slots; then the 16 ranks' ZeRO-2 checkpoint of step 2 resumed by 4 ranks (through
+    DeepSpeed's universal format) trains steps 3 and 4 to the same losses."""
+    common = [
+        "max_steps=4",
+        "data_slots=16",
+        "micro_batch_size=1",
+        "ds.train_batch_size=16",
+        "ds.optimizer.params.lr=0.01",
+        "ds.scheduler.params.warmup_num_steps=1",
+        *FP32_NO_DROPOUT,
+    ]
+    train(prepared, tmp_path / "one", *common, launcher="python")
+    reference = scalars(tmp_path / "one", "train/loss")
+    # large updates: the losses after the resume depend on the weights and moments it restored
+    assert sorted(reference) == [1, 2, 3, 4] and reference[1] - reference[4] > 0.15
+    train(prepared, tmp_path / "two", *common)
+    out = train(prepared, tmp_path / "sixteen", *common, "checkpoint_interval=2", ranks=16)
+    assert "micro-batch 1 × accumulation 1 × 16 ranks = 16 sequences" in out.stderr
+    saved = tmp_path / "sixteen" / "checkpoints" / "step00000002"
+    out = train(prepared, tmp_path / "four", *common, f"resume={saved}", ranks=4)
+    assert f"{saved}: written by 16 ranks, loaded by 4 through {saved}/universal" in out.stderr
+    assert f"resumed from {saved} at step 2" in out.stderr
+    for run, steps in (("two", [1, 2, 3, 4]), ("sixteen", [1, 2, 3, 4]), ("four", [3, 4])):
+        losses = scalars(tmp_path / run, "train/loss")
+        assert sorted(losses) == steps, run
+        for step in steps:
+            assert losses[step] == pytest.approx(reference[step], abs=1e-5), (run, step)
 
 
 def test_torchs_fused_adamw_the_fallback_for_fused_adam_gives_the_same_losses(prepared, tmp_path):
