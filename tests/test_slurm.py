@@ -6,11 +6,14 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import REPO
+from test_shard import dataset_files
 from test_train import SMALL, scalars
 
 from data_prep.verify import verify
@@ -20,22 +23,36 @@ pytestmark = pytest.mark.slow  # every test submits SLURM jobs
 CLUSTER = REPO / "slurm" / "local_cluster.sh"
 
 
-@pytest.fixture(scope="module")
-def slurm_env() -> dict[str, str]:
-    """Bring the local cluster up (installing SLURM as root if needed); down afterwards
+def cluster(nodes: int, state_dir: str | None) -> Iterator[dict[str, str]]:
+    """Bring a local cluster of ``nodes`` up (installing SLURM as root if needed); down afterwards
     unless it was already running."""
-    conf = subprocess.run([str(CLUSTER), "env"], capture_output=True, text=True, check=True).stdout
-    env = {**os.environ, "SLURM_CONF": conf.strip().split("=", 1)[1]}
+    base = {**os.environ, **({"GPT1DS_SLURM_DIR": state_dir} if state_dir else {})}
+    conf = subprocess.run([str(CLUSTER), "env"], capture_output=True, text=True, check=True, env=base).stdout
+    env = {**base, "SLURM_CONF": conf.strip().split("=", 1)[1]}
     was_up = subprocess.run([str(CLUSTER), "status"], capture_output=True, text=True, env=env).stdout
     was_up = "idle" in was_up or "alloc" in was_up or "mix" in was_up
     if not was_up:
-        if os.geteuid() != 0 and subprocess.run(["which", "slurmctld"], capture_output=True).returncode:
-            pytest.skip("SLURM is not installed and installing it needs root")
-        up = subprocess.run([str(CLUSTER), "up"], capture_output=True, text=True, env=env, timeout=600)
+        if os.geteuid() != 0 and (nodes > 1 or subprocess.run(["which", "slurmctld"]).returncode):
+            pytest.skip("installing SLURM, or the network namespaces of several nodes, needs root")
+        cmd = [str(CLUSTER), "up", *(["--nodes", str(nodes)] if nodes > 1 else [])]
+        up = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
         assert up.returncode == 0, up.stderr
     yield env
     if not was_up:
         subprocess.run([str(CLUSTER), "down"], capture_output=True, env=env, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def slurm_env() -> Iterator[dict[str, str]]:
+    """The one-node cluster."""
+    yield from cluster(1, None)
+
+
+@pytest.fixture(scope="module")
+def two_nodes() -> Iterator[dict[str, str]]:
+    """A two-node cluster: two slurmd, each in its own network namespace with its own hostname
+    (gpt1n1, gpt1n2) and address (slurm/local_cluster.sh up --nodes 2)."""
+    yield from cluster(2, "/tmp/gpt1-ds-slurm-2n")
 
 
 def sbatch(env: dict[str, str], script: str, log: Path, *flags: str, **settings: str) -> str:
@@ -75,12 +92,13 @@ def overrides(*extra: str) -> str:
     return " ".join([*SMALL, "ds.optimizer.params.lr=0.003", *extra])
 
 
-def preempt_long_run(slurm_env, prepared, run: Path, log: Path, **settings: str) -> str:
+def preempt_long_run(slurm_env, prepared, run: Path, log: Path, *flags: str, **settings: str) -> str:
     """Submit a 400-step CPU pretraining job; once it trains, send USR1 to its batch shell."""
     job = sbatch(
         slurm_env,
         "slurm/pretrain_cpu.sh",
         log,
+        *flags,
         DATA=str(prepared),
         RUN_DIR=str(run),
         OVERRIDES=overrides("max_steps=400", "checkpoint_interval=1000"),
@@ -260,3 +278,69 @@ def test_the_preflight_cpu_profile_checks_trains_round_trips_and_passes(slurm_en
     saved = rows["preemption round trip"]["figures"]["checkpoint_step"]
     assert 15 <= saved < 30 and f"resumed from {run}/checkpoints/step{saved:08d} at step {saved}" in text
     assert sorted(scalars(run, "train/loss")) == list(range(5, 31, 5))
+
+
+# --- Two nodes ---------------------------------------------------------------------------------
+
+
+def test_two_nodes_train_one_rank_each_are_preempted_requeued_and_resume(two_nodes, prepared, tmp_path):
+    """One rank on each node (gloo between two network namespaces, the master found by name):
+    USR1 → checkpoint → requeue → the job resumes on two nodes."""
+    run = tmp_path / "run"
+    log = tmp_path / "job.out"
+    job = preempt_long_run(two_nodes, prepared, run, log, "--nodes=2", "--ntasks-per-node=1")
+    deadline = time.monotonic() + 300
+    while "resumed from" not in read_log(log):
+        assert time.monotonic() < deadline, read_log(log)[-3000:]
+        time.sleep(1)
+    text = read_log(log)
+    assert text.count("ranks → hosts → devices: 0→gpt1n1:cpu, 1→gpt1n2:cpu") == 2, text[-3000:]
+    assert "on gpt1n[1-2]: 2 tasks" in text and "(restart 1) on gpt1n[1-2]" in text
+    saved = int(re.search(r"checkpoint \S*step(\d+) \(signal", text).group(1))
+    assert f"resumed from {run}/checkpoints/step{saved:08d} at step {saved}" in text
+    subprocess.run(["scancel", job], env=two_nodes, check=True)  # the rest would take minutes
+    wait_done(two_nodes, job)
+
+
+def test_two_nodes_preflight_measures_the_all_reduce_between_nodes(two_nodes, prepared, tmp_path):
+    run = tmp_path / "run"
+    log = tmp_path / "job.out"
+    settings = dict(DATA=str(prepared), RUN_DIR=str(run), STEPS="30", OVERRIDES=overrides())
+    job = sbatch(two_nodes, "slurm/preflight_cpu.sh", log, "--nodes=2", "--ntasks-per-node=1", **settings)
+    state = wait_done(two_nodes, job, timeout=500)
+    text = read_log(log)
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", text[-3000:]
+    rows = {r["check"]: r for r in json.loads((run / "preflight" / "verdict.json").read_text())["rows"]}
+    assert "2 ranks on 2 hosts" in rows["GPUs and binding"]["detail"]
+    assert "2 ranks on 2 hosts" in rows["dataset"]["detail"]
+    # one rank per node: no all-reduce within a node
+    assert [name for name in rows if name.startswith("all-reduce")] == [
+        "all-reduce world",
+        "all-reduce inter-node",
+    ]
+    assert rows["all-reduce inter-node"]["figures"]["bus_gbps"] > 0
+    assert rows["preemption round trip"]["verdict"] == "PASS"
+
+
+def test_two_nodes_prepare_data_with_one_mpi_rank_each_identical_to_one_rank(two_nodes, tmp_path):
+    args = "--vocab-size 2000 --seq-len 64 --shard-bytes 100000 --val-fraction 0.2 --test-fraction 0.2"
+    out = tmp_path / "two"
+    job = sbatch(
+        two_nodes,
+        "slurm/prep_data.sh",
+        tmp_path / "job.out",
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        INPUT="data/sample",
+        OUT=str(out),
+        PREP_ARGS=args,
+    )
+    state = wait_done(two_nodes, job)
+    text = read_log(tmp_path / "job.out")
+    assert state["JobState"] == "COMPLETED" and state["NodeList"] == "gpt1n[1-2]", text[-3000:]
+    assert "2 ranks" in text and verify(out) == []
+    one = tmp_path / "one"
+    cmd = [sys.executable, "-m", "data_prep.prepare", "--input", "data/sample", "--out", str(one), "--quiet"]
+    subprocess.run([*cmd, *args.split()], cwd=REPO, check=True, capture_output=True)
+    reference = dataset_files(one)  # shards, manifests, tokenizer (not the logs with their timings)
+    assert len(reference) > 10 and dataset_files(out) == reference
