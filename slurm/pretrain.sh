@@ -17,10 +17,12 @@
 # MAX_REQUEUES times). The requeued job (SLURM_RESTART_COUNT ≥ 1) resumes from that
 # checkpoint (resume=auto). A run that finishes, or fails with no USR1, is never requeued.
 #
-# The deepspeed launcher instead of srun: build a hostfile from the allocation and run it
-# from the first node, e.g.
-#   scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/$/ slots=$SLURM_GPUS_PER_NODE/" > hostfile
-#   deepspeed --hostfile hostfile gpt1_ds/train.py --deepspeed_config "$DS_CONFIG" ...
+# The deepspeed launcher instead of srun (its slurm runner calls srun; no ssh needed; USR1 is
+# not forwarded, so no preemption handling), from a batch script:
+#   scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/$/ slots=$SLURM_NTASKS_PER_NODE/" > hostfile
+#   deepspeed --hostfile hostfile --launcher slurm --no_ssh_check \
+#       --master_addr "$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -1)" \
+#       gpt1_ds/train.py --deepspeed_config "$DS_CONFIG" ...
 #
 #SBATCH --job-name=gpt1-pretrain
 #SBATCH --nodes=1

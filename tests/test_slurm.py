@@ -344,3 +344,34 @@ def test_two_nodes_prepare_data_with_one_mpi_rank_each_identical_to_one_rank(two
     subprocess.run([*cmd, *args.split()], cwd=REPO, check=True, capture_output=True)
     reference = dataset_files(one)  # shards, manifests, tokenizer (not the logs with their timings)
     assert len(reference) > 10 and dataset_files(out) == reference
+
+
+DEEPSPEED_SLURM = """#!/usr/bin/env bash
+# The README's lines: DeepSpeed's launcher, slurm runner, from the batch script of an allocation
+cd {repo}
+scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/$/ slots=$SLURM_NTASKS_PER_NODE/" > {hostfile}
+{bin}/deepspeed --hostfile {hostfile} --launcher slurm --no_ssh_check \\
+    --master_addr "$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -1)" \\
+    gpt1_ds/train.py --deepspeed_config ds_configs/zero2.json --data {data} --run-dir {run} {overrides}
+"""
+
+
+def test_the_deepspeed_launcher_runs_across_two_nodes_from_an_allocation(two_nodes, prepared, tmp_path):
+    script = tmp_path / "job.sh"
+    script.write_text(
+        DEEPSPEED_SLURM.format(
+            repo=REPO,
+            hostfile=tmp_path / "hostfile",
+            bin=Path(sys.executable).parent,
+            data=prepared,
+            run=tmp_path / "run",
+            overrides=overrides("max_steps=10", "log_interval=5"),
+        )
+    )
+    job = sbatch(two_nodes, str(script), tmp_path / "job.out", "--nodes=2", "--ntasks-per-node=1")
+    state = wait_done(two_nodes, job)
+    text = read_log(tmp_path / "job.out")
+    assert state["JobState"] == "COMPLETED", text[-3000:]
+    assert (tmp_path / "hostfile").read_text() == "gpt1n1 slots=1\ngpt1n2 slots=1\n"
+    assert "ranks → hosts → devices: 0→gpt1n1:cpu, 1→gpt1n2:cpu" in text
+    assert sorted(scalars(tmp_path / "run", "train/loss")) == [5, 10]
