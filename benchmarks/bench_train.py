@@ -30,7 +30,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import benchlib
 
@@ -40,8 +42,21 @@ REPO = Path(__file__).resolve().parent.parent
 VARIANTS = ["plain", "plain+ac", "ds-z0", "ds-z1", "ds-z2", "ds-z2+ac"]
 
 
-def run_variant(preset: str, variant: str, batch: int, seq_len: int, steps: int, warmup: int) -> dict:
-    """Runs in a child process: builds the variant, trains, returns its figures."""
+class Variant(NamedTuple):
+    """A built variant: ``forward(i)`` gives batch i's loss, ``backward(loss)`` its gradients,
+    ``update()`` the optimiser step (clipping, the step, zeroing: all the host and device work
+    between two backward passes)."""
+
+    forward: Callable[[int], Any]
+    backward: Callable[[Any], None]
+    update: Callable[[], None]
+    module: Any
+    optimizer: str
+
+
+def build_variant(preset: str, variant: str, batch: int, seq_len: int, batches: int) -> tuple[Variant, int]:
+    """The model and optimiser of ``variant`` on this process's device, ``batches`` random batches
+    of ``batch`` × ``seq_len`` (at most the context); returns it and the sequence length used."""
     import torch
 
     from gpt1_ds.config import RunConfig, load_ds_config, resolve_ds_config
@@ -53,7 +68,7 @@ def run_variant(preset: str, variant: str, batch: int, seq_len: int, steps: int,
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     torch.manual_seed(0)
-    data = torch.randint(0, config.vocab_size, (warmup + steps, batch, T + 1))
+    data = torch.randint(0, config.vocab_size, (batches, batch, T + 1))
 
     if variant.startswith("plain"):
         model = GPT(config).to(device).train()
@@ -64,36 +79,48 @@ def run_variant(preset: str, variant: str, batch: int, seq_len: int, steps: int,
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 return model(x, y)[1]
 
-        def step(i: int) -> None:
-            loss = forward(i)
-            loss.backward()
+        def update() -> None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-    else:
-        import deepspeed
 
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        deepspeed.init_distributed(verbose=False)
-        stage = variant.split("-z")[1][0]
-        ds = load_ds_config(REPO / "ds_configs" / f"zero{stage}.json")
-        ds["train_batch_size"] = batch
-        run = RunConfig(model=preset, micro_batch_size=batch, max_steps=10**6)
-        ds = resolve_ds_config(ds, run, 1, lambda a: 10**6, f"zero{stage}.json", device.type)
-        if ac:
-            deepspeed.checkpointing.configure(None, deepspeed_config=ds)
-        from gpt1_ds.runner import build_engine
+        return Variant(forward, lambda loss: loss.backward(), update, model, "torch AdamW"), T
 
-        engine, _ = build_engine(GPT(config), ds)
+    import deepspeed
 
-        def forward(i: int):
-            x, y = data[i, :, :-1].to(device), data[i, :, 1:].to(device)
-            return engine(x, y)[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+    deepspeed.init_distributed(verbose=False)
+    stage = variant.split("-z")[1][0]
+    ds = load_ds_config(REPO / "ds_configs" / f"zero{stage}.json")
+    ds["train_batch_size"] = batch
+    run = RunConfig(model=preset, micro_batch_size=batch, max_steps=10**6)
+    ds = resolve_ds_config(ds, run, 1, lambda a: 10**6, f"zero{stage}.json", device.type)
+    if ac:
+        deepspeed.checkpointing.configure(None, deepspeed_config=ds)
+    from gpt1_ds.runner import build_engine
 
-        def step(i: int) -> None:
-            loss = forward(i)
-            engine.backward(loss)
-            engine.step()
+    engine, _ = build_engine(GPT(config), ds)
+
+    def forward_ds(i: int):
+        x, y = data[i, :, :-1].to(device), data[i, :, 1:].to(device)
+        return engine(x, y)[1]
+
+    optimizer = type(engine.optimizer).__name__
+    if hasattr(engine.optimizer, "optimizer"):
+        optimizer = f"{type(engine.optimizer).__name__}({type(engine.optimizer.optimizer).__name__})"
+    return Variant(forward_ds, engine.backward, engine.step, engine.module, optimizer), T
+
+
+def run_variant(preset: str, variant: str, batch: int, seq_len: int, steps: int, warmup: int) -> dict:
+    """Runs in a child process: builds the variant, trains, returns its figures."""
+    import torch
+
+    built, T = build_variant(preset, variant, batch, seq_len, warmup + steps)
+    forward, cuda = built.forward, torch.cuda.is_available()
+
+    def step(i: int) -> None:
+        built.backward(forward(i))
+        built.update()
 
     def sync() -> None:
         if cuda:
@@ -103,7 +130,7 @@ def run_variant(preset: str, variant: str, batch: int, seq_len: int, steps: int,
         step(i)
     sync()
     saved = 0  # bytes autograd keeps for the backward pass, parameters excluded: the activations
-    module = model if variant.startswith("plain") else engine.module
+    module = built.module
     params = {p.untyped_storage().data_ptr() for p in module.parameters()}
     seen: set[int] = set()
 
@@ -132,16 +159,13 @@ def run_variant(preset: str, variant: str, batch: int, seq_len: int, steps: int,
         if cuda
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
     )
-    optimizer = "torch AdamW" if variant.startswith("plain") else type(engine.optimizer).__name__
-    if not variant.startswith("plain") and hasattr(engine.optimizer, "optimizer"):
-        optimizer = f"{type(engine.optimizer).__name__}({type(engine.optimizer.optimizer).__name__})"
     return {
         "step_time": statistics.median(times),
         "tokens": batch * T,
         "peak_bytes": peak,
         "seq_len": T,
         "activation_bytes": saved,
-        "optimizer": optimizer,
+        "optimizer": built.optimizer,
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
     }
 

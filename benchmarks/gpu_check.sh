@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for a GPU machine with no package registry: install the carried wheelhouse, say
 # what the machine is, build DeepSpeed's CUDA FusedAdam, run the CUDA tests, the gpt1 training
-# benchmark (recorded under the machine's key in a copy of benchmarks/results.json), then about
+# and per-step latency benchmarks (recorded under the machine's key in a copy of benchmarks/results.json), then about
 # two minutes of gpt1_ds.train at GPT-1's per-GPU micro-batch.
 #
 #   make gpu-wheels                        # here, once: the wheels into .whl/ (Python 3.12, x86-64)
@@ -75,14 +75,15 @@ EOF
 
 step cuda_tests 240 $PY -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py
 
-# The training benchmark, through run_all so that its figures land under this machine's key.
+# The training and per-step benchmarks, through run_all so that its figures land under this machine's key.
 cp benchmarks/RESULTS.md benchmarks/results.json "$OUT/"
 if [ $DRY = 1 ]; then
     BENCH=(--quick)
 else
     BENCH=(--args "train=--presets gpt1 --variants plain ds-z2 --batch 16 --steps 20 --warmup 3")
+    BENCH+=(--args "step=--batch 8 --seq-len 512 --steps 20 --warmup 3")  # a rank's share on 8 GPUs
 fi
-step bench_train 200 $PY benchmarks/run_all.py --only train "${BENCH[@]}" --out-dir "$OUT"
+step bench_train 240 $PY benchmarks/run_all.py --only train,step "${BENCH[@]}" --out-dir "$OUT"
 
 # GPT-1's step on one GPU: the gpt1 model at micro-batch 8 and no accumulation (one rank's share
 # of the batch of 64 on 8 GPUs), bf16, ZeRO-2, on the embedded books (tokenizer of 8,192 pieces

@@ -45,6 +45,7 @@ BENCHMARKS = {
     "model": "bench_model.py",
     "loader": "bench_loader.py",
     "train": "bench_train.py",
+    "step": "bench_step.py",
     "prep": "bench_prep.py",
     "finetune": "bench_finetune.py",
 }
