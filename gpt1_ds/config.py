@@ -172,6 +172,10 @@ class RunConfig(Settings, Safeguards):
     or ``skip`` (logged, counted; its sequences replaced by another shard's, steps unchanged)."""
     activation_checkpointing: bool = False
     """Recompute each block in the backward pass (DeepSpeed's checkpointing when configured)."""
+    loss_chunk_size: int = 0
+    """Compute the training loss this many positions at a time, recomputing each chunk's logits in
+    the backward pass, so that the [B·T, vocab] fp32 logits never exist whole (gpt1, micro-batch 8:
+    663 MB); 0: all at once. The same loss and gradients (``model.chunked_lm_loss``)."""
     peak_flops: float | None = None
     """Device peak FLOP/s for MFU; None: from the device name (H100, H200, A100), else no MFU."""
     ds: dict[str, Any] = field(default_factory=dict)
@@ -185,6 +189,8 @@ class RunConfig(Settings, Safeguards):
         super().validate()
         if self.data_on_error not in ("raise", "skip"):
             raise ValueError(f"run setting data_on_error must be raise or skip, got {self.data_on_error!r}")
+        if not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 0:
+            raise ValueError(f"run setting loss_chunk_size must be 0 or more, got {self.loss_chunk_size!r}")
         self.model_config()  # unknown presets and bad model fields fail here
 
     def model_config(self) -> GPTConfig:

@@ -227,12 +227,38 @@ def _checkpoint_fn() -> Callable[..., torch.Tensor]:
     return lambda block, x: torch_checkpoint(block, x, use_reentrant=False)
 
 
+def _head_loss_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of one chunk: hidden [N, C], targets [N] → [] (fp32 softmax)."""
+    logits = head(hidden).float()  # [N, V]
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def chunked_lm_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The mean next-token loss of ``hidden`` [B, T, C] against ``targets`` [B, T], ``chunk``
+    positions at a time, each chunk's logits recomputed in the backward pass: the [B·T, V] fp32
+    logits (and their softmax) never exist at once, only [chunk, V]. The same value and gradients
+    as the whole-logits loss, up to the order of the sums. The head is called as a module, so that
+    ZeRO-3 gathers its weight."""
+    flat, flat_targets = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)  # [N, C], [N]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, flat.size(0), chunk):
+        part = slice(start, start + chunk)
+        total = total + torch_checkpoint(
+            _head_loss_sum, head, flat[part], flat_targets[part], use_reentrant=False
+        )
+    return total / (flat_targets != IGNORE_INDEX).sum()
+
+
 class GPT(nn.Module):
-    """GPT-1 language model; the LM head shares its weight with the token table."""
+    """GPT-1 language model; the LM head shares its weight with the token table.
+
+    ``loss_chunk``: positions per chunk of the training loss (``chunked_lm_loss``); 0, the whole
+    logits at once. A training setting (``RunConfig.loss_chunk_size``), not part of the model."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
+        self.loss_chunk = 0
         self.tokens_embed = nn.Embedding(config.vocab_size, config.n_embd)
         self.positions_embed = nn.Embedding(config.n_positions, config.n_embd)
         self.drop = nn.Dropout(config.embd_pdrop)
@@ -278,11 +304,15 @@ class GPT(nn.Module):
 
     def forward(
         self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    ) -> torch.Tensor | tuple[torch.Tensor | None, torch.Tensor]:
         """Logits [B, T, V]; with ``targets`` [B, T] (next tokens, IGNORE_INDEX to skip),
-        returns ``(logits, loss)`` where loss is the mean cross-entropy over counted targets.
+        returns ``(logits, loss)`` where loss is the mean cross-entropy over counted targets
+        (``(None, loss)`` when ``loss_chunk`` is set: the logits are never whole).
         With ``cache`` (inference), the tokens continue the cached ones (see ``hidden_states``)."""
-        logits = self.lm_head(self.hidden_states(input_ids, cache))  # [B, T, V]
+        hidden = self.hidden_states(input_ids, cache)  # [B, T, C]
+        if targets is not None and self.loss_chunk and torch.is_grad_enabled():
+            return None, chunked_lm_loss(self.lm_head, hidden, targets, self.loss_chunk)
+        logits = self.lm_head(hidden)  # [B, T, V]
         if targets is None:
             return logits
         loss = F.cross_entropy(

@@ -125,6 +125,7 @@ class Pretraining(runner.Loop):
             deepspeed.checkpointing.configure(None, deepspeed_config=self.ds_cfg)
         torch.manual_seed(self.cfg.seed)
         model = GPT(model_cfg)
+        model.loss_chunk = self.cfg.loss_chunk_size
         if self.cfg.init:
             init_from(model, self.cfg.init, self.tok)
         return runner.build_engine(model, self.ds_cfg)

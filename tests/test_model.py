@@ -163,6 +163,53 @@ def test_activation_checkpointing_gives_same_loss_and_gradients():
         torch.testing.assert_close(grads_on[name], grads_off[name], rtol=0, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 64, 10_000])  # one position, uneven, even, all in one
+def test_the_chunked_loss_gives_the_whole_logits_loss_and_gradients(chunk):
+    torch.manual_seed(0)
+    config = tiny()
+    model = GPT(config).train()
+    ids = torch.randint(0, config.vocab_size, (2, 65))
+    targets = ids[:, 1:].clone()
+    targets[0, :5] = IGNORE_INDEX  # skipped positions count in neither
+    results = []
+    for loss_chunk in (0, chunk):
+        model.loss_chunk = loss_chunk
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same dropout masks
+        logits, loss = model(ids[:, :-1], targets)
+        loss.backward()
+        results.append((logits, loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (whole, loss_whole, grads_whole), (none, loss_chunked, grads_chunked) = results
+    assert whole is not None and none is None  # the chunked path never builds the logits
+    assert loss_chunked == pytest.approx(loss_whole, abs=1e-5)
+    for name, grad in grads_whole.items():
+        torch.testing.assert_close(grads_chunked[name], grad, rtol=0, atol=1e-6, msg=name)
+    with torch.no_grad():  # evaluation gets the logits whatever the setting
+        assert model(ids[:, :-1], targets)[0] is not None
+
+
+def test_the_chunked_loss_keeps_only_a_chunk_of_logits_for_the_backward():
+    config = tiny()
+    model = GPT(config).train()
+    ids = torch.randint(0, config.vocab_size, (4, config.n_positions + 1))
+    logits_bytes = 4 * config.n_positions * config.vocab_size * 4  # [B·T, V] fp32
+
+    def saved_bytes(chunk: int) -> int:
+        model.loss_chunk, total = chunk, 0
+
+        def pack(t: torch.Tensor):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(ids[:, :-1], ids[:, 1:])
+        return total
+
+    whole, chunked = saved_bytes(0), saved_bytes(64)
+    assert whole - chunked > logits_bytes  # the logits and their softmax are not kept
+
+
 def test_activation_checkpointing_saves_memory():
     """With checkpointing, autograd keeps only each block's input, not its internals
     (measured on the transformer body; the LM head's logits are saved either way)."""

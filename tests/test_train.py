@@ -221,6 +221,20 @@ def test_sixteen_ranks_give_one_ranks_losses_and_their_checkpoint_resumes_on_fou
             assert losses[step] == pytest.approx(reference[step], abs=1e-5), (run, step)
 
 
+def test_the_chunked_loss_trains_to_the_same_losses_under_zero3(prepared, tmp_path):
+    """loss_chunk_size under DeepSpeed: ZeRO-3 gathers the tied head's weight for each chunk
+    and again for its recomputation in the backward pass."""
+    common = ["max_steps=4", "ds.optimizer.params.lr=0.01", *FP32_NO_DROPOUT]
+    runs = {}
+    for chunk in (0, 100):
+        run = tmp_path / f"chunk{chunk}"
+        train(prepared, run, *common, f"loss_chunk_size={chunk}", ds_config="ds_configs/zero3.json")
+        runs[chunk] = scalars(run, "train/loss")
+    assert sorted(runs[0]) == [1, 2, 3, 4] and runs[0][1] - runs[0][4] > 0.05
+    for step, value in runs[0].items():
+        assert runs[100][step] == pytest.approx(value, abs=1e-5), step
+
+
 def test_torchs_fused_adamw_the_fallback_for_fused_adam_gives_the_same_losses(prepared, tmp_path):
     """What runs where DeepSpeed's CUDA FusedAdam cannot be built (runner.adam_fallback)."""
     common = ["max_steps=6", "ds.optimizer.params.lr=2e-3", *FP32_NO_DROPOUT]
