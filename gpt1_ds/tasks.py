@@ -9,8 +9,9 @@ choices for multiple choice), framed with the tokenizer's control tokens:
     multiple choice   <start> context <delim> choice_i <extract>   for each i
 
 The task head reads the last layer's state at ``<extract>``. A framed sequence longer than the model's
-context is cut as GPT-1 cut its inputs: each segment keeps its beginning; segments share the room left
-after the control tokens, and a short segment gives what it does not need to the longer ones.
+context is cut so that each segment keeps its beginning; segments share the room left after the control
+tokens, and a short segment gives what it does not need to the longer ones (GPT-1's code gave each
+segment a fixed budget: docs/FIDELITY.md).
 """
 
 from __future__ import annotations
