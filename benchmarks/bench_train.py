@@ -10,6 +10,7 @@ batches, one optimiser step per batch, bf16:
   ds-z0/1/2     DeepSpeed engine with ds_configs/zero{0,1,2}.json (bf16, FusedAdam where built)
   ds-z2+ac      ZeRO-2 with activation checkpointing (DeepSpeed's, configured from the JSON)
   ds-z2+chunk   ZeRO-2 with the loss computed 1,024 positions at a time (loss_chunk_size)
+  ds-z2+compile ZeRO-2 with the model compiled under the engine (compile: engine.compile())
 Step time is the median over ``--steps`` timed steps after ``--warmup``. Peak
 memory: CUDA max_memory_allocated; on a CPU, the growth of the process's peak RSS
 during the steps (coarse: the allocator keeps memory). Activations: the bytes
@@ -40,7 +41,7 @@ import benchlib
 from gpt1_ds.env import free_port
 
 REPO = Path(__file__).resolve().parent.parent
-VARIANTS = ["plain", "plain+ac", "ds-z0", "ds-z1", "ds-z2", "ds-z2+ac", "ds-z2+chunk"]
+VARIANTS = ["plain", "plain+ac", "ds-z0", "ds-z1", "ds-z2", "ds-z2+ac", "ds-z2+chunk", "ds-z2+compile"]
 LOSS_CHUNK = 1024
 """Positions per chunk of the loss in the ``+chunk`` variant (``RunConfig.loss_chunk_size``)."""
 
@@ -105,6 +106,8 @@ def build_variant(preset: str, variant: str, batch: int, seq_len: int, batches: 
     model = GPT(config)
     model.loss_chunk = LOSS_CHUNK if variant.endswith("+chunk") else 0
     engine, _ = build_engine(model, ds)
+    if variant.endswith("+compile"):
+        engine.compile()
 
     def forward_ds(i: int):
         x, y = data[i, :, :-1].to(device), data[i, :, 1:].to(device)

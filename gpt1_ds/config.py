@@ -172,6 +172,10 @@ class RunConfig(Settings, Safeguards):
     or ``skip`` (logged, counted; its sequences replaced by another shard's, steps unchanged)."""
     activation_checkpointing: bool = False
     """Recompute each block in the backward pass (DeepSpeed's checkpointing when configured)."""
+    compile: bool = False
+    """``torch.compile`` the model under the engine (DeepSpeed's ``engine.compile()``: the module's
+    forward compiled in place with inductor, ZeRO's gradient hooks left eager, parameter names
+    unchanged, so checkpoints and exports are the same). The first steps are slow while it compiles."""
     loss_chunk_size: int = 0
     """Compute the training loss this many positions at a time, recomputing each chunk's logits in
     the backward pass, so that the [B·T, vocab] fp32 logits never exist whole (gpt1, micro-batch 8:

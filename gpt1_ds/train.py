@@ -128,7 +128,10 @@ class Pretraining(runner.Loop):
         model.loss_chunk = self.cfg.loss_chunk_size
         if self.cfg.init:
             init_from(model, self.cfg.init, self.tok)
-        return runner.build_engine(model, self.ds_cfg)
+        engine, scheduler = runner.build_engine(model, self.ds_cfg)
+        if self.cfg.compile:
+            engine.compile()  # in place, after ZeRO has wrapped the parameters (not torch.compile(model))
+        return engine, scheduler
 
     def check_resume(self, state: ClientState, path: Path) -> None:
         if state.model_config is not None and state.model_config != self.state.model_config:
@@ -147,6 +150,12 @@ class Pretraining(runner.Loop):
             f"{ds['train_batch_size']} sequences of {self.seq_len}; {self.total_steps} steps "
             f"({self.steps_per_epoch} per epoch); ZeRO stage {stage}; {runner.precision(ds)}; "
             f"optimizer {runner.optimizer_name(self.engine)}"
+            + (
+                "; model compiled (torch.compile, inductor)"
+                if getattr(self.engine, "is_compiled", False)
+                else ""
+            )
+            + (f"; loss in chunks of {cfg.loss_chunk_size} positions" if cfg.loss_chunk_size else "")
         )
 
     def next_batch(self, _micro: int) -> dict[str, torch.Tensor]:

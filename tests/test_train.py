@@ -228,11 +228,28 @@ def test_the_chunked_loss_trains_to_the_same_losses_under_zero3(prepared, tmp_pa
     runs = {}
     for chunk in (0, 100):
         run = tmp_path / f"chunk{chunk}"
-        train(prepared, run, *common, f"loss_chunk_size={chunk}", ds_config="ds_configs/zero3.json")
+        out = train(prepared, run, *common, f"loss_chunk_size={chunk}", ds_config="ds_configs/zero3.json")
+        assert ("loss in chunks of 100 positions" in out.stderr) == (chunk == 100)
         runs[chunk] = scalars(run, "train/loss")
     assert sorted(runs[0]) == [1, 2, 3, 4] and runs[0][1] - runs[0][4] > 0.05
     for step, value in runs[0].items():
         assert runs[100][step] == pytest.approx(value, abs=1e-5), step
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_a_compiled_model_trains_to_the_eager_losses(prepared, tmp_path, stage):
+    """compile=true: engine.compile() (inductor) under ZeRO-1 and -2, fp32: the same losses."""
+    common = ["max_steps=4", "ds.optimizer.params.lr=0.01", *FP32_NO_DROPOUT]
+    ds_config = f"ds_configs/zero{stage}.json"
+    runs = {}
+    for compiled in ("false", "true"):
+        run = tmp_path / f"compile_{compiled}"
+        out = train(prepared, run, *common, f"compile={compiled}", launcher="python", ds_config=ds_config)
+        assert ("model compiled (torch.compile, inductor)" in out.stderr) == (compiled == "true")
+        runs[compiled] = scalars(run, "train/loss")
+    assert sorted(runs["false"]) == [1, 2, 3, 4] and runs["false"][1] - runs["false"][4] > 0.05
+    for step, value in runs["false"].items():
+        assert runs["true"][step] == pytest.approx(value, abs=1e-5), step
 
 
 def test_torchs_fused_adamw_the_fallback_for_fused_adam_gives_the_same_losses(prepared, tmp_path):
