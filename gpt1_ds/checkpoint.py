@@ -296,7 +296,8 @@ def load(engine: Any, ckpt_dir: Path, tag: str) -> ClientState:
     """Load a complete checkpoint into the engine; returns its client state. One written by another
     data-parallel world size (ZeRO partitions its optimiser state by rank) is loaded through
     DeepSpeed's universal format (``universal``), so that a run can go on with fewer or more ranks."""
-    saved, world = saved_world_size(ckpt_dir / tag), dist.get_world_size()
+    saved = saved_world_size(ckpt_dir / tag)
+    world = dist.get_world_size() if dist.is_initialized() else 1
     if saved is None or saved == world:
         path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     else:
