@@ -163,6 +163,13 @@ def fix_paragraph(paragraph: str) -> str:
     return _C1.sub("", ftfy.fix_text(paragraph, _FTFY))
 
 
+def normalize(text: str, lowercase: bool) -> str:
+    """A short text (a fine-tuning example, a prompt) as the documents' paragraphs are cleaned:
+    each line fixed (``fix_paragraph``: ftfy, quotes uncurled), lower-cased when the corpus was."""
+    lines = (fix_paragraph(line) for line in text.split("\n"))
+    return "\n".join(line.lower() if lowercase else line for line in lines)
+
+
 def clean_text(text: str, repairs: list[str], lowercase: bool = False, gutenberg: bool = True) -> str:
     """Decoded text → cleaned document: one paragraph per line."""
     if "\r" in text:

@@ -85,6 +85,7 @@ def train(
     seed: int = 0,
     num_threads: int = 1,
     fingerprint: str = "",
+    text: dict | None = None,
 ) -> SentencePieceTokenizer:
     """Train the BPE model on ``docs``; writes tokenizer.model and tokenizer_info.json atomically."""
     start = time.perf_counter()
@@ -104,6 +105,7 @@ def train(
         "vocab_size": tok.vocab_size,
         "special_ids": tok.special_ids(),
         "settings": settings,
+        "text": text or text_settings(False),
         "train_seconds": round(time.perf_counter() - start, 2),
     }
     atomic_write_text(out_dir / INFO_NAME, json.dumps(info, indent=1))
@@ -149,6 +151,12 @@ def _train_bytes(sentences: list[str], vocab_size: int, seed: int, num_threads: 
     return writer.getvalue()
 
 
+def text_settings(lowercase: bool) -> dict:
+    """How the training text was prepared, recorded with the tokenizer (``text`` in its info), so
+    that text encoded later (fine-tuning) is prepared the same way (``gpt1_ds.tokenizer``)."""
+    return {"normalize": "data_prep.clean.normalize", "lowercase": bool(lowercase)}
+
+
 def train_docs(dataset_dir: Path) -> tuple[list[Path], str]:
     """The cleaned train documents listed in ``clean/splits.json``, and a fingerprint of them."""
     splits = read_splits(dataset_dir)
@@ -163,6 +171,7 @@ def ensure_tokenizer(dataset_dir: str | Path, force: bool = False, **settings) -
     with the same settings, else a newly trained one."""
     dataset_dir = Path(dataset_dir)
     docs, fingerprint = train_docs(dataset_dir)
+    text = text_settings(read_splits(dataset_dir)["settings"].get("lowercase", False))
     if not force and (dataset_dir / MODEL_NAME).is_file():
         try:  # a missing or unreadable model or info means: train again
             info_path = info_file(dataset_dir)
@@ -176,8 +185,11 @@ def ensure_tokenizer(dataset_dir: str | Path, force: bool = False, **settings) -
         same = tok is not None and all(have.get(k) == v for k, v in settings.items() if k != "num_threads")
         if same and (info.get("sha256"), info.get("train_fingerprint")) == (tok.sha256, fingerprint):
             log.info("tokenizer: %s is up to date (sha256 %s)", tok.path, tok.sha256[:12])
+            if info.get("text") != text:  # prepared before the text settings were recorded
+                atomic_write_text(info_path, json.dumps({**info, "text": text}, indent=1))
+                tok = SentencePieceTokenizer(dataset_dir / MODEL_NAME)
             return tok
-    return train(docs, dataset_dir, fingerprint=fingerprint, **settings)
+    return train(docs, dataset_dir, fingerprint=fingerprint, text=text, **settings)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

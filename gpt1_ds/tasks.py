@@ -239,7 +239,9 @@ class Encoded:
 
 def encode(examples: list[Example], data: TaskData, tok: Any, n_ctx: int) -> list[Encoded]:
     """Tokenize and frame every example (``tok``: ``gpt1_ds.tokenizer.Tokenizer``)."""
-    ids = functools.cache(tok.encode)  # texts recur: both orders of a pair, the context of every choice
+    # Texts recur (both orders of a pair, the context of every choice); each is prepared as the
+    # tokenizer's training text was (ftfy, lower-casing if the corpus was) before it is encoded.
+    ids = functools.cache(lambda text: tok.encode(tok.normalize(text)))
 
     def framed(*texts: str) -> list[int]:
         return frame([ids(t) for t in texts], tok.start_id, tok.delim_id, tok.extract_id, n_ctx)

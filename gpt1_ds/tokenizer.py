@@ -49,6 +49,8 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
+    def normalize(self, text: str) -> str: ...
+
     def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[np.ndarray]: ...
 
     def decode(self, ids: list[int] | np.ndarray) -> str: ...
@@ -77,6 +79,28 @@ class SentencePieceTokenizer:
             raise ValueError(f"{self.path}: not a gpt1-ds tokenizer (special pieces missing)")
         self.pad_id, self.eod_id, self.newline_id = ids[PAD], ids[EOD], ids[NEWLINE]
         self.start_id, self.delim_id, self.extract_id = (ids[c] for c in CONTROL)
+        self.text = self._text_settings()
+
+    def _text_settings(self) -> dict | None:
+        """How its training text was prepared (``text`` in the metadata beside it), if recorded
+        for this very model."""
+        found = info_file(self.path.parent)
+        try:
+            info = json.loads(found.read_text(encoding="utf-8")) if found else {}
+        except (OSError, ValueError):
+            return None
+        text = info.get("text") if isinstance(info, dict) and info.get("sha256") == self.sha256 else None
+        return text if isinstance(text, dict) else None
+
+    def normalize(self, text: str) -> str:
+        """``text`` prepared as the tokenizer's training text was (``data_prep.clean.normalize``:
+        ftfy, and lower-casing when the corpus was lower-cased), for text that did not go through
+        data prep: fine-tuning examples. Unchanged for a tokenizer whose metadata does not say."""
+        if self.text is None:
+            return text
+        from data_prep.clean import normalize
+
+        return normalize(text, bool(self.text.get("lowercase")))
 
     def special_ids(self) -> dict[str, int]:
         names = ("pad", "unk", "eod", "start", "delim", "extract", "newline")

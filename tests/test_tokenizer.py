@@ -6,8 +6,10 @@ import json
 import shutil
 
 import pytest
+from conftest import run_prepare
 
-from data_prep.tokenizer import ensure_tokenizer, train, train_docs
+from data_prep.tokenizer import ensure_tokenizer, text_settings, train, train_docs
+from gpt1_ds.tasks import TaskData, encode
 from gpt1_ds.tokenizer import INFO_NAME, LEGACY_INFO_NAME, MODEL_NAME, info_file, load_tokenizer
 
 
@@ -84,3 +86,41 @@ def test_a_dataset_with_the_older_metadata_name_keeps_its_tokenizer(prepared, tm
     # An HF tokenizers file under that name is not ours.
     (old / LEGACY_INFO_NAME).write_text(json.dumps({"version": "1.0", "model": {"type": "BPE"}}))
     assert info_file(old) is None
+
+
+def test_text_for_fine_tuning_is_prepared_as_the_tokenizer_training_text_was(prepared, tmp_path):
+    """The tokenizer records how its text was cleaned (ftfy, lower-casing); fine-tuning examples,
+    which skip data prep, are prepared the same way before they are encoded."""
+    cased = load_tokenizer(prepared / MODEL_NAME)
+    assert json.loads((prepared / INFO_NAME).read_text())["text"] == text_settings(False)
+    assert cased.normalize("It\u2019s \u201cfine\u201d &amp; Fun") == 'It\'s "fine" & Fun'
+    lower_dir = tmp_path / "lower"
+    run_prepare(lower_dir, extra=["--lowercase"])
+    lower = load_tokenizer(lower_dir / MODEL_NAME)
+    assert lower.text == text_settings(True)
+    assert lower.normalize("The Ship\nSAILED") == "the ship\nsailed"
+    data = TaskData("classification", labels=["x"])
+    examples = data.read(_tsv(tmp_path / "c.tsv", "The Ship Sailed"), train=True)
+    (enc,) = encode(examples, data, lower, 64)
+    assert enc.sequences[0][1:-1] == lower.encode("the ship sailed")
+    (enc,) = encode(examples, data, cased, 64)
+    assert enc.sequences[0][1:-1] == cased.encode("The Ship Sailed")
+
+
+def test_a_tokenizer_without_the_record_leaves_text_as_it_is_until_data_prep_adds_it(prepared, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(prepared, old)
+    info = json.loads((old / INFO_NAME).read_text())
+    del info["text"]
+    (old / INFO_NAME).write_text(json.dumps(info))
+    assert load_tokenizer(old / MODEL_NAME).normalize("It\u2019s") == "It\u2019s"
+    model_bytes = (old / MODEL_NAME).read_bytes()
+    keys = ("vocab_size", "seed", "max_sentences", "sample_bytes")
+    kept = ensure_tokenizer(old, **{k: info["settings"][k] for k in keys})
+    assert (old / MODEL_NAME).read_bytes() == model_bytes  # not retrained, the record added
+    assert kept.text == text_settings(False) and kept.normalize("It\u2019s") == "It's"
+
+
+def _tsv(path, text):
+    path.write_text(f"text\tlabel\n{text}\tx\n")
+    return path
