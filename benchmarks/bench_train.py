@@ -7,11 +7,15 @@ Variants, each in a process of its own (clean memory peaks), same model, same
 batches, one optimiser step per batch, bf16:
   plain         PyTorch loop: bf16 autocast, torch.optim.AdamW (parameter groups)
   plain+ac      the same with activation checkpointing (torch.utils.checkpoint)
+  plain+compile the same with the model compiled (torch.compile, inductor)
+  hf            HF's OpenAIGPTLMHeadModel of the same shape, bf16 autocast, torch AdamW (fused on
+                CUDA): what a user of transformers alone would run
   ds-z0/1/2     DeepSpeed engine with ds_configs/zero{0,1,2}.json (bf16, FusedAdam where built)
   ds-z2+ac      ZeRO-2 with activation checkpointing (DeepSpeed's, configured from the JSON)
   ds-z2+chunk   ZeRO-2 with the loss computed 1,024 positions at a time (loss_chunk_size)
   ds-z2+compile ZeRO-2 with the model compiled under the engine (compile: engine.compile())
-Step time is the median over ``--steps`` timed steps after ``--warmup``. Peak
+Step time is the median over ``--steps`` timed steps after ``--warmup`` (CUDA events on a GPU, with
+no host synchronisation between the steps). Peak
 memory: CUDA max_memory_allocated; on a CPU, the growth of the process's peak RSS
 during the steps (coarse: the allocator keeps memory). Activations: the bytes
 autograd holds for the backward pass after one forward, counted exactly with
@@ -41,7 +45,18 @@ import benchlib
 from gpt1_ds.env import free_port
 
 REPO = Path(__file__).resolve().parent.parent
-VARIANTS = ["plain", "plain+ac", "ds-z0", "ds-z1", "ds-z2", "ds-z2+ac", "ds-z2+chunk", "ds-z2+compile"]
+VARIANTS = [
+    "plain",
+    "plain+ac",
+    "plain+compile",
+    "hf",
+    "ds-z0",
+    "ds-z1",
+    "ds-z2",
+    "ds-z2+ac",
+    "ds-z2+chunk",
+    "ds-z2+compile",
+]
 LOSS_CHUNK = 1024
 """Positions per chunk of the loss in the ``+chunk`` variant (``RunConfig.loss_chunk_size``)."""
 
@@ -74,13 +89,25 @@ def build_variant(preset: str, variant: str, batch: int, seq_len: int, batches: 
     torch.manual_seed(0)
     data = torch.randint(0, config.vocab_size, (batches, batch, T + 1))
 
-    if variant.startswith("plain"):
-        model = GPT(config).to(device).train()
-        opt = torch.optim.AdamW(param_groups(model, 0.01), lr=2.5e-4, betas=(0.9, 0.999), eps=1e-8)
+    if variant.startswith("plain") or variant == "hf":
+        if variant == "hf":
+            from transformers import OpenAIGPTConfig, OpenAIGPTLMHeadModel
+
+            from gpt1_ds.hf import config_to_hf
+
+            model = OpenAIGPTLMHeadModel(OpenAIGPTConfig(**config_to_hf(config))).to(device).train()
+        else:
+            model = GPT(config).to(device).train()
+        fused = {"fused": True} if cuda else {}
+        opt = torch.optim.AdamW(param_groups(model, 0.01), lr=2.5e-4, betas=(0.9, 0.999), eps=1e-8, **fused)
+        if variant.endswith("+compile"):
+            model.compile()
 
         def forward(i: int):
             x, y = data[i, :, :-1].to(device), data[i, :, 1:].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16):
+                if variant == "hf":  # HF shifts the labels itself: the inputs' own ids
+                    return model(input_ids=x, labels=data[i, :, :-1].to(device)).loss
                 return model(x, y)[1]
 
         def update() -> None:
@@ -88,7 +115,8 @@ def build_variant(preset: str, variant: str, batch: int, seq_len: int, batches: 
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        return Variant(forward, lambda loss: loss.backward(), update, model, "torch AdamW"), T
+        name = "torch AdamW" + (" (fused)" if cuda else "")
+        return Variant(forward, lambda loss: loss.backward(), update, model, name), T
 
     import deepspeed
 
@@ -157,10 +185,19 @@ def run_variant(preset: str, variant: str, batch: int, seq_len: int, steps: int,
         torch.cuda.reset_peak_memory_stats()
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     times = []
-    for i in range(warmup, warmup + steps):
+    if cuda:  # CUDA events: no host synchronisation between the timed steps
+        marks = [
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)
+        ]
+        for (begin, end), i in zip(marks, range(warmup, warmup + steps), strict=True):
+            begin.record()
+            step(i)
+            end.record()
+        torch.cuda.synchronize()
+        times = [begin.elapsed_time(end) / 1000 for begin, end in marks]
+    for i in range(warmup, warmup + steps) if not cuda else ():
         start = time.perf_counter()
         step(i)
-        sync()
         times.append(time.perf_counter() - start)
     peak = (
         torch.cuda.max_memory_allocated()
