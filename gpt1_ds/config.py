@@ -279,6 +279,10 @@ class FinetuneConfig(Settings, Safeguards):
     """Similarity head: ``regression`` (one score, MSE) or ``binary``."""
     on_error: str = "raise"
     """Malformed rows: ``raise`` (error naming file and line) or ``skip`` (counted)."""
+    task_tokens: str = "new"
+    """The rows of ``<start>``, ``<delim>``, ``<extract>`` in a pretrained model: ``new`` (GPT-1: drawn
+    afresh from N(0, initializer_range) before fine-tuning, as the original appended them then) or
+    ``keep`` (the rows as pretraining left them). A random init or a resume is not affected."""
     lm_coef: float = 0.5
     """Weight of the auxiliary language-modelling loss (GPT-1: 0.5; 0 turns it off)."""
     clf_pdrop: float = 0.1
@@ -318,6 +322,8 @@ class FinetuneConfig(Settings, Safeguards):
             raise ValueError("fine-tuning needs a training file and a dev file (--train, --dev)")
         if self.lm_coef < 0 or not 0 <= self.clf_pdrop < 1 or not 0 <= self.warmup_fraction < 1:
             raise ValueError("lm_coef must be >= 0, clf_pdrop and warmup_fraction in [0, 1)")
+        if self.task_tokens not in ("new", "keep"):
+            raise ValueError(f"fine-tuning setting task_tokens must be new or keep, got {self.task_tokens!r}")
 
 
 def parse_value(text: str) -> Any:

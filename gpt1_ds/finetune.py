@@ -98,7 +98,18 @@ def load_backbone(cfg: FinetuneConfig) -> tuple[GPT, Tokenizer]:
         raise ValueError(
             f"tokenizer {path} has {tok.vocab_size} pieces, the model's vocab_size is {gpt.config.vocab_size}"
         )
+    if cfg.init != "none" and cfg.task_tokens == "new":
+        renew_task_tokens(gpt, tok)
     return gpt.train(), tok
+
+
+def renew_task_tokens(gpt: GPT, tok: Tokenizer) -> None:
+    """GPT-1's task tokens were new rows at fine-tuning, N(0, 0.02): draw ours afresh the same way
+    (the tied head's columns with them). docs/FIDELITY.md."""
+    rows = torch.tensor([tok.start_id, tok.delim_id, tok.extract_id])
+    with torch.no_grad():
+        table = gpt.tokens_embed.weight
+        table[rows] = torch.randn(len(rows), table.size(1)) * gpt.config.initializer_range
 
 
 class Finetuning(runner.Loop):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +12,11 @@ import pytest
 import torch
 from conftest import REPO
 
+from gpt1_ds.config import FinetuneConfig
 from gpt1_ds.env import free_port
-from gpt1_ds.finetune import epoch_batches
+from gpt1_ds.finetune import epoch_batches, load_backbone
 from gpt1_ds.heads import TaskModel
+from gpt1_ds.hf import export_hf
 from gpt1_ds.loading import load_model
 from gpt1_ds.model import GPT, GPTConfig
 from gpt1_ds.tasks import TaskData, collate, encode
@@ -267,3 +270,26 @@ def test_other_launchers(launcher, prepared, tmp_path):
     assert f"{ranks} ranks (cpu, gloo) × micro-batch {micro} × accumulation 1" in out.stderr
     (h,) = json.loads((run / "results.json").read_text())["history"]
     assert h["step"] == 4  # 128 examples in steps of 32, on 1 rank as on 2
+
+
+@pytest.mark.parametrize("setting", ["new", "keep"])
+def test_task_tokens_are_drawn_afresh_as_gpt1_did_unless_kept(prepared, tmp_path, setting):
+    tok = load_tokenizer(prepared / MODEL_NAME)
+    torch.manual_seed(0)
+    pretrained = GPT(GPTConfig.from_preset("tiny", vocab_size=2000, n_layer=1))
+    with torch.no_grad():  # rows as pretraining leaves them: far from a fresh N(0, 0.02)
+        pretrained.tokens_embed.weight.mul_(10)
+    export_hf(pretrained, tmp_path / "hf")
+    shutil.copy(prepared / MODEL_NAME, tmp_path / "hf" / MODEL_NAME)
+    cfg = FinetuneConfig(init=str(tmp_path / "hf"), train="t", dev="d", task_tokens=setting)
+    gpt, _ = load_backbone(cfg)
+    before, after = pretrained.tokens_embed.weight, gpt.tokens_embed.weight
+    task = [tok.start_id, tok.delim_id, tok.extract_id]
+    others = [i for i in range(2000) if i not in task]
+    torch.testing.assert_close(after[others], before[others])
+    assert gpt.lm_head.weight is gpt.tokens_embed.weight  # the head's columns go with the rows
+    if setting == "keep":
+        torch.testing.assert_close(after[task], before[task])
+    else:
+        assert not torch.allclose(after[task], before[task])
+        assert 0.01 < after[task].std().item() < 0.03  # N(0, 0.02), not the pretrained scale (0.2)
