@@ -40,6 +40,11 @@ def cluster(nodes: int, state_dir: str | None) -> Iterator[dict[str, str]]:
     yield env
     if not was_up:
         subprocess.run([str(CLUSTER), "down"], capture_output=True, env=env, timeout=60)
+        if nodes > 1:  # down leaves nothing behind: no daemon, namespace, bridge or host name
+            left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+            assert "gpt1n" not in left and "gpt1n" not in Path("/etc/hosts").read_text()
+            assert subprocess.run(["ip", "link", "show", "gpt1br"], capture_output=True).returncode != 0
+            assert subprocess.run(["pgrep", "-f", "slurmd -N gpt1n"], capture_output=True).returncode == 1
 
 
 @pytest.fixture(scope="module")
@@ -240,26 +245,24 @@ def test_sbatch_finetune_is_preempted_requeued_and_resumes_to_the_end(slurm_env,
     assert steps == sorted(set(steps)) and steps[-1] == 100, "a step was trained twice or missing"
 
 
-def test_the_preflight_cpu_profile_checks_trains_round_trips_and_passes(slurm_env, prepared, tmp_path):
-    """slurm/preflight_cpu.sh end to end: the checks on 2 tasks, 30 steps with USR1 after step 15
-    (sent by the job itself) → checkpoint → requeue → resume → step 30, and the verdict table."""
-    run = tmp_path / "run"
-    log = tmp_path / "job.out"
-    job = sbatch(
-        slurm_env,
-        "slurm/preflight_cpu.sh",
-        log,
-        DATA=str(prepared),
-        RUN_DIR=str(run),
-        STEPS="30",
-        OVERRIDES=overrides(),
-    )
-    state = wait_done(slurm_env, job, timeout=500)
+def run_preflight(env: dict[str, str], prepared: Path, run: Path, *flags: str) -> tuple[str, dict]:
+    """sbatch slurm/preflight_cpu.sh (30 steps, the test's small model); once it has completed
+    after its one requeue: the job log and the verdict's rows by check."""
+    log = run.parent / "job.out"
+    settings = dict(DATA=str(prepared), RUN_DIR=str(run), STEPS="30", OVERRIDES=overrides())
+    state = wait_done(env, sbatch(env, "slurm/preflight_cpu.sh", log, *flags, **settings), timeout=500)
     text = read_log(log)
     assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", text[-3000:]
     assert state["ExitCode"] == "0:0" and "gpt1-ds preflight: PASS" in text
     verdict = json.loads((run / "preflight" / "verdict.json").read_text())
-    rows = {r["check"]: r for r in verdict["rows"]}
+    return text, {r["check"]: r for r in verdict["rows"]}
+
+
+def test_the_preflight_cpu_profile_checks_trains_round_trips_and_passes(slurm_env, prepared, tmp_path):
+    """slurm/preflight_cpu.sh end to end: the checks on 2 tasks, 30 steps with USR1 after step 15
+    (sent by the job itself) → checkpoint → requeue → resume → step 30, and the verdict table."""
+    run = tmp_path / "run"
+    text, rows = run_preflight(slurm_env, prepared, run)
     assert list(rows) == [
         "versions",
         "GPUs and binding",
@@ -303,14 +306,7 @@ def test_two_nodes_train_one_rank_each_are_preempted_requeued_and_resume(two_nod
 
 
 def test_two_nodes_preflight_measures_the_all_reduce_between_nodes(two_nodes, prepared, tmp_path):
-    run = tmp_path / "run"
-    log = tmp_path / "job.out"
-    settings = dict(DATA=str(prepared), RUN_DIR=str(run), STEPS="30", OVERRIDES=overrides())
-    job = sbatch(two_nodes, "slurm/preflight_cpu.sh", log, "--nodes=2", "--ntasks-per-node=1", **settings)
-    state = wait_done(two_nodes, job, timeout=500)
-    text = read_log(log)
-    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", text[-3000:]
-    rows = {r["check"]: r for r in json.loads((run / "preflight" / "verdict.json").read_text())["rows"]}
+    _, rows = run_preflight(two_nodes, prepared, tmp_path / "run", "--nodes=2", "--ntasks-per-node=1")
     assert "2 ranks on 2 hosts" in rows["GPUs and binding"]["detail"]
     assert "2 ranks on 2 hosts" in rows["dataset"]["detail"]
     # one rank per node: no all-reduce within a node
