@@ -188,8 +188,8 @@ def choice_logprobs(
     a word start, so ids(context + " " + choice) = ids(context) + ids(choice)."""
     device = next(model.parameters()).device
     n_ctx = model.config.n_positions
-    choice_ids = [tok.encode(c) for c in choices]
-    rows = [([tok.eod_id, *tok.encode(ctx)], c) for ctx in contexts for c in choice_ids]
+    choice_ids = [tok.encode(tok.normalize(c)) for c in choices]  # prepared as the training text was
+    rows = [([tok.eod_id, *tok.encode(tok.normalize(ctx))], c) for ctx in contexts for c in choice_ids]
     out = []
     for i in range(0, len(rows), batch_size):
         group = [(ctx + c)[-(n_ctx + 1) :] for ctx, c in rows[i : i + batch_size]]

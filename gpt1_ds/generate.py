@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     model = model.to(device).eval()
     log.info("model: %s; tokenizer %s; device %s", describe(model), tok_path, device)
 
-    encoded = [tok.encode(text) for text in prompts]
+    encoded = [tok.encode(tok.normalize(text)) for text in prompts]  # prepared as the training text was
     n_ctx = model.config.n_positions
     for i, ids in enumerate(encoded, 1):
         if len(ids) > n_ctx and not args.truncate:

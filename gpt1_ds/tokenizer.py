@@ -95,7 +95,8 @@ class SentencePieceTokenizer:
     def normalize(self, text: str) -> str:
         """``text`` prepared as the tokenizer's training text was (``data_prep.clean.normalize``:
         ftfy, and lower-casing when the corpus was lower-cased), for text that did not go through
-        data prep: fine-tuning examples. Unchanged for a tokenizer whose metadata does not say."""
+        data prep: fine-tuning examples, prompts, zero-shot sentences. Unchanged for a tokenizer
+        whose metadata does not say."""
         if self.text is None:
             return text
         from data_prep.clean import normalize
