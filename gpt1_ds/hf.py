@@ -156,6 +156,9 @@ def tokenizers_json(tok: SentencePieceTokenizer) -> dict[str, Any]:
 
     space = {"String": " "}
     split = {"behavior": "MergedWithNext", "invert": False}  # a piece starts at each ▁
+    # A corpus prepared lower-cased (recorded with the tokenizer): HF lower-cases as we do
+    # (Tokenizer.normalize); ftfy has no tokenizers equivalent and is left to the caller.
+    lower = [{"type": "Lowercase"}] if tok.text and tok.text.get("lowercase") else []
     return {
         "version": "1.0",
         "truncation": None,
@@ -164,6 +167,7 @@ def tokenizers_json(tok: SentencePieceTokenizer) -> dict[str, Any]:
         "normalizer": {
             "type": "Sequence",
             "normalizers": [
+                *lower,
                 {"type": "Prepend", "prepend": SPACE},
                 {"type": "Replace", "pattern": space, "content": SPACE},
             ],

@@ -158,3 +158,15 @@ def test_autotokenizer_special_tokens_are_ours(hf_tokenizer):
     # HF matches special tokens in text (ours spells them out); decoding drops them on request.
     assert hf("x <eod>", add_special_tokens=False)["input_ids"][-1] == ids["eod"]
     assert hf.decode([ids["start"], *tok.encode("hi"), ids["eod"]], skip_special_tokens=True) == " hi"
+
+
+def test_a_lower_cased_corpus_gives_an_autotokenizer_that_lower_cases(tmp_path):
+    from conftest import run_prepare
+
+    run_prepare(tmp_path / "lower", extra=["--lowercase"])
+    tok = load_tokenizer(tmp_path / "lower" / MODEL_NAME)
+    (tmp_path / "hf").mkdir()
+    export_hf_tokenizer(tok, tmp_path / "hf", n_positions=64)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "The Ship SAILED at Dawn.\nIt Was Late"
+    assert hf(text)["input_ids"] == tok.encode(tok.normalize(text)) == tok.encode(text.lower())
