@@ -14,7 +14,10 @@ The last ``keep_checkpoints`` complete tags are kept.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -275,10 +278,6 @@ def universal(ckpt_dir: Path, tag: str) -> Path:
 
 
 def _convert(path: Path, out: Path) -> None:
-    import os
-    import subprocess
-    import sys
-
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     workers = str(max(1, min(8, (os.cpu_count() or 1) // 2)))

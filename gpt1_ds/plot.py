@@ -18,7 +18,7 @@ import csv
 import logging
 import sys
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -65,14 +65,19 @@ def event_dir(run: Path) -> Path:
     raise FileNotFoundError(f"no TensorBoard event files in {run / 'tensorboard'} or {run}")
 
 
-def load_scalars(run: Path) -> dict[str, tuple[list[int], list[float]]]:
-    """Every scalar series of a run, by tag, as (steps, values); events purged on resume are left out."""
+def scalar_events(run: Path) -> dict[str, list[Any]]:
+    """Every scalar series of a run, by tag, as TensorBoard events (step, value, wall time); events
+    purged on resume are left out."""
     acc = EventAccumulator(str(event_dir(run)), size_guidance={"scalars": 0})
     acc.Reload()
+    return {tag: acc.Scalars(tag) for tag in acc.Tags()["scalars"]}
+
+
+def load_scalars(run: Path) -> dict[str, tuple[list[int], list[float]]]:
+    """Every scalar series of a run, by tag, as (steps, values)."""
     return {
         tag: ([e.step for e in events], [e.value for e in events])
-        for tag in acc.Tags()["scalars"]
-        for events in [acc.Scalars(tag)]
+        for tag, events in scalar_events(run).items()
     }
 
 

@@ -273,10 +273,12 @@ class Checker:
         return Row("run directory", verdict, detail, {"free_bytes": free, "need_bytes": need})
 
     def num_parameters(self) -> int:
-        from gpt1_ds.metrics import num_matmul_params
+        import torch
 
-        model = self.cfg.model_config()
-        return num_matmul_params(model) + model.n_positions * model.n_embd
+        from gpt1_ds.model import GPT
+
+        with torch.device("meta"):  # shapes only
+            return GPT(self.cfg.model_config()).num_parameters()
 
     def bandwidth(self, where: list[tuple[str, str]]) -> list[Row]:
         """All-reduce of the model's gradients over the world, within each node and between nodes."""
@@ -392,19 +394,10 @@ def check(argv: list[str]) -> int:
 # ---- wait and report: one process -------------------------------------------------------------
 
 
-def scalar_events(run_dir: Path) -> dict[str, list[Any]]:
-    """Every scalar series of the run's TensorBoard (events with step, value and wall time)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from gpt1_ds.checkpoint import RunDir
-
-    acc = EventAccumulator(str(RunDir(run_dir).tensorboard), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: acc.Scalars(tag) for tag in acc.Tags()["scalars"]}
-
-
 def wait(run_dir: Path, step: int, timeout: float) -> int:
     """Until the run has logged step ``step`` or later; 1 after ``timeout`` seconds."""
+    from gpt1_ds.plot import scalar_events
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -513,6 +506,8 @@ def round_trip_row(
 
 def report(run_dir: Path, steps: int, log_every: int, restarts: int) -> int:
     """The verdict table: ``check``'s rows, the training and the round trip; 1 if any row failed."""
+    from gpt1_ds.plot import scalar_events
+
     out = run_dir / "preflight"
     try:
         rows = [Row(**r) for r in json.loads((out / CHECKS).read_text())]
