@@ -19,15 +19,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import benchlib
-from bench_train import build_variant
-
-from gpt1_ds.env import free_port
+from bench_train import build_variant, run_child
 
 REPO = Path(__file__).resolve().parent.parent
 VARIANTS = ["plain", "ds-z0", "ds-z1", "ds-z2"]
@@ -73,18 +69,6 @@ def measure(preset: str, variant: str, batch: int, seq_len: int, steps: int, war
 QUICK = {"presets": ["tiny"], "variants": ["plain", "ds-z2"], "batch": 1, "seq_len": 16, "steps": 2}
 
 
-def run_child(preset: str, variant: str, batch: int, args: argparse.Namespace) -> dict | None:
-    cmd = [sys.executable, __file__, "--child", f"{preset}:{variant}:{batch}", "--seq-len", str(args.seq_len)]
-    cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
-    env = {**os.environ, "MASTER_PORT": str(free_port())}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
-    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if out.returncode != 0 or line is None:
-        print(f"{preset} {variant} failed:\n{out.stderr[-3000:]}", file=sys.stderr)
-        return None
-    return json.loads(line[7:])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["gpt1"])
@@ -106,7 +90,7 @@ def main() -> None:
     for preset in args.presets:
         rows = {}
         for variant in args.variants:
-            r = run_child(preset, variant, args.batch, args)
+            r = run_child(__file__, f"{preset}:{variant}:{args.batch}", args)
             if r is None:
                 failed.append(f"{preset} {variant}")
             else:

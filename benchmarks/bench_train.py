@@ -218,6 +218,20 @@ def run_variant(preset: str, variant: str, batch: int, seq_len: int, steps: int,
 QUICK = {"presets": ["tiny"], "variants": ["plain", "ds-z2"], "batch": 2, "seq_len": 32, "steps": 1}
 
 
+def run_child(script: str, spec: str, args: argparse.Namespace) -> dict | None:
+    """``script --child PRESET:VARIANT:BATCH`` in a process of its own (clean memory peaks, its own
+    port); its RESULT line, or None (its stderr printed) when it failed."""
+    cmd = [sys.executable, script, "--child", spec, "--seq-len", str(args.seq_len)]
+    cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+    env = {**os.environ, "MASTER_PORT": str(free_port())}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if out.returncode != 0 or line is None:
+        print(f"{spec} failed:\n{out.stderr[-3000:]}", file=sys.stderr)
+        return None
+    return json.loads(line[7:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["tiny", "gpt1"])
@@ -253,31 +267,10 @@ def main() -> None:
         batch = args.batch or (32 if preset == "tiny" else (16 if cuda else 4))
         rows = []
         for variant in args.variants:
-            env = {**os.environ, "MASTER_PORT": str(free_port())}
-            out = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--child",
-                    f"{preset}:{variant}:{batch}",
-                    "--seq-len",
-                    str(args.seq_len),
-                    "--steps",
-                    str(args.steps),
-                    "--warmup",
-                    str(args.warmup),
-                ],
-                capture_output=True,
-                text=True,
-                env=env,
-                cwd=REPO,
-            )
-            line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if out.returncode != 0 or line is None:
-                print(f"{preset} {variant} failed:\n{out.stderr[-3000:]}", file=sys.stderr)
+            r = run_child(__file__, f"{preset}:{variant}:{batch}", args)
+            if r is None:
                 failed.append(f"{preset} {variant}")
                 continue
-            r = json.loads(line[7:])
             r.update(variant=variant)
             rows.append(r)
         if not rows:
