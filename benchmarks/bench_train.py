@@ -13,6 +13,7 @@ batches, one optimiser step per batch, bf16:
   ds-z0/1/2     DeepSpeed engine with ds_configs/zero{0,1,2}.json (bf16, FusedAdam where built)
   ds-z2+ac      ZeRO-2 with activation checkpointing (DeepSpeed's, configured from the JSON)
   ds-z2+chunk   ZeRO-2 with the loss computed 1,024 positions at a time (loss_chunk_size)
+  ds-z2+pad     ZeRO-2 with the token table padded to a multiple of 128 rows (vocab_multiple)
   ds-z2+compile ZeRO-2 with the model compiled under the engine (compile: engine.compile())
 Step time is the median over ``--steps`` timed steps after ``--warmup`` (CUDA events on a GPU, with
 no host synchronisation between the steps). Peak
@@ -55,8 +56,11 @@ VARIANTS = [
     "ds-z2",
     "ds-z2+ac",
     "ds-z2+chunk",
+    "ds-z2+pad",
     "ds-z2+compile",
 ]
+VOCAB_MULTIPLE = 128
+"""Rows the token table is padded to a multiple of in the ``+pad`` variant (``GPTConfig.vocab_multiple``)."""
 LOSS_CHUNK = 1024
 """Positions per chunk of the loss in the ``+chunk`` variant (``RunConfig.loss_chunk_size``)."""
 
@@ -82,7 +86,8 @@ def build_variant(preset: str, variant: str, batch: int, seq_len: int, batches: 
     from gpt1_ds.model import GPT, GPTConfig, param_groups
 
     ac = variant.endswith("+ac")
-    config = GPTConfig.from_preset(preset, activation_checkpointing=ac)
+    multiple = VOCAB_MULTIPLE if variant.endswith("+pad") else 1
+    config = GPTConfig.from_preset(preset, activation_checkpointing=ac, vocab_multiple=multiple)
     T = min(seq_len, config.n_positions)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
@@ -291,7 +296,7 @@ def main() -> None:
             **({"MFU": "{:.1f}%"} if peak_flops else {}),
             "peak memory": "{:.2f} GiB",
             "activations": "{:.2f} GiB",
-            "vs ds-z2": "{:.2f}×",
+            "activations vs ds-z2": "{:.2f}×",
         }
         t = benchlib.table(f"{preset}, batch {batch} × {rows[0]['seq_len']}", columns)
         for r in rows:

@@ -80,7 +80,7 @@ cp benchmarks/RESULTS.md benchmarks/results.json "$OUT/"
 if [ $DRY = 1 ]; then
     BENCH=(--quick)
 else
-    BENCH=(--args "train=--presets gpt1 --variants plain hf ds-z2 ds-z2+chunk ds-z2+compile --batch 16 --steps 20 --warmup 3")
+    BENCH=(--args "train=--presets gpt1 --variants plain hf ds-z2 ds-z2+chunk ds-z2+pad ds-z2+compile --batch 16 --steps 20 --warmup 3")
     BENCH+=(--args "step=--batch 8 --seq-len 512 --steps 20 --warmup 3")  # a rank's share on 8 GPUs
 fi
 step bench_train 240 $PY benchmarks/run_all.py --only train,step "${BENCH[@]}" --out-dir "$OUT"

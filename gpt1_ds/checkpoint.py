@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -313,11 +314,23 @@ def load(engine: Any, ckpt_dir: Path, tag: str) -> ClientState:
     return ClientState.from_dict(client, ckpt_dir / tag)
 
 
-def resume(engine: Any, ckpt_dir: Path, setting: str) -> tuple[ClientState, Path] | None:
-    """Collective: rank 0 finds the checkpoint that ``setting`` names (``find_resume``), every
-    rank loads it. Returns its client state and path, or None to start afresh."""
-    found = [find_resume(ckpt_dir, setting) if dist.get_rank() == 0 else None]
+def resume(
+    engine: Any, ckpt_dir: Path, setting: str, check: Callable[[Path], None] | None = None
+) -> tuple[ClientState, Path] | None:
+    """Collective: rank 0 finds the checkpoint that ``setting`` names (``find_resume``) and passes
+    it to ``check`` (whose ValueError every rank raises, before any of them loads), every rank
+    loads it. Returns its client state and path, or None to start afresh."""
+    found: list[Any] = [None, None]
+    if dist.get_rank() == 0:
+        found[0] = find_resume(ckpt_dir, setting)
+        if found[0] is not None and check is not None:
+            try:
+                check(found[0][0] / found[0][1])
+            except ValueError as e:
+                found[1] = str(e)
     dist.broadcast_object_list(found)
+    if found[1] is not None:
+        raise ValueError(found[1])
     if found[0] is None:
         return None
     return load(engine, *found[0]), found[0][0] / found[0][1]

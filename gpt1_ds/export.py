@@ -22,7 +22,7 @@ from gpt1_ds.checkpoint import CheckpointError
 from gpt1_ds.files import atomic_write_bytes, atomic_write_text
 from gpt1_ds.hf import WEIGHTS_NAME, export_hf, export_hf_tokenizer
 from gpt1_ds.loading import OWN_CONFIG_NAME, Checkpoint, find_tokenizer, model_from_checkpoint
-from gpt1_ds.model import LM_HEAD, GPTConfig
+from gpt1_ds.model import LM_HEAD, GPTConfig, with_vocab
 from gpt1_ds.tokenizer import copy_tokenizer, load_tokenizer
 
 log = logging.getLogger("gpt1_ds.export")
@@ -56,6 +56,7 @@ def export(source: str | Path, out: str | Path, tag: str | None = None, fmt: str
         raise ValueError(f"unknown format {fmt!r}: hf or safetensors")
     out = Path(out)
     model, ckpt = model_from_checkpoint(source, tag)
+    model = with_vocab(model, model.config.vocab_size)  # the padding rows are not the model's
     out.mkdir(parents=True, exist_ok=True)
     if fmt == "hf":
         export_hf(model, out, metadata={"gpt1_ds_step": str(ckpt.state.step)})

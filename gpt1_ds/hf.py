@@ -82,8 +82,10 @@ def config_from_hf(hf: dict[str, Any]) -> GPTConfig:
 
 
 def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """Our state dict in HF layout, ``lm_head.weight`` included (it is the token table)."""
+    """Our state dict in HF layout, ``lm_head.weight`` included (it is the token table), without
+    the table's padding rows (``GPTConfig.vocab_multiple``)."""
     state = model.state_dict()
+    state[TOKENS_EMBED] = state[TOKENS_EMBED][: model.config.vocab_size]
     out = {HF_PREFIX + k: v.t() if _CONV1D.match(k) else v for k, v in state.items() if k != LM_HEAD}
     out[LM_HEAD] = out[HF_PREFIX + TOKENS_EMBED]
     return out

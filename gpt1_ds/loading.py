@@ -33,7 +33,7 @@ from gpt1_ds.checkpoint import CheckpointError, ClientState, RunDir
 from gpt1_ds.files import sha256_file
 from gpt1_ds.heads import BACKBONE, TaskModel
 from gpt1_ds.hf import CONFIG_NAME, WEIGHTS_NAME, import_hf
-from gpt1_ds.model import GPT, LM_HEAD, TOKENS_EMBED, GPTConfig, param_groups
+from gpt1_ds.model import GPT, LM_HEAD, TOKENS_EMBED, GPTConfig, param_groups, with_vocab
 from gpt1_ds.tokenizer import MODEL_NAME, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -286,5 +286,5 @@ def init_from(model: GPT, source: str, tok: Tokenizer) -> None:
         raise ValueError(f"init={source}: the model differs from the run config's: {differ} (init, run)")
     if tokenizer is not None and sha256_file(tokenizer) != tok.sha256:
         raise ValueError(f"init={source}: its tokenizer {tokenizer} is not the dataset's")
-    model.load_state_dict(pretrained.state_dict())
+    model.load_state_dict(with_vocab(pretrained, ours["vocab_size"], ours["vocab_multiple"]).state_dict())
     log.info("initialised from %s", source)

@@ -30,6 +30,10 @@ TOKENS_EMBED = "tokens_embed.weight"  # state-dict name of the token table
 LM_HEAD = "lm_head.weight"  # state-dict name of the LM head: the token table itself (tied), here and in HF
 
 
+EMBD_DROPOUT = ("sum", "table")
+"""``GPTConfig.embd_dropout``'s values."""
+
+
 @dataclass(frozen=True)
 class GPTConfig:
     """Sizes and regularisation of a GPT-1-style model."""
@@ -58,9 +62,17 @@ class GPTConfig:
     """Standard deviation of the normal init of every weight matrix and table."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass (training only)."""
+    vocab_multiple: int = 1
+    """Round the token table up to a multiple of this many rows (64 or 128 suit GPU matrix
+    multiplies): the rows past ``vocab_size`` are padding, zero at init, never an input, cut from
+    the logits (so outside the softmax) and never exported (``with_vocab``). 1: no padding."""
+    embd_dropout: str = "sum"
+    """Where ``embd_pdrop`` acts in training: ``sum`` (the summed token + position embeddings of the
+    batch, as HF's port) or ``table`` (GPT-1's code: the token and position tables themselves, so
+    the tied head also sees the dropped table). docs/FIDELITY.md."""
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"):
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "vocab_multiple"):
             if not isinstance(value := getattr(self, name), int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head != 0:
@@ -72,6 +84,15 @@ class GPTConfig:
                 raise ValueError(f"GPTConfig.{name} must lie in [0, 1), got {value!r}")
         if self.layer_norm_epsilon <= 0 or self.initializer_range <= 0:
             raise ValueError("GPTConfig.layer_norm_epsilon and initializer_range must be > 0")
+        if self.embd_dropout not in EMBD_DROPOUT:
+            raise ValueError(
+                f"GPTConfig.embd_dropout must be one of {EMBD_DROPOUT}, got {self.embd_dropout!r}"
+            )
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the token table: ``vocab_size`` rounded up to ``vocab_multiple``."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> GPTConfig:
@@ -228,18 +249,22 @@ def _checkpoint_fn() -> Callable[..., torch.Tensor]:
     return lambda block, x: torch_checkpoint(block, x, use_reentrant=False)
 
 
-def _head_loss_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _head_loss_sum(
+    head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
     """Summed cross-entropy of one chunk: hidden [N, C], targets [N] → [] (fp32 softmax)."""
     logits = head(hidden).float()  # [N, V]
     return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def chunked_lm_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+def chunked_lm_loss(
+    head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor, chunk: int
+) -> torch.Tensor:
     """The mean next-token loss of ``hidden`` [B, T, C] against ``targets`` [B, T], ``chunk``
     positions at a time, each chunk's logits recomputed in the backward pass: the [B·T, V] fp32
     logits (and their softmax) never exist at once, only [chunk, V]. The same value and gradients
-    as the whole-logits loss, up to the order of the sums. The head is called as a module, so that
-    ZeRO-3 gathers its weight."""
+    as the whole-logits loss, up to the order of the sums. ``head`` (``GPT.logits``) calls the head
+    as a module, so that ZeRO-3 gathers its weight."""
     flat, flat_targets = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)  # [N, C], [N]
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, flat.size(0), chunk):
@@ -260,13 +285,16 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.loss_chunk = 0
-        self.tokens_embed = nn.Embedding(config.vocab_size, config.n_embd)
+        self.tokens_embed = nn.Embedding(config.padded_vocab_size, config.n_embd)
         self.positions_embed = nn.Embedding(config.n_positions, config.n_embd)
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.tokens_embed.weight  # tied
         self.apply(self._init_weights)
+        with torch.no_grad():
+            self.tokens_embed.weight[config.vocab_size :].zero_()  # padding rows
+        self._table: torch.Tensor | None = None  # the dropped-out token table of this forward pass
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -294,7 +322,7 @@ class GPT(nn.Module):
             what = f"{L} cached + {T} new positions" if cache is not None else f"sequence length {T}"
             raise ValueError(f"{what} exceeds GPTConfig.n_positions ({self.config.n_positions})")
         pos = torch.arange(L, L + T, device=input_ids.device)  # [T]
-        x = self.drop(self.tokens_embed(input_ids) + self.positions_embed(pos))  # [B, T, C]
+        x = self.embed(input_ids, pos)  # [B, T, C]
         use_ckpt = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
         ckpt = _checkpoint_fn() if use_ckpt and cache is None else None
         for i, block in enumerate(self.h):
@@ -302,6 +330,22 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length += T
         return x
+
+    def embed(self, input_ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Token + position embeddings [B, T, C] of ids [B, T] at positions [T], with embedding
+        dropout where ``embd_dropout`` puts it (on the tables: kept for ``logits``)."""
+        self._table = None
+        if self.config.embd_dropout == "table" and self.training and self.config.embd_pdrop > 0:
+            self._table = self.drop(self.tokens_embed.weight)  # [V', C]
+            return F.embedding(input_ids, self._table) + self.drop(self.positions_embed.weight)[pos]
+        return self.drop(self.tokens_embed(input_ids) + self.positions_embed(pos))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [..., V] of hidden states [..., C]: the tied head (the table of this
+        forward pass when dropout acts on it), without the padding rows."""
+        logits = self.lm_head(hidden) if self._table is None else F.linear(hidden, self._table)
+        V = self.config.vocab_size
+        return logits if logits.size(-1) == V else logits[..., :V]
 
     def forward(
         self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
@@ -312,14 +356,34 @@ class GPT(nn.Module):
         With ``cache`` (inference), the tokens continue the cached ones (see ``hidden_states``)."""
         hidden = self.hidden_states(input_ids, cache)  # [B, T, C]
         if targets is not None and self.loss_chunk and torch.is_grad_enabled():
-            return None, chunked_lm_loss(self.lm_head, hidden, targets, self.loss_chunk)
-        logits = self.lm_head(hidden)  # [B, T, V]
+            return None, chunked_lm_loss(self.logits, hidden, targets, self.loss_chunk)
+        logits = self.logits(hidden)  # [B, T, V]
         if targets is None:
             return logits
         loss = F.cross_entropy(
             logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX
         )
         return logits, loss
+
+
+def with_vocab(model: GPT, vocab_size: int, vocab_multiple: int = 1) -> GPT:
+    """``model`` with a token table for ``vocab_size`` ids in a multiple of ``vocab_multiple`` rows:
+    the rows of the ids both have are kept, new ids' rows drawn from N(0, initializer_range) (as
+    GPT-1 appended its task tokens at fine-tuning), padding rows zero, rows past ``vocab_size``
+    (padding, or ids dropped) cut. The same model when nothing changes. The layout of ids:
+    the tokenizer's, then appended task tokens (``gpt1_ds.openai_bpe``), then padding."""
+    config = replace(model.config, vocab_size=vocab_size, vocab_multiple=vocab_multiple)
+    if config == model.config:
+        return model
+    out = GPT(config).to(model.tokens_embed.weight.device).train(model.training)
+    state = model.state_dict()
+    old, keep = state[TOKENS_EMBED], min(vocab_size, model.config.vocab_size)
+    table = out.tokens_embed.weight.detach().clone()  # new rows N(0, std), padding zero
+    table[:keep] = old[:keep]
+    state[TOKENS_EMBED] = state[LM_HEAD] = table
+    out.load_state_dict(state)
+    out.loss_chunk = model.loss_chunk
+    return out
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -299,6 +299,9 @@ class Loop:
         """Evaluation, samples and checkpoints after a step (a checkpoint when ``preempted``)."""
         raise NotImplementedError
 
+    def check_saved(self, state: ClientState, path: Path) -> None:
+        """Refuse a checkpoint this run cannot load (rank 0, before DeepSpeed reads it)."""
+
     def check_resume(self, state: ClientState, path: Path) -> None:
         """Refuse a checkpoint this run cannot continue (before its state is taken)."""
 
@@ -353,12 +356,17 @@ class Loop:
 
     def resume(self, setting: str) -> None:
         """Continue from the checkpoint ``setting`` names (``auto``, ``none``, a path), if any."""
-        found = checkpoint.resume(self.engine, self.run_dir.checkpoints, setting)
+        found = checkpoint.resume(self.engine, self.run_dir.checkpoints, setting, self._check_saved)
         if found is not None:
             saved, path = found
             self.check_resume(saved, path)
             self.state = self.state.resumed_from(saved)
             log.info("resumed from %s at step %d", path, saved.step)
+
+    def _check_saved(self, path: Path) -> None:
+        from gpt1_ds.loading import _model_states
+
+        self.check_saved(ClientState.from_dict(_model_states(path), path), path)
 
     def start(self, config_yaml: str) -> None:
         """Write the run's files (rank 0) and open its TensorBoard log. The tokenizer is kept

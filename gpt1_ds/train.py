@@ -37,7 +37,7 @@ from gpt1_ds.data import EvalLoader, TrainLoader
 from gpt1_ds.generate import sample
 from gpt1_ds.loading import init_from
 from gpt1_ds.metrics import device_peak_flops, flops_per_token
-from gpt1_ds.model import GPT, IGNORE_INDEX
+from gpt1_ds.model import GPT, IGNORE_INDEX, GPTConfig
 from gpt1_ds.tokenizer import MODEL_NAME, Tokenizer, load_tokenizer
 
 log = logging.getLogger("gpt1_ds.train")
@@ -133,12 +133,22 @@ class Pretraining(runner.Loop):
             engine.compile()  # in place, after ZeRO has wrapped the parameters (not torch.compile(model))
         return engine, scheduler
 
+    def check_saved(self, state: ClientState, path: Path) -> None:
+        if state.model_config is not None:
+            # Through GPTConfig: a checkpoint from before a field existed has its default.
+            saved, ours = GPTConfig.from_dict(state.model_config).to_dict(), self.state.model_config
+            differ = {
+                k: (saved[k], ours[k])
+                for k in ours
+                if k != "activation_checkpointing" and saved[k] != ours[k]
+            }
+            if differ:
+                raise ValueError(
+                    f"checkpoint {path} holds another model than the run config asks for: {differ} "
+                    "(checkpoint, run config)"
+                )
+
     def check_resume(self, state: ClientState, path: Path) -> None:
-        if state.model_config is not None and state.model_config != self.state.model_config:
-            raise ValueError(
-                f"checkpoint {path} holds model {state.model_config}, "
-                f"the run config asks for {self.state.model_config}"
-            )
         self.train_loader.load_state_dict(state.loader)
 
     def describe(self) -> None:

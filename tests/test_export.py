@@ -37,6 +37,7 @@ RUNS = {
     "zero2": ("zero2", ()),
     "zero3": ("zero3", ()),
     "zero0_fp32": ("zero0", ("ds.bf16.enabled=false",)),
+    "zero2_padded": ("zero2", ("model_overrides.vocab_multiple=64",)),
 }
 
 
@@ -458,3 +459,24 @@ def test_an_export_made_before_the_hf_tokenizer_still_loads(runs, tmp_path):
     model, tokenizer = load_model(hf_dir)
     assert tokenizer == hf_dir / "tokenizer.model"
     assert_same_weights(model, model_from_checkpoint(run / "checkpoints")[0])
+
+
+@pytest.mark.slow
+def test_a_padded_table_trains_and_exports_without_its_padding_rows(runs, prepared, tmp_path):
+    run = runs("zero2_padded")
+    assert module_states(run)[TOKENS].shape[0] == 2048  # VOCAB rounded up to 64 in training
+    ours, _ = model_from_checkpoint(run / "checkpoints")
+    assert ours.config.vocab_multiple == 64 and not ours.tokens_embed.weight[VOCAB:].any()
+    export_cli(run / "checkpoints", "--out", tmp_path / "hf")
+    hf = OpenAIGPTLMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    assert hf.transformer.tokens_embed.weight.shape[0] == VOCAB
+    ids = random_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=0, atol=1e-5)
+    export_cli(run / "checkpoints", "--out", tmp_path / "st", "--format", "safetensors")
+    again, _ = load_model(tmp_path / "st")
+    assert again.tokens_embed.weight.shape[0] == VOCAB and again.config.vocab_multiple == 1
+    # Resuming with another table layout is refused, naming the setting.
+    resumed = shutil.copytree(run, tmp_path / "resumed")
+    out = train(prepared, resumed, f"max_steps={STEPS + 1}", port=free_port(), check=False)
+    assert out.returncode != 0 and "vocab_multiple" in out.stderr, out.stderr[-3000:]

@@ -170,3 +170,17 @@ def test_a_lower_cased_corpus_gives_an_autotokenizer_that_lower_cases(tmp_path):
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     text = "The Ship SAILED at Dawn.\nIt Was Late"
     assert hf(text)["input_ids"] == tok.encode(tok.normalize(text)) == tok.encode(text.lower())
+
+
+def test_padding_rows_are_never_exported(tmp_path):
+    from gpt1_ds.model import with_vocab
+
+    torch.manual_seed(4)
+    plain = GPT(GPTConfig(**SMALL, n_inner=4 * SMALL["n_embd"])).eval()
+    padded = with_vocab(plain, SMALL["vocab_size"], 64)
+    assert padded.tokens_embed.weight.shape[0] == 256
+    export_hf(padded, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["vocab_size"] == SMALL["vocab_size"]
+    hf = OpenAIGPTLMHeadModel.from_pretrained(tmp_path).eval()
+    assert hf.transformer.tokens_embed.weight.shape[0] == SMALL["vocab_size"]
+    assert_same_logits(hf, padded, T=20)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gpt1_ds.env import free_port
-from gpt1_ds.model import GPT, IGNORE_INDEX, GPTConfig, _causal_attention_math, param_groups
+from gpt1_ds.model import GPT, IGNORE_INDEX, GPTConfig, _causal_attention_math, param_groups, with_vocab
 
 
 def tiny(**overrides) -> GPTConfig:
@@ -338,3 +338,65 @@ def test_a_failing_tensorboard_write_is_logged_and_the_run_goes_on(tmp_path, cap
         monitor.close()
     assert "TensorBoard add_scalar failed, skipped (OSError" in caplog.text
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("loss_chunk", [0, 7])
+def test_a_padded_vocabulary_gives_the_same_logits_loss_and_gradients(loss_chunk):
+    torch.manual_seed(0)
+    plain = GPT(tiny(vocab_size=1000)).train()
+    padded = with_vocab(plain, 1000, 64)
+    assert padded.tokens_embed.weight.shape[0] == padded.config.padded_vocab_size == 1024
+    assert padded.lm_head.weight is padded.tokens_embed.weight  # still tied
+    assert not padded.tokens_embed.weight[1000:].any()  # padding rows start at zero
+    ids = torch.randint(0, 1000, (2, 33))
+    results = []
+    for model in (plain, padded):
+        model.loss_chunk = loss_chunk
+        loss, grads = _loss_and_grads(model, ids)
+        results.append((loss, grads))
+    (loss_plain, grads_plain), (loss_padded, grads_padded) = results
+    assert loss_padded == pytest.approx(loss_plain, abs=1e-6)
+    table = "tokens_embed.weight"
+    assert not grads_padded[table][1000:].any()  # outside the softmax: no gradient reaches them
+    torch.testing.assert_close(grads_padded[table][:1000], grads_plain[table], rtol=0, atol=1e-6)
+    for name in grads_plain.keys() - {table}:
+        torch.testing.assert_close(grads_padded[name], grads_plain[name], rtol=0, atol=1e-6, msg=name)
+    with torch.no_grad():
+        logits = padded.eval()(ids)
+    assert logits.shape[-1] == 1000  # the padding columns are cut: sampling can never pick them
+    torch.testing.assert_close(logits, plain.eval()(ids), rtol=0, atol=1e-6)
+
+
+def test_with_vocab_appends_new_rows_and_cuts_padding():
+    torch.manual_seed(0)
+    model = GPT(tiny(vocab_size=500))
+    grown = with_vocab(model, 503)  # three ids appended, as GPT-1's task tokens
+    old, new = model.tokens_embed.weight, grown.tokens_embed.weight
+    assert new.shape[0] == 503 and torch.equal(new[:500], old)
+    assert 0.01 < new[500:].std().item() < 0.03  # drawn from N(0, 0.02), not zero or copied
+    cut = with_vocab(with_vocab(grown, 503, 128), 503)
+    assert cut.tokens_embed.weight.shape[0] == 503 and torch.equal(cut.tokens_embed.weight, new)
+    assert with_vocab(model, 500) is model
+    with pytest.raises(ValueError, match="vocab_multiple"):
+        tiny(vocab_multiple=0)
+
+
+def test_dropout_on_the_table_reaches_the_head_and_is_off_in_eval():
+    torch.manual_seed(0)
+    config = tiny(embd_dropout="table", embd_pdrop=0.5, attn_pdrop=0.0, resid_pdrop=0.0)
+    model = GPT(config).train()
+    ids = torch.randint(0, config.vocab_size, (2, 17))
+    hidden = model.hidden_states(ids)
+    table = model._table
+    assert table is not None and (table == 0).float().mean().item() == pytest.approx(0.5, abs=0.02)
+    # The tied head uses the same dropped table as the input embedding did (GPT-1's code).
+    torch.testing.assert_close(model.logits(hidden), hidden @ table.t(), rtol=0, atol=1e-5)
+    summed = GPT(replace(config, embd_dropout="sum")).train()
+    summed.load_state_dict(model.state_dict())
+    summed.hidden_states(ids)
+    assert summed._table is None  # dropout on the summed embeddings, the head untouched
+    model.eval(), summed.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), summed(ids), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="embd_dropout"):
+        tiny(embd_dropout="rows")
