@@ -22,7 +22,9 @@ from typing import Any
 import torch
 import yaml
 
+from gpt1_ds.heads import CLF_DROPOUT_MASKS, LM_LOSS_AVERAGES
 from gpt1_ds.model import GPTConfig
+from gpt1_ds.tasks import TRUNCATIONS
 
 log = logging.getLogger(__name__)
 
@@ -287,6 +289,19 @@ class FinetuneConfig(Settings, Safeguards):
     """Weight of the auxiliary language-modelling loss (GPT-1: 0.5; 0 turns it off)."""
     clf_pdrop: float = 0.1
     """Dropout on the extract token's state before the head."""
+    truncation: str = "gpt1"
+    """How a framed example longer than the context is cut, each segment keeping its beginning: ``gpt1``
+    (GPT-1's rule: each segment to its own fixed share of the context less the control tokens,
+    ``(n_ctx - k - 1) // k`` of k segments, 254 tokens each of a pair in 512; room a short segment leaves
+    goes unused) or ``shared`` (one budget for the whole example: a short segment leaves its room to the
+    longer ones)."""
+    lm_loss_average: str = "token"
+    """How the auxiliary LM loss is averaged: ``token`` (over every counted token of the batch, as in
+    pretraining) or ``sequence`` (GPT-1: each sequence's mean over its own tokens, then the mean over the
+    sequences, so a short sequence weighs as much as a long one)."""
+    clf_dropout_mask: str = "sequence"
+    """Classifier dropout masks: ``sequence`` (an independent mask for each of an example's sequences) or
+    ``example`` (GPT-1: one mask per example, shared by its choices or its two orders)."""
     micro_batch_size: int | str = "auto"
     """Examples per rank per forward pass; ``auto`` as in pretraining (``resolve_batch``)."""
     max_micro_batch_size: int | None = None
@@ -322,8 +337,15 @@ class FinetuneConfig(Settings, Safeguards):
             raise ValueError("fine-tuning needs a training file and a dev file (--train, --dev)")
         if self.lm_coef < 0 or not 0 <= self.clf_pdrop < 1 or not 0 <= self.warmup_fraction < 1:
             raise ValueError("lm_coef must be >= 0, clf_pdrop and warmup_fraction in [0, 1)")
-        if self.task_tokens not in ("new", "keep"):
-            raise ValueError(f"fine-tuning setting task_tokens must be new or keep, got {self.task_tokens!r}")
+        for name, allowed in (
+            ("task_tokens", ("new", "keep")),
+            ("truncation", TRUNCATIONS),
+            ("lm_loss_average", LM_LOSS_AVERAGES),
+            ("clf_dropout_mask", CLF_DROPOUT_MASKS),
+        ):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"fine-tuning setting {name} must be {' or '.join(allowed)}, got {value!r}")
 
 
 def parse_value(text: str) -> Any:

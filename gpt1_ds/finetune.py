@@ -130,15 +130,17 @@ class Finetuning(runner.Loop):
         self.dev_examples = self.data.read(cfg.dev)
         torch.manual_seed(cfg.seed)
         gpt, self.tok = load_backbone(cfg)
-        self.train_set = encode(self.train_examples, self.data, self.tok, gpt.config.n_positions)
-        self.dev_set = encode(self.dev_examples, self.data, self.tok, gpt.config.n_positions)
+        n_ctx = gpt.config.n_positions
+        self.train_set = encode(self.train_examples, self.data, self.tok, n_ctx, cfg.truncation)
+        self.dev_set = encode(self.dev_examples, self.data, self.tok, n_ctx, cfg.truncation)
         per_rank = len(self.train_set) // ctx.world // cfg.micro_batch_size
         self.ds_cfg, self.steps_per_epoch = runner.deepspeed_config(
             ds_path, cfg, ds_over, ctx, per_rank, cfg.train
         )
-        engine, scheduler = runner.build_engine(
-            TaskModel(gpt, self.data, cfg.lm_coef, cfg.clf_pdrop), self.ds_cfg
+        model = TaskModel(
+            gpt, self.data, cfg.lm_coef, cfg.clf_pdrop, cfg.lm_loss_average, cfg.clf_dropout_mask
         )
+        engine, scheduler = runner.build_engine(model, self.ds_cfg)
         layout = {
             "world_size": ctx.world,
             "micro_batch_size": cfg.micro_batch_size,
@@ -185,7 +187,9 @@ class Finetuning(runner.Loop):
             + f"; init {cfg.init}; {self.ctx.world} ranks ({runner.where(self.ctx)}) × micro-batch "
             f"{cfg.micro_batch_size} × accumulation {self.accum} = {self.ds_cfg['train_batch_size']}; "
             f"{self.total_steps} steps ({self.steps_per_epoch} per epoch); optimizer "
-            f"{runner.optimizer_name(self.engine)}; lm_coef {cfg.lm_coef:g}; majority class on dev {majority}"
+            f"{runner.optimizer_name(self.engine)}; lm_coef {cfg.lm_coef:g} (mean per "
+            f"{cfg.lm_loss_average}); truncation {cfg.truncation}; classifier dropout mask per "
+            f"{cfg.clf_dropout_mask}; majority class on dev {majority}"
         )
 
     @property

@@ -9,9 +9,10 @@ choices for multiple choice), framed with the tokenizer's control tokens:
     multiple choice   <start> context <delim> choice_i <extract>   for each i
 
 The task head reads the last layer's state at ``<extract>``. A framed sequence longer than the model's
-context is cut so that each segment keeps its beginning; segments share the room left after the control
-tokens, and a short segment gives what it does not need to the longer ones (GPT-1's code gave each
-segment a fixed budget: docs/FIDELITY.md).
+context is cut so that each segment keeps its beginning (``TRUNCATIONS``): by default as GPT-1's code
+cut it, each segment to its own fixed share of the room left after the control tokens; or with one
+budget for the whole sequence, a short segment giving what it does not need to the longer ones
+(docs/FIDELITY.md).
 """
 
 from __future__ import annotations
@@ -205,6 +206,18 @@ class TaskData:
         return Example(texts, float(self.labels.index(str(raw_label))), where)
 
 
+TRUNCATIONS = ("gpt1", "shared")
+"""How a framed sequence longer than the context is cut: ``gpt1`` (each segment to a fixed share,
+``segment_budget``) or ``shared`` (one budget for all the segments, ``fit_segments``)."""
+
+
+def segment_budget(n_segments: int, n_ctx: int) -> int:
+    """GPT-1's fixed budget of each segment: the context less the control tokens, divided equally.
+    For two segments and an even ``n_ctx`` this is the original's ``n_ctx // 2 - 2`` (254 of 512); for an
+    odd ``n_ctx`` one more, which still fits (the original leaves two positions unused)."""
+    return (n_ctx - n_segments - 1) // n_segments
+
+
 def fit_segments(lengths: list[int], budget: int) -> list[int]:
     """How many tokens each segment keeps so that they sum to at most ``budget``: short
     segments stay whole, the longer ones share the rest equally."""
@@ -217,12 +230,21 @@ def fit_segments(lengths: list[int], budget: int) -> list[int]:
     return keep
 
 
-def frame(segments: list[list[int]], start: int, delim: int, extract: int, n_ctx: int) -> list[int]:
-    """``<start> s0 <delim> s1 ... <extract>``, cut to ``n_ctx`` tokens (each segment keeps its start)."""
+def frame(
+    segments: list[list[int]], start: int, delim: int, extract: int, n_ctx: int, truncation: str = "gpt1"
+) -> list[int]:
+    """``<start> s0 <delim> s1 ... <extract>``, cut to ``n_ctx`` tokens by the rule ``truncation``
+    (``TRUNCATIONS``); each segment keeps its start."""
     budget = n_ctx - len(segments) - 1
     if budget < len(segments):
         raise ValueError(f"a context of {n_ctx} tokens cannot hold {len(segments)} framed segments")
-    keep = fit_segments([len(s) for s in segments], budget)
+    lengths = [len(s) for s in segments]
+    if truncation == "gpt1":
+        keep = [min(n, segment_budget(len(segments), n_ctx)) for n in lengths]
+    elif truncation == "shared":
+        keep = fit_segments(lengths, budget)
+    else:
+        raise ValueError(f"truncation must be {' or '.join(TRUNCATIONS)}, got {truncation!r}")
     ids = [start]
     for i, (seg, k) in enumerate(zip(segments, keep, strict=True)):
         ids += [delim, *seg[:k]] if i else seg[:k]
@@ -237,14 +259,17 @@ class Encoded:
     label: float
 
 
-def encode(examples: list[Example], data: TaskData, tok: Any, n_ctx: int) -> list[Encoded]:
-    """Tokenize and frame every example (``tok``: ``gpt1_ds.tokenizer.Tokenizer``)."""
+def encode(
+    examples: list[Example], data: TaskData, tok: Any, n_ctx: int, truncation: str = "gpt1"
+) -> list[Encoded]:
+    """Tokenize and frame every example (``tok``: ``gpt1_ds.tokenizer.Tokenizer``), cut to ``n_ctx``
+    tokens by the rule ``truncation`` (``TRUNCATIONS``)."""
     # Texts recur (both orders of a pair, the context of every choice); each is prepared as the
     # tokenizer's training text was (ftfy, lower-casing if the corpus was) before it is encoded.
     ids = functools.cache(lambda text: tok.encode(tok.normalize(text)))
 
     def framed(*texts: str) -> list[int]:
-        return frame([ids(t) for t in texts], tok.start_id, tok.delim_id, tok.extract_id, n_ctx)
+        return frame([ids(t) for t in texts], tok.start_id, tok.delim_id, tok.extract_id, n_ctx, truncation)
 
     def sequences(texts: tuple[Any, ...]) -> list[list[int]]:
         if data.kind == "classification":

@@ -173,3 +173,23 @@ def test_a_changed_global_batch_scales_the_learning_rate_by_the_square_root_rule
 
 def test_an_explicit_micro_batch_is_kept_and_checked_later():
     assert batch(8, micro_batch_size=4) == (4, {})
+
+
+def test_fine_tuning_rules_default_to_gpt1_truncation_and_are_checked():
+    cfg = FinetuneConfig.from_yaml(None, ["train=t", "dev=d"])
+    assert (cfg.truncation, cfg.lm_loss_average, cfg.clf_dropout_mask) == ("gpt1", "token", "sequence")
+    chosen = ["truncation=shared", "lm_loss_average=sequence", "clf_dropout_mask=example"]
+    cfg = FinetuneConfig.from_yaml(None, ["train=t", "dev=d", *chosen])
+    assert {k: asdict(cfg)[k] for k in ("truncation", "lm_loss_average", "clf_dropout_mask")} == {
+        "truncation": "shared",
+        "lm_loss_average": "sequence",
+        "clf_dropout_mask": "example",
+    }  # asdict is what a checkpoint records
+    for key, allowed in (
+        ("truncation", "gpt1 or shared"),
+        ("lm_loss_average", "token or sequence"),
+        ("clf_dropout_mask", "sequence or example"),
+        ("task_tokens", "new or keep"),
+    ):
+        with pytest.raises(ValueError, match=f"fine-tuning setting {key} must be {allowed}, got 'half'"):
+            FinetuneConfig.from_yaml(None, ["train=t", "dev=d", f"{key}=half"])

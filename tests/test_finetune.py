@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import REPO
 
+from gpt1_ds.checkpoint import ClientState
 from gpt1_ds.config import FinetuneConfig
 from gpt1_ds.env import free_port
 from gpt1_ds.finetune import epoch_batches, load_backbone
@@ -19,7 +21,7 @@ from gpt1_ds.heads import TaskModel
 from gpt1_ds.hf import export_hf
 from gpt1_ds.loading import load_model
 from gpt1_ds.model import GPT, GPTConfig
-from gpt1_ds.tasks import TaskData, collate, encode
+from gpt1_ds.tasks import Encoded, Example, TaskData, collate, encode
 from gpt1_ds.tokenizer import MODEL_NAME, load_tokenizer
 
 BIN = Path(sys.executable).parent
@@ -27,9 +29,12 @@ GLUE = REPO / "data" / "glue"
 TINY = dict(vocab_size=2000, n_positions=64, n_embd=64, n_layer=2, n_head=2, n_inner=256)
 
 
-def tiny_model(data: TaskData, lm_coef: float = 0.5, seed: int = 0) -> TaskModel:
+def tiny_model(
+    data: TaskData, lm_coef: float = 0.5, seed: int = 0, clf_pdrop: float = 0.1, **rules: str
+) -> TaskModel:
+    """A tiny TaskModel in eval mode; ``rules``: ``lm_loss_average``, ``clf_dropout_mask``."""
     torch.manual_seed(seed)
-    return TaskModel(GPT(GPTConfig(**TINY)), data, lm_coef=lm_coef, clf_pdrop=0.1).eval()
+    return TaskModel(GPT(GPTConfig(**TINY)), data, lm_coef=lm_coef, clf_pdrop=clf_pdrop, **rules).eval()
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +105,60 @@ def test_auxiliary_lm_weight(rte):
     assert loss5 > loss0
 
 
+def test_lm_loss_is_averaged_over_tokens_or_per_sequence_as_gpt1():
+    data = TaskData("classification", labels=["a", "b"])
+    sequences = [[5, 6, 7, 8], list(range(100, 160))]  # 3 and 59 next-token targets
+    batch = collate([Encoded([seq], float(i)) for i, seq in enumerate(sequences)], 0, regression=False)
+    args = (batch["input_ids"], batch["extract_pos"], batch["lm_targets"], batch["labels"])
+    models = {rule: tiny_model(data, lm_loss_average=rule) for rule in ("token", "sequence")}
+    losses = {}
+    with torch.no_grad():
+        for rule, model in models.items():  # larger embeddings spread the per-token losses
+            model.gpt.tokens_embed.weight.mul_(10)
+            *_, losses[rule] = model(*args)
+        gpt = models["token"].gpt
+        per_token = []  # each sequence alone, unpadded: its own tokens' losses
+        for seq in sequences:
+            logits = gpt.logits(gpt.hidden_states(torch.tensor([seq])))[0, :-1]
+            per_token.append(F.cross_entropy(logits.float(), torch.tensor(seq[1:]), reduction="none"))
+    over_tokens = torch.cat(per_token).mean().item()
+    over_sequences = torch.stack([t.mean() for t in per_token]).mean().item()
+    assert abs(over_tokens - over_sequences) > 0.05  # the short sequence weighs 1/2, not 3/62
+    assert losses["token"].item() == pytest.approx(over_tokens, rel=1e-5)
+    assert losses["sequence"].item() == pytest.approx(over_sequences, rel=1e-5)
+    with pytest.raises(ValueError, match="lm_loss_average must be token or sequence, got 'batch'"):
+        tiny_model(data, lm_loss_average="batch")
+
+
+@pytest.mark.parametrize("mask", ["example", "sequence"])
+def test_classifier_dropout_shares_one_mask_per_example_as_gpt1_or_draws_one_per_sequence(prepared, mask):
+    tok = load_tokenizer(prepared / MODEL_NAME)
+    mc = TaskData("multiple_choice")
+    choices = ["at dawn", "it was late", "no", "in the night"]
+    examples = [Example((context, tuple(choices)), 1.0, "x") for context in ("a ship", "the sea")]
+    batch = collate(encode(examples, mc, tok, 64), tok.pad_id, regression=False)
+    B, K, T = batch["input_ids"].shape
+    assert (B, K) == (2, 4)
+    model = tiny_model(mc, clf_pdrop=0.5, clf_dropout_mask=mask)
+    pos = batch["extract_pos"]
+    with torch.no_grad():
+        h = model.gpt.hidden_states(batch["input_ids"].view(B * K, T))  # [B*K, T, C]
+        states = h.view(B, K, T, -1)[torch.arange(B)[:, None], torch.arange(K), pos]  # [B, K, C]
+        assert torch.equal(model.features(h, pos), states)  # eval: no dropout
+        model.train()
+        torch.manual_seed(1)
+        dropped = model.features(h, pos)
+    kept = dropped != 0
+    assert (states != 0).all() and 0.3 < kept.float().mean().item() < 0.7
+    torch.testing.assert_close(dropped[kept], 2 * states[kept])  # kept values scaled by 1 / (1 - 0.5)
+    same_across_choices = [bool((kept[b] == kept[b, :1]).all()) for b in range(B)]
+    if mask == "example":
+        assert same_across_choices == [True, True]
+        assert not torch.equal(kept[0], kept[1])  # one mask per example, not one per batch
+    else:
+        assert same_across_choices == [False, False]
+
+
 def test_epoch_batches_are_disjoint_equal_and_reshuffled():
     a = epoch_batches(103, 4, 0, 2, seed=1, epoch=0)
     b = epoch_batches(103, 4, 1, 2, seed=1, epoch=0)
@@ -163,9 +222,14 @@ def test_sst2_two_ranks_beats_the_majority_class(prepared, tmp_path):
     assert ds["scheduler"]["params"]["warmup_max_lr"] == 5e-4
 
 
+RULES = {"truncation": "shared", "lm_loss_average": "sequence", "clf_dropout_mask": "example"}
+"""The fine-tuning rules that are not the defaults."""
+
+
 @pytest.mark.slow
 def test_rte_from_a_pretraining_checkpoint(prepared, tmp_path):
-    """Pretrain 4 steps (train.py), then fine-tune RTE from that checkpoint; the run reports accuracy."""
+    """Pretrain 4 steps (train.py), then fine-tune RTE from that checkpoint with the rules that are not
+    the defaults; the run reports accuracy and its checkpoint records the rules."""
     sys.path.insert(0, str(REPO / "tests"))
     from test_train import train
 
@@ -181,6 +245,7 @@ def test_rte_from_a_pretraining_checkpoint(prepared, tmp_path):
         f"--init={pre / 'checkpoints'}",
         "epochs=1",
         "max_train_examples=320",
+        *(f"{key}={value}" for key, value in RULES.items()),
         port=free_port(),
     )
     results = json.loads((run / "results.json").read_text())
@@ -188,6 +253,12 @@ def test_rte_from_a_pretraining_checkpoint(prepared, tmp_path):
     assert 0 <= h["accuracy"] <= 1 and "f1" in h and h["loss"] > 0
     assert "epoch 1 (step 10): dev accuracy" in out.stderr
     assert results["best"]["tag"] == "step00000010"
+    assert "(mean per sequence); truncation shared; classifier dropout mask per example" in out.stderr
+    states = torch.load(
+        run / "checkpoints" / "step00000010" / "mp_rank_00_model_states.pt", weights_only=False
+    )
+    recorded = ClientState.from_dict(states, "step00000010").config
+    assert {key: recorded[key] for key in RULES} == RULES  # the checkpoint records the rules it ran with
     # the fine-tuned run carries its tokenizer, and its GPT exports like a pretraining run's
     model, tokenizer = load_model(run / "checkpoints")
     assert tokenizer == run / MODEL_NAME and tokenizer.read_bytes() == (pre / MODEL_NAME).read_bytes()

@@ -11,6 +11,7 @@ from conftest import REPO
 
 from gpt1_ds.model import IGNORE_INDEX
 from gpt1_ds.tasks import (
+    TRUNCATIONS,
     DataError,
     TaskData,
     collate,
@@ -19,6 +20,7 @@ from gpt1_ds.tasks import (
     frame,
     metrics,
     pearson,
+    segment_budget,
     spearman,
 )
 from gpt1_ds.tokenizer import MODEL_NAME, Tokenizer, load_tokenizer
@@ -84,16 +86,55 @@ def test_frame_layouts(tok, tmp_path):
     assert enc.label == 1
 
 
-def test_truncation_keeps_beginnings_and_fits_the_context():
+def test_shared_truncation_keeps_beginnings_and_fits_the_context():
     assert fit_segments([3, 4], 10) == [3, 4]
     assert fit_segments([100, 5], 20) == [15, 5]  # the short segment stays whole
     assert fit_segments([100, 100], 20) == [10, 10]
     assert sum(fit_segments([7, 50, 9], 30)) <= 30
-    ids = frame([list(range(10, 110)), list(range(200, 205))], 1, 2, 3, 24)
+    ids = frame([list(range(10, 110)), list(range(200, 205))], 1, 2, 3, 24, truncation="shared")
     assert len(ids) == 24
     assert ids[:3] == [1, 10, 11] and ids[-7:] == [2, 200, 201, 202, 203, 204, 3]
-    with pytest.raises(ValueError, match="cannot hold"):
-        frame([[5], [6]], 1, 2, 3, 4)
+    for truncation in TRUNCATIONS:
+        with pytest.raises(ValueError, match="cannot hold"):
+            frame([[5], [6]], 1, 2, 3, 4, truncation)
+
+
+def test_gpt1_truncation_cuts_each_segment_to_a_fixed_share_as_the_original():
+    # openai/finetune-transformer-lm train.py: max_len = n_ctx // 2 - 2, then
+    # [start] + x1[:max_len] + [delimiter] + x2[:max_len] + [clf_token]
+    x1, x2 = list(range(1000, 1600)), list(range(2000, 2600))
+    for n_ctx in (512, 64, 24):
+        max_len = n_ctx // 2 - 2
+        assert segment_budget(2, n_ctx) == max_len
+        assert frame([x1, x2], 1, 2, 3, n_ctx) == [1, *x1[:max_len], 2, *x2[:max_len], 3]
+    assert frame([x1, x2], 1, 2, 3, 25) == [1, *x1[:11], 2, *x2[:11], 3]  # odd: one more than 25 // 2 - 2
+    long, short = list(range(10, 110)), list(range(200, 205))
+    gpt1 = frame([long, short], 1, 2, 3, 24)  # each segment (24 - 3) // 2 = 10 tokens at most
+    shared = frame([long, short], 1, 2, 3, 24, truncation="shared")
+    assert gpt1 == [1, *long[:10], 2, *short, 3]  # the short one's unused room stays unused
+    assert shared == [1, *long[:16], 2, *short, 3]  # ... or goes to the long one
+    for truncation in TRUNCATIONS:
+        assert frame([long], 1, 2, 3, 24, truncation) == [1, *long[:22], 3]  # one segment: all the room
+        for n_ctx in (7, 24, 100):
+            for lengths in ([0, 90], [3, 40, 2], [50, 50, 50], [1, 1], [200]):
+                segments = [list(range(100 * i, 100 * i + n)) for i, n in enumerate(lengths)]
+                assert len(frame(segments, 1, 2, 3, n_ctx, truncation)) <= n_ctx, (lengths, n_ctx)
+    with pytest.raises(ValueError, match="truncation must be gpt1 or shared, got 'half'"):
+        frame([long], 1, 2, 3, 24, truncation="half")
+
+
+def test_encode_frames_by_the_rule_it_is_given(tok, tmp_path):
+    data = TaskData("entailment")
+    premise = " ".join(["the ship sailed out of the harbour at dawn"] * 4)
+    path = write(tmp_path / "e.tsv", f"premise\thypothesis\tlabel\n{premise}\tit was late\tyes\n")
+    examples = data.read(path, train=True)
+    hypothesis = tok.encode("it was late")
+    (gpt1,) = encode(examples, data, tok, 24)
+    (shared,) = encode(examples, data, tok, 24, truncation="shared")
+    assert gpt1.sequences[0][-len(hypothesis) - 2 :] == [tok.delim_id, *hypothesis, tok.extract_id]
+    assert shared.sequences[0][-len(hypothesis) - 2 :] == [tok.delim_id, *hypothesis, tok.extract_id]
+    assert len(gpt1.sequences[0]) == 1 + 10 + 1 + len(hypothesis) + 1  # the premise cut to (24 - 3) // 2
+    assert len(shared.sequences[0]) == 24  # the premise takes the hypothesis' unused room
 
 
 def test_collate_pads_and_points_at_the_extract_token(tok, tmp_path):
