@@ -23,7 +23,7 @@ VENV ?= .venv
 VENV_ARGS ?=
 CONSTRAINTS := constraints.txt
 TORCH_SPEC ?= $(shell grep -m1 '^torch==' $(CONSTRAINTS))
-EXTRAS ?= dev,mpi,eval
+EXTRAS ?= dev,mpi,eval,gpt1
 # DeepSpeed's ops compiled into it at install where torch is a CUDA build and nvcc exists;
 # elsewhere they are compiled on first use, once per node (gpt1_ds/ops.py). DS_PREBUILD=0: never.
 DS_PREBUILD ?= auto

@@ -251,11 +251,12 @@ def check_tokenizer(source: Path, model: GPT, path: Path | None) -> SentencePiec
             f"{path}: sha256 {tok.sha256[:12]}, but the model was trained with the tokenizer that "
             f"{recorded[0]} records ({recorded[1][:12]}): they do not belong together"
         )
-    if tok.vocab_size > model.config.vocab_size:
-        raise EvalError(
-            f"{path}: {tok.vocab_size} pieces but the model's vocabulary is {model.config.vocab_size}: "
-            "this tokenizer does not belong to this model"
-        )
+    from gpt1_ds.loading import fit_vocab
+
+    try:
+        fit_vocab(model, tok)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
     return tok
 
 

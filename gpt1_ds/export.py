@@ -20,7 +20,7 @@ from safetensors.torch import save
 
 from gpt1_ds.checkpoint import CheckpointError
 from gpt1_ds.files import atomic_write_bytes, atomic_write_text
-from gpt1_ds.hf import WEIGHTS_NAME, export_hf, export_hf_tokenizer
+from gpt1_ds.hf import WEIGHTS_NAME, export_hf, export_hf_tokenizer, export_openai_tokenizer
 from gpt1_ds.loading import OWN_CONFIG_NAME, Checkpoint, find_tokenizer, model_from_checkpoint
 from gpt1_ds.model import LM_HEAD, GPTConfig, with_vocab
 from gpt1_ds.tokenizer import copy_tokenizer, load_tokenizer
@@ -69,9 +69,11 @@ def export(source: str | Path, out: str | Path, tag: str | None = None, fmt: str
     if tokenizer is not None:
         copy_tokenizer(tokenizer, out)
         if fmt == "hf":
-            export_hf_tokenizer(load_tokenizer(tokenizer), out, model.config.n_positions)
+            tok = load_tokenizer(tokenizer)
+            write = export_hf_tokenizer if tok.kind == "sentencepiece" else export_openai_tokenizer
+            write(tok, out, model.config.n_positions)
     else:
-        log.warning("no tokenizer.model found for %s: copy it into %s yourself", source, out)
+        log.warning("no tokenizer found for %s: copy it into %s yourself", source, out)
     log.info("exported %s (step %s) → %s (%s)", ckpt.path, ckpt.state.step, out, fmt)
     return out
 

@@ -37,7 +37,7 @@ from gpt1_ds.checkpoint import ClientState, tag_for
 from gpt1_ds.config import FinetuneConfig
 from gpt1_ds.files import atomic_write_text
 from gpt1_ds.heads import TaskModel, predictions, task_loss_of
-from gpt1_ds.loading import load_model
+from gpt1_ds.loading import fit_vocab, load_model
 from gpt1_ds.model import GPT, GPTConfig
 from gpt1_ds.tasks import Encoded, TaskData, collate, encode, main_metric, metrics
 from gpt1_ds.tokenizer import Tokenizer, load_tokenizer
@@ -92,13 +92,21 @@ def load_backbone(cfg: FinetuneConfig) -> tuple[GPT, Tokenizer]:
         gpt, found = load_model(cfg.init)
     path = cfg.tokenizer or found
     if path is None:
-        raise ValueError(f"no tokenizer.model found with {cfg.init!r}: pass --tokenizer")
-    tok = load_tokenizer(path)
-    if tok.vocab_size > gpt.config.vocab_size:
         raise ValueError(
-            f"tokenizer {path} has {tok.vocab_size} pieces, the model's vocab_size is {gpt.config.vocab_size}"
+            f"{cfg.init}: a model without a tokenizer (neither tokenizer.model nor vocab.json + "
+            "merges.txt beside it): pass --tokenizer"
         )
-    if cfg.init != "none" and cfg.task_tokens == "new":
+    tok = load_tokenizer(path)
+    if cfg.tokenizer and found is not None and (own := load_tokenizer(found)).sha256 != tok.sha256:
+        raise ValueError(
+            f"--tokenizer {path} ({tok.kind}, sha256 {tok.sha256[:12]}) is not the tokenizer of "
+            f"{cfg.init}: {found} ({own.kind}, sha256 {own.sha256[:12]})"
+        )
+    appended = tok.appended and gpt.config.vocab_size == tok.base_size
+    gpt = fit_vocab(gpt, tok, append=True)  # GPT-1's task tokens: new rows after its vocabulary
+    if appended:
+        log.info("%s: task tokens appended as new rows %s (N(0, 0.02))", cfg.init, list(tok.appended))
+    elif cfg.init != "none" and cfg.task_tokens == "new":
         renew_task_tokens(gpt, tok)
     return gpt.train(), tok
 

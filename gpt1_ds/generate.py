@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from gpt1_ds.model import GPT, describe
-from gpt1_ds.tokenizer import load_tokenizer
+from gpt1_ds.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger("gpt1_ds.generate")
 
@@ -143,6 +143,12 @@ def _speed(new: int, seconds: float) -> str:
     return f"{new} new tokens in {seconds:.2f} s: {new / seconds if seconds > 0 else 0.0:.1f} tokens/s"
 
 
+def stop_id(tok: Tokenizer) -> int | None:
+    """The id that ends a generated text: ``<eod>``; none for GPT-1's own tokenizer, which has no
+    end-of-text token (its ``eod_id`` stands for a line break)."""
+    return tok.eod_id if tok.kind == "sentencepiece" else None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command line: print each prompt's continuation and log the generation speed."""
     parser = ArgumentParser(
@@ -158,7 +164,12 @@ def main(argv: list[str] | None = None) -> None:
     add("--top-p", type=float, default=1.0, help="nucleus mass (1: no cut)")
     add("--seed", type=int, default=0)
     add("--tag", help="checkpoint tag in a checkpoints directory (default: the latest)")
-    add("--tokenizer", type=Path, help="tokenizer.model (default: the one found with SOURCE)")
+    add(
+        "--tokenizer",
+        type=Path,
+        help="tokenizer.model, or a folder with GPT-1's vocab.json + merges.txt "
+        "(default: the one found with SOURCE)",
+    )
     add("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     add("--no-cache", action="store_true", help="recompute the whole context at each token")
     add("--truncate", action="store_true", help="keep the last n_positions tokens of a too long prompt")
@@ -175,18 +186,20 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
 
-    from gpt1_ds.loading import load_model
+    from gpt1_ds.loading import fit_vocab, load_model
 
     model, tok_path = load_model(args.source, args.tag)
     tok_path = args.tokenizer or tok_path
     if tok_path is None:
-        parser.error(f"no tokenizer.model found for {args.source}: pass --tokenizer")
-    tok = load_tokenizer(tok_path)
-    if tok.vocab_size > model.config.vocab_size:
         parser.error(
-            f"the tokenizer {tok_path} has {tok.vocab_size} pieces but the model's vocabulary is "
-            f"{model.config.vocab_size}: they do not belong together"
+            f"no tokenizer (tokenizer.model, or vocab.json + merges.txt) found for {args.source}: "
+            "pass --tokenizer"
         )
+    tok = load_tokenizer(tok_path)
+    try:
+        fit_vocab(model, tok)
+    except ValueError as e:
+        parser.error(str(e))
     model = model.to(device).eval()
     log.info("model: %s; tokenizer %s; device %s", describe(model), tok_path, device)
 
@@ -199,9 +212,12 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"prompt {i} is empty")
 
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    opts = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, stop_id=tok.eod_id)
+    opts = dict(
+        temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, stop_id=stop_id(tok)
+    )
+    # Never an appended task token (GPT-1's tokenizer): only the ids text can give.
     opts.update(
-        generator=generator, use_cache=not args.no_cache, truncate=args.truncate, vocab_limit=tok.vocab_size
+        generator=generator, use_cache=not args.no_cache, truncate=args.truncate, vocab_limit=tok.base_size
     )
     total_new, total_s = 0, 0.0
     for i, ids in enumerate(encoded, 1):

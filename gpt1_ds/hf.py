@@ -227,6 +227,30 @@ def export_hf_tokenizer(tok: SentencePieceTokenizer, path: str | Path, n_positio
     return path
 
 
+def export_openai_tokenizer(tok: Any, path: str | Path, n_positions: int) -> Path:
+    """Write ``tokenizer_config.json`` for GPT-1's own tokenizer (``gpt1_ds.openai_bpe``, whose
+    ``vocab.json`` and ``merges.txt`` lie in ``path``), so that ``AutoTokenizer.from_pretrained(path)``
+    opens transformers' ``OpenAIGPTTokenizer`` on them, with the appended task tokens as special
+    tokens at their ids. transformers' tokenizer splits words its own way, not by GPT-1's pipeline:
+    ``python -m gpt1_ds.openai_bpe compare`` measures how often the ids differ."""
+    path = Path(path)
+    names = {tok.start_id: "_start_", tok.delim_id: "_delimiter_", tok.extract_id: "_classify_"}
+    added = {
+        str(i): {"content": name, "special": True, "lstrip": False, "rstrip": False, "normalized": False}
+        for i, name in sorted(names.items())
+    }
+    config = {
+        "tokenizer_class": "OpenAIGPTTokenizer",
+        "unk_token": UNK,
+        "model_max_length": n_positions,
+        "added_tokens_decoder": added,
+        "additional_special_tokens": list(names.values()),
+        "gpt1_ds_tokenizer_sha256": tok.sha256,
+    }
+    atomic_write_text(path / HF_TOKENIZER_CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+    return path
+
+
 def import_hf(source: str | Path | Any) -> GPT:
     """A ``GPT`` from an HF directory (``config.json`` + ``model.safetensors`` or
     ``pytorch_model.bin``) or from an ``OpenAIGPTLMHeadModel`` / ``OpenAIGPTModel`` object."""

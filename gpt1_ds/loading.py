@@ -30,11 +30,10 @@ from safetensors.torch import load_file
 
 from gpt1_ds import checkpoint
 from gpt1_ds.checkpoint import CheckpointError, ClientState, RunDir
-from gpt1_ds.files import sha256_file
 from gpt1_ds.heads import BACKBONE, TaskModel
 from gpt1_ds.hf import CONFIG_NAME, WEIGHTS_NAME, import_hf
 from gpt1_ds.model import GPT, LM_HEAD, TOKENS_EMBED, GPTConfig, param_groups, with_vocab
-from gpt1_ds.tokenizer import MODEL_NAME, Tokenizer
+from gpt1_ds.tokenizer import Tokenizer, find_in, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -249,15 +248,34 @@ def model_from_checkpoint(source: str | Path, tag: str | None = None) -> tuple[G
 
 
 def find_tokenizer(folder: str | Path, ckpt: Checkpoint | None = None) -> Path | None:
-    """The tokenizer.model of a model: in ``folder`` (an HF directory or our export), or for a
-    checkpoint in its run directory or the dataset its run config names."""
+    """The tokenizer of a model (``tokenizer.find_in``: a ``tokenizer.model``, or a folder with
+    GPT-1's ``vocab.json`` and ``merges.txt``): in ``folder`` (an HF directory or our export), or for
+    a checkpoint in its run directory or the dataset its run config names."""
     candidates = [Path(folder)]
     if ckpt is not None:
         candidates = [
             ckpt.run_dir.path,
             *([Path(ckpt.state.config["data"])] if ckpt.state.config.get("data") else []),
         ]
-    return next((c / MODEL_NAME for c in candidates if (c / MODEL_NAME).is_file()), None)
+    return next((found for c in candidates if (found := find_in(c)) is not None), None)
+
+
+def fit_vocab(model: GPT, tok: Tokenizer, append: bool = False) -> GPT:
+    """``model`` checked against ``tok``: every id the tokenizer makes from text needs a row. GPT-1's
+    own tokenizer appends its task tokens after its vocabulary: a model without their rows (a
+    released ``openai-gpt`` directory) gets them when ``append`` (new rows, N(0, 0.02), as the
+    original appended them at fine-tuning; before any padding rows). A vocabulary that does not fit
+    the table is an error naming the tokenizer and both sizes."""
+    rows = model.config.vocab_size
+    if tok.appended and rows == tok.base_size:
+        return with_vocab(model, tok.vocab_size, model.config.vocab_multiple) if append else model
+    if tok.vocab_size > rows or (tok.appended and rows != tok.vocab_size):
+        sizes = f"{tok.base_size:,} ids" + (f" + {len(tok.appended)} task tokens" if tok.appended else "")
+        raise ValueError(
+            f"{tok.path}: the tokenizer ({tok.kind}) has {sizes}, but the model's token table has "
+            f"{rows:,} rows: they do not belong together"
+        )
+    return model
 
 
 def load_model(source: str | Path, tag: str | None = None) -> tuple[GPT, Path | None]:
@@ -284,7 +302,10 @@ def init_from(model: GPT, source: str, tok: Tokenizer) -> None:
     differ = {k: (theirs[k], ours[k]) for k in shape if ours[k] != theirs[k]}
     if differ:
         raise ValueError(f"init={source}: the model differs from the run config's: {differ} (init, run)")
-    if tokenizer is not None and sha256_file(tokenizer) != tok.sha256:
-        raise ValueError(f"init={source}: its tokenizer {tokenizer} is not the dataset's")
+    if tokenizer is not None and (theirs := load_tokenizer(tokenizer)).sha256 != tok.sha256:
+        raise ValueError(
+            f"init={source}: its tokenizer {tokenizer} ({theirs.kind}, sha256 {theirs.sha256[:12]}) is not "
+            f"the dataset's {tok.path} ({tok.kind}, sha256 {tok.sha256[:12]})"
+        )
     model.load_state_dict(with_vocab(pretrained, ours["vocab_size"], ours["vocab_multiple"]).state_dict())
     log.info("initialised from %s", source)

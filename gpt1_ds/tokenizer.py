@@ -3,7 +3,7 @@
 ``Tokenizer`` is the interface (encode, decode, special ids, vocab size, sha256);
 ``SentencePieceTokenizer`` implements it for the sentencepiece BPE model that
 ``data_prep.tokenizer`` trains; ``load_tokenizer`` opens one from its file. A second
-kind of tokenizer implements the same few members.
+kind, GPT-1's own BPE (``gpt1_ds.openai_bpe.OpenAIBPETokenizer``), implements the same few members.
 
 Reserved ids of a gpt1-ds sentencepiece model: ``<pad>`` 0, ``<unk>`` 1, ``<eod>`` 2 (end of
 document), then the fine-tuning control tokens ``<start>``, ``<delim>``, ``<extract>`` (never
@@ -38,8 +38,14 @@ class Tokenizer(Protocol):
     """What the rest of gpt1-ds needs of a tokenizer."""
 
     path: Path
+    kind: str
+    """``"sentencepiece"`` or ``"openai-bpe"`` (``gpt1_ds.openai_bpe``)."""
     sha256: str
     vocab_size: int
+    base_size: int
+    """Ids the tokenizer's own vocabulary holds; ids from ``base_size`` to ``vocab_size`` are ``appended``."""
+    appended: tuple[int, ...]
+    """Ids added after the vocabulary (GPT-1's fine-tuning tokens); empty for sentencepiece."""
     pad_id: int
     eod_id: int
     newline_id: int
@@ -61,6 +67,9 @@ class Tokenizer(Protocol):
 class SentencePieceTokenizer:
     """A gpt1-ds sentencepiece model: encode/decode with exact round trips, and its special ids."""
 
+    kind = "sentencepiece"
+    appended: tuple[int, ...] = ()
+
     def __init__(self, model_path: str | Path) -> None:
         import sentencepiece as spm
 
@@ -73,7 +82,7 @@ class SentencePieceTokenizer:
         except (RuntimeError, TypeError, ValueError) as e:  # sentencepiece names neither file nor field
             raise ValueError(f"{self.path}: not a sentencepiece model ({type(e).__name__}: {e})") from None
         self.sha256 = hashlib.sha256(data).hexdigest()
-        self.vocab_size = self.sp.get_piece_size()
+        self.vocab_size = self.base_size = self.sp.get_piece_size()
         ids = {p: self.sp.piece_to_id(p) for p in (PAD, EOD, *CONTROL, NEWLINE)}
         if ids[PAD] != 0 or ids[EOD] != 2 or ids[NEWLINE] == self.sp.unk_id():
             raise ValueError(f"{self.path}: not a gpt1-ds tokenizer (special pieces missing)")
@@ -161,14 +170,42 @@ def info_file(folder: str | Path) -> Path | None:
 
 
 def copy_tokenizer(model: Path, folder: Path) -> None:
-    """Copy the tokenizer model ``model`` and its metadata (as ``INFO_NAME``) into ``folder``."""
-    sources = {MODEL_NAME: model, INFO_NAME: info_file(model.parent)}
+    """Copy the tokenizer at ``model`` into ``folder``: a sentencepiece model with its metadata
+    (as ``INFO_NAME``), or GPT-1's ``vocab.json`` and ``merges.txt`` (``model`` their folder)."""
+    if model.is_dir():
+        from gpt1_ds.openai_bpe import MERGES_NAME, VOCAB_NAME
+
+        sources: dict[str, Path | None] = {name: model / name for name in (VOCAB_NAME, MERGES_NAME)}
+    else:
+        sources = {MODEL_NAME: model, INFO_NAME: info_file(model.parent)}
     for name, src in sources.items():
         dst = folder / name
         if src is not None and src.is_file() and src.resolve() != dst.resolve():
             shutil.copyfile(src, dst)
 
 
-def load_tokenizer(path: str | Path) -> SentencePieceTokenizer:
-    """The tokenizer stored at ``path`` (a ``tokenizer.model`` file)."""
+def find_in(folder: str | Path) -> Path | None:
+    """The tokenizer in ``folder``: its ``tokenizer.model``, else the folder itself when it holds
+    GPT-1's ``vocab.json`` or ``merges.txt`` (an ``openai-gpt`` directory), else None."""
+    from gpt1_ds.openai_bpe import MERGES_NAME, VOCAB_NAME
+
+    folder = Path(folder)
+    if (folder / MODEL_NAME).is_file():
+        return folder / MODEL_NAME
+    return folder if any((folder / name).is_file() for name in (VOCAB_NAME, MERGES_NAME)) else None
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer stored at ``path``: a ``tokenizer.model`` file (sentencepiece), or a folder
+    with GPT-1's ``vocab.json`` and ``merges.txt`` (``gpt1_ds.openai_bpe``) or a ``tokenizer.model``."""
+    path = Path(path)
+    if path.is_dir():
+        found = find_in(path)
+        if found is None:
+            raise FileNotFoundError(f"{path}: no tokenizer: neither {MODEL_NAME} nor vocab.json + merges.txt")
+        path = found
+    if path.is_dir():
+        from gpt1_ds.openai_bpe import OpenAIBPETokenizer
+
+        return OpenAIBPETokenizer(path)
     return SentencePieceTokenizer(path)

@@ -68,3 +68,16 @@ def prepared(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("prepared")
     run_prepare(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def openai_dir(tmp_path_factory) -> Path:
+    """An ``openai-gpt`` tokenizer folder (``vocab.json``, ``merges.txt``): 1,000 BPE merges learned
+    once from a real book with GPT-1's own words (ftfy, standardisation, spaCy, lower case), the
+    layout of Hugging Face's ``openai-gpt`` files (read-only for the tests)."""
+    from gpt1_ds.openai_bpe import learn_bpe, read_text, write_openai_files
+
+    out = tmp_path_factory.mktemp("openai_bpe")
+    vocab, merges = learn_bpe([read_text(SAMPLE_BOOKS[0])], num_merges=1000)
+    write_openai_files(out, vocab, merges)
+    return out

@@ -113,7 +113,10 @@ def test_cli_errors_name_the_file_and_write_nothing(prepared, tmp_path, caplog):
     assert (
         main([str(model_dir), "--zero-shot", "sst2", "--tokenizer", str(tokenizer), "--out", str(out)]) == 1
     )
-    assert f"{tokenizer}: 2000 pieces but the model's vocabulary is 1000" in caplog.text
+    assert (
+        f"{tokenizer}: the tokenizer (sentencepiece) has 2,000 ids, but the model's token table has 1,000"
+        in (caplog.text)
+    )
     assert main([str(model_dir), "--zero-shot", "sst2", "--out", str(out)]) == 1
     assert f"{model_dir}: no tokenizer.model found" in caplog.text
     bad = tmp_path / "sst2.txt"
