@@ -120,6 +120,10 @@ def renew_task_tokens(gpt: GPT, tok: Tokenizer) -> None:
         table[rows] = torch.randn(len(rows), table.size(1)) * gpt.config.initializer_range
 
 
+RULES_BEFORE = {"truncation": "shared", "lm_loss_average": "token", "clf_dropout_mask": "sequence"}
+"""The fine-tuning rules a resume must keep, with the behaviour of checkpoints that predate them."""
+
+
 class Finetuning(runner.Loop):
     """GPT-1's fine-tuning loop: epochs over the task's examples, dev metrics after each."""
 
@@ -177,6 +181,18 @@ class Finetuning(runner.Loop):
             return None
         top = Counter(int(e.label) for e in self.train_examples).most_common(1)[0][0]
         return float(np.mean([int(e.label) == top for e in self.dev_examples]))
+
+    def check_saved(self, state: ClientState, path: Path) -> None:
+        """The rules that shape the examples and the loss must be the checkpoint's. A checkpoint from
+        before a rule existed was written with ``RULES_BEFORE``'s value."""
+        saved = {k: state.config.get(k, RULES_BEFORE[k]) for k in RULES_BEFORE}
+        differ = {k: (v, getattr(self.cfg, k)) for k, v in saved.items() if v != getattr(self.cfg, k)}
+        if differ:
+            fix = " ".join(f"{k}={v[0]}" for k, v in differ.items())
+            raise ValueError(
+                f"checkpoint {path} was written with other fine-tuning rules: {differ} (checkpoint, this "
+                f"run); resume with {fix} or resume=none"
+            )
 
     def check_resume(self, state: ClientState, path: Path) -> None:
         if state.layout != self.state.layout:

@@ -264,21 +264,24 @@ def test_rte_from_a_pretraining_checkpoint(prepared, tmp_path):
     assert tokenizer == run / MODEL_NAME and tokenizer.read_bytes() == (pre / MODEL_NAME).read_bytes()
     assert model.config.n_positions == 64 and model.lm_head.weight is model.tokens_embed.weight
     # a resume with another batch layout would shift the epochs: refused, naming both
-    again = finetune(
-        run,
+    args = (
         "--task=rte",
         f"--train={GLUE / 'rte' / 'train.tsv'}",
         f"--dev={GLUE / 'rte' / 'dev.tsv'}",
         f"--init={pre / 'checkpoints'}",
         "epochs=2",
         "max_train_examples=320",
-        "micro_batch_size=4",
-        port=free_port(),
-        check=False,
     )
+    rules = [f"{key}={value}" for key, value in RULES.items()]
+    again = finetune(run, *args, *rules, "micro_batch_size=4", port=free_port(), check=False)
     assert again.returncode != 0
     assert "'micro_batch_size': 8" in again.stderr and "'micro_batch_size': 4" in again.stderr
     assert "the epochs would not line up" in again.stderr
+    # and one with the default rules would frame and weigh the examples otherwise: refused first
+    again = finetune(run, *args, port=free_port(), check=False)
+    assert again.returncode != 0 and "other fine-tuning rules" in again.stderr, again.stderr[-3000:]
+    assert "'truncation': ('shared', 'gpt1')" in again.stderr
+    assert "resume with truncation=shared lm_loss_average=sequence clf_dropout_mask=example" in again.stderr
 
 
 @pytest.mark.slow
