@@ -83,7 +83,7 @@ else
     BENCH=(--args "train=--presets gpt1 --variants plain hf ds-z2 ds-z2+chunk ds-z2+pad ds-z2+compile --batch 16 --steps 20 --warmup 3")
     BENCH+=(--args "step=--batch 8 --seq-len 512 --steps 20 --warmup 3")  # a rank's share on 8 GPUs
 fi
-step bench_train 240 $PY benchmarks/run_all.py --only train,step "${BENCH[@]}" --out-dir "$OUT"
+step bench_train 300 $PY benchmarks/run_all.py --only train,step "${BENCH[@]}" --out-dir "$OUT"
 
 # GPT-1's step on one GPU: the gpt1 model at micro-batch 8 and no accumulation (one rank's share
 # of the batch of 64 on 8 GPUs), bf16, ZeRO-2, on the embedded books (tokenizer of 8,192 pieces

@@ -81,6 +81,25 @@ def test_activation_checkpointing_gives_the_same_gradients_on_cuda():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_a_padded_table_gives_the_same_loss_and_gradients_on_cuda_in_bf16():
+    from gpt1_ds.model import with_vocab
+
+    torch.manual_seed(0)
+    plain = GPT(SMALL_GPT).cuda().eval()  # 512 + 0 rows, and 500 ids padded to 512 below
+    plain = with_vocab(plain, 500)
+    padded = with_vocab(plain, 500, 64)
+    x = torch.randint(0, 500, (4, 64), device="cuda")
+    grads = []
+    for model in (plain, padded):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = model(x, x)
+        loss.backward()
+        grads.append((loss.item(), model.h[0].attn.c_attn.weight.grad.clone()))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-3)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=5e-2, atol=2e-5)  # gradients of order 1e-4
+    assert not padded.tokens_embed.weight.grad[500:].any()
+
+
 def test_a_cuda_checkpoint_exports_and_generates_the_cpus_greedy_tokens(cuda_run, tmp_path):
     run("gpt1_ds.export", str(cuda_run[0] / "checkpoints"), "--out", str(tmp_path / "hf"))
     model, _ = load_model(tmp_path / "hf")
