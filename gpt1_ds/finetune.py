@@ -183,9 +183,15 @@ class Finetuning(runner.Loop):
         return float(np.mean([int(e.label) == top for e in self.dev_examples]))
 
     def check_saved(self, state: ClientState, path: Path) -> None:
-        """The rules that shape the examples and the loss must be the checkpoint's. A checkpoint from
-        before a rule existed was written with ``RULES_BEFORE``'s value."""
-        saved = {k: state.config.get(k, RULES_BEFORE[k]) for k in RULES_BEFORE}
+        """The rules that shape this task's examples and loss must be the checkpoint's. A checkpoint
+        from before a rule existed was written with ``RULES_BEFORE``'s value."""
+        kind = self.data.kind
+        rules = [
+            *(["truncation"] if kind != "classification" else []),  # one segment: both rules agree
+            *(["lm_loss_average"] if self.cfg.lm_coef > 0 else []),
+            *(["clf_dropout_mask"] if kind in ("similarity", "multiple_choice") else []),  # K > 1
+        ]
+        saved = {k: state.config.get(k, RULES_BEFORE[k]) for k in rules}
         differ = {k: (v, getattr(self.cfg, k)) for k, v in saved.items() if v != getattr(self.cfg, k)}
         if differ:
             fix = " ".join(f"{k}={v[0]}" for k, v in differ.items())
