@@ -53,6 +53,9 @@ from gpt1_ds.tokenizer import Tokenizer, copy_tokenizer
 log = logging.getLogger(__name__)
 
 PREEMPTED_EXIT = 75
+SETUP_ERROR_EXIT = 2
+"""A run refused before its first step (bad config, data, model or checkpoint): the error is logged
+on every rank that found it, without a traceback."""
 NEVER = 2**62  # "no step": the first bad step's value while every value was finite
 T = TypeVar("T")
 
@@ -328,7 +331,13 @@ class Loop:
         ctx = Context.start(cfg.collective_timeout)
         cfg, ds_over = batch_settings(cfg, args.ds_config, ds_over, ctx)
         try:
-            return cls(cfg, ctx, args.ds_config, ds_over).execute(preempt)
+            try:
+                loop = cls(cfg, ctx, args.ds_config, ds_over)
+                loop.resume(cfg.resume)
+            except (ValueError, FileNotFoundError) as e:  # bad input, found before any step
+                log.error("%s", e)
+                return SETUP_ERROR_EXIT
+            return loop.execute(preempt)
         except Exception as e:
             if not watchdog.timed_out(e):
                 raise
@@ -341,9 +350,8 @@ class Loop:
             return watchdog.HUNG_EXIT
 
     def execute(self, preempt: Preemption) -> int:
-        """The whole run once set up: resume → start → the loop → finish; the exit code."""
+        """The whole run once set up and resumed: start → the loop → finish; the exit code."""
         self.preempt = preempt
-        self.resume(self.cfg.resume)
         self.start(self.cfg.to_yaml())
         self.describe()
         marker = self.run_dir.path / watchdog.HUNG
