@@ -28,22 +28,40 @@ from gpt1_ds.tokenizer import copy_tokenizer, load_tokenizer
 log = logging.getLogger("gpt1_ds.export")
 
 
-def model_card(ckpt: Checkpoint, config: GPTConfig, n_params: int) -> str:
+_TOKENIZER_LINES = {
+    "sentencepiece": "(the same ids as the sentencepiece model `tokenizer.model`, which "
+    "`gpt1_ds.tokenizer.load_tokenizer` opens).",
+    "openai-bpe": "(transformers' `OpenAIGPTTokenizer` on GPT-1's `vocab.json` and `merges.txt`, with the "
+    "task tokens at their appended ids; its word split is not GPT-1's spaCy pipeline, which "
+    "`gpt1_ds.openai_bpe` reproduces).",
+}
+
+
+def model_card(ckpt: Checkpoint, config: GPTConfig, n_params: int, tokenizer: str | None) -> str:
+    """The export's README.md: what the model is, how to load it, how it was trained.
+    ``tokenizer``: the kind of the tokenizer exported with it (None: none found)."""
     state = ckpt.state
     val = state.val_ppl
+    if state.kind == "finetune":
+        origin = f"fine-tuned with gpt1-ds on `{state.config.get('task')}` from `{state.config.get('init')}`"
+        origin += " (the language model; the task head is not part of this export)"
+    else:
+        origin = "pretrained with gpt1-ds"
+    tok_line = _TOKENIZER_LINES.get(tokenizer or "", "(no tokenizer was found with the checkpoint).")
     lines = [
         "# GPT-1 (gpt1-ds)",
         "",
-        "A GPT-1 model (Radford et al., 2018) pretrained with gpt1-ds: post-LayerNorm, learned",
-        "positions, tanh GELU, LM head tied to the token table. Load it with",
+        f"A GPT-1 model (Radford et al., 2018) {origin}: post-LayerNorm, learned positions, tanh",
+        "GELU, LM head tied to the token table. Load it with",
         "`transformers.AutoModelForCausalLM.from_pretrained(<this folder>)` and its tokenizer with",
-        "`transformers.AutoTokenizer.from_pretrained(<this folder>)` (the same ids as the sentencepiece",
-        "model `tokenizer.model`, which `gpt1_ds.tokenizer.load_tokenizer` opens).",
+        f"`transformers.AutoTokenizer.from_pretrained(<this folder>)` {tok_line}",
         "",
         f"- Shape: {config.n_layer} layers × {config.n_embd}, {config.n_head} heads, context "
         f"{config.n_positions}, vocab {config.vocab_size:,}: {n_params:,} parameters",
-        f"- Data: `{state.config.get('data', 'unknown')}`",
-        f"- Training: {state.step} steps, {state.tokens_seen:,} tokens (checkpoint `{ckpt.tag}`)",
+        f"- Data: `{state.config.get('data') or state.config.get('train') or 'unknown'}`",
+        f"- Training: {state.step} steps"
+        + (f", {state.tokens_seen:,} tokens" if state.tokens_seen else "")
+        + f" (checkpoint `{ckpt.tag}`)",
         f"- Validation perplexity: {val:.2f}" if isinstance(val, float) else "- Validation perplexity: n/a",
         "",
     ]
@@ -58,18 +76,19 @@ def export(source: str | Path, out: str | Path, tag: str | None = None, fmt: str
     model, ckpt = model_from_checkpoint(source, tag)
     model = with_vocab(model, model.config.vocab_size)  # the padding rows are not the model's
     out.mkdir(parents=True, exist_ok=True)
+    found = find_tokenizer(source, ckpt)
+    tok = load_tokenizer(found) if found is not None else None
     if fmt == "hf":
         export_hf(model, out, metadata={"gpt1_ds_step": str(ckpt.state.step)})
-        atomic_write_text(out / "README.md", model_card(ckpt, model.config, model.num_parameters()))
+        card = model_card(ckpt, model.config, model.num_parameters(), tok.kind if tok else None)
+        atomic_write_text(out / "README.md", card)
     else:
         state = {k: v.contiguous() for k, v in model.state_dict().items() if k != LM_HEAD}
         atomic_write_bytes(out / WEIGHTS_NAME, save(state, metadata={"format": "pt"}))
         atomic_write_text(out / OWN_CONFIG_NAME, json.dumps(model.config.to_dict(), indent=2) + "\n")
-    tokenizer = find_tokenizer(source, ckpt)
-    if tokenizer is not None:
-        copy_tokenizer(tokenizer, out)
+    if found is not None and tok is not None:
+        copy_tokenizer(found, out)
         if fmt == "hf":
-            tok = load_tokenizer(tokenizer)
             write = export_hf_tokenizer if tok.kind == "sentencepiece" else export_openai_tokenizer
             write(tok, out, model.config.n_positions)
     else:

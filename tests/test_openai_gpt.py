@@ -146,6 +146,8 @@ def test_fine_tune_export_reload_and_generate_from_a_released_directory(released
         check=True,
         capture_output=True,
     )
+    card = (export / "README.md").read_text()
+    assert f"fine-tuned with gpt1-ds on `sst2` from `{released}`" in card and "OpenAIGPTTokenizer" in card
     hf = transformers.OpenAIGPTLMHeadModel.from_pretrained(export).eval()
     assert hf.config.vocab_size == tok.vocab_size
     ids = torch.tensor([tok.encode("a fine , moving film .")])
