@@ -3,12 +3,13 @@
 #
 #   INIT=runs/gpt1/checkpoints sbatch slurm/finetune.sh              # SST-2 from a pretraining run
 #   TASK=rte TRAIN=data/glue/rte/train.tsv DEV=data/glue/rte/dev.tsv INIT=hf/gpt1 sbatch slurm/finetune.sh
+#   INIT=hf/openai-gpt sbatch slurm/finetune.sh                       # GPT-1's released weights
 #   sbatch --gpus-per-node=8 --ntasks-per-node=8 slurm/finetune.sh    # any #SBATCH line, by a flag
 #   sbatch slurm/finetune_cpu.sh                                      # the CPU profile (tiny model)
 #
 # Settings (environment, with defaults): TASK=sst2, TRAIN=data/glue/sst2/stsa.binary.train,
 # DEV=data/glue/sst2/stsa.binary.dev, INIT=runs/gpt1/checkpoints (a run's checkpoints, an HF
-# directory, or none), RUN_DIR=runs/finetune-$TASK, DS_CONFIG=ds_configs/finetune.json,
+# directory, GPT-1's released openai-gpt directory, or none), RUN_DIR=runs/finetune-$TASK, DS_CONFIG=ds_configs/finetune.json,
 # CONFIG="" (a FinetuneConfig YAML), PYTHON=.venv/bin/python, MAX_REQUEUES=20, OVERRIDES=""
 # (key=value fine-tuning overrides, ds.key=value DeepSpeed overrides).
 #

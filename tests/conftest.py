@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -80,4 +81,28 @@ def openai_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("openai_bpe")
     vocab, merges = learn_bpe([read_text(SAMPLE_BOOKS[0])], num_merges=1000)
     write_openai_files(out, vocab, merges)
+    return out
+
+
+OPENAI_GPT_SHAPE = dict(n_positions=64, n_embd=64, n_layer=2, n_head=4)
+"""The shape of ``openai_gpt_dir``'s model."""
+
+
+@pytest.fixture(scope="session")
+def openai_gpt_dir(openai_dir, tmp_path_factory) -> Path:
+    """An ``openai-gpt``-format directory, as ``from_pretrained("openai-gpt")`` caches it: the
+    tokenizer files of ``openai_dir`` and random weights saved by transformers'
+    ``OpenAIGPTLMHeadModel.save_pretrained`` (config.json, model.safetensors)."""
+    import shutil
+
+    import torch
+    import transformers
+
+    out = tmp_path_factory.mktemp("openai-gpt")
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(openai_dir / name, out / name)
+    vocab = len(json.loads((out / "vocab.json").read_text(encoding="utf-8")))
+    torch.manual_seed(0)
+    config = transformers.OpenAIGPTConfig(vocab_size=vocab, **OPENAI_GPT_SHAPE)
+    transformers.OpenAIGPTLMHeadModel(config).save_pretrained(out)
     return out

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import OPENAI_GPT_SHAPE as SHAPE
 from conftest import REPO
 from test_finetune import GLUE, finetune
 
@@ -30,20 +31,10 @@ from gpt1_ds.tokenizer import MODEL_NAME, load_tokenizer
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("spacy")
 
-SHAPE = dict(n_positions=64, n_embd=64, n_layer=2, n_head=4)
-
 
 @pytest.fixture(scope="module")
-def released(openai_dir, tmp_path_factory) -> Path:
-    """An ``openai-gpt``-format directory, as ``from_pretrained("openai-gpt")`` caches it."""
-    out = tmp_path_factory.mktemp("openai-gpt")
-    for name in (VOCAB_NAME, MERGES_NAME):
-        shutil.copyfile(openai_dir / name, out / name)
-    vocab = len(json.loads((out / VOCAB_NAME).read_text(encoding="utf-8")))
-    torch.manual_seed(0)
-    config = transformers.OpenAIGPTConfig(vocab_size=vocab, **SHAPE)
-    transformers.OpenAIGPTLMHeadModel(config).save_pretrained(out)
-    return out
+def released(openai_gpt_dir) -> Path:
+    return openai_gpt_dir
 
 
 def config(released: Path, **overrides) -> FinetuneConfig:
@@ -75,6 +66,15 @@ def test_padding_rows_come_after_the_appended_task_tokens(released):
     assert not padded.tokens_embed.weight[tok.vocab_size :].any()  # padding: zero, after the task tokens
     assert padded.tokens_embed.weight[tok.base_size : tok.vocab_size].std() > 0.01  # task tokens: drawn
     assert gpt.config.vocab_multiple == 1
+
+
+def test_the_released_directory_is_evaluated_zero_shot(released, tmp_path):
+    from gpt1_ds import evaluate
+
+    out = tmp_path / "results.json"
+    assert evaluate.main([str(released), "--zero-shot", "sst2", "--limit", "64", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())["zero_shot"]["sst2"]
+    assert result["examples"] == 64 and 0 <= result["accuracy"] <= 1
 
 
 def test_bad_directories_are_errors_naming_the_file_and_both_values(released, prepared, tmp_path):

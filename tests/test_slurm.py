@@ -245,6 +245,21 @@ def test_sbatch_finetune_is_preempted_requeued_and_resumes_to_the_end(slurm_env,
     assert steps == sorted(set(steps)) and steps[-1] == 100, "a step was trained twice or missing"
 
 
+def test_sbatch_finetune_from_a_released_openai_gpt_directory(slurm_env, openai_gpt_dir, tmp_path):
+    """INIT=an openai-gpt directory: GPT-1's tokenizer, the task tokens appended, 2 tasks to the end."""
+    run, log = tmp_path / "run", tmp_path / "job.out"
+    settings = dict(INIT=str(openai_gpt_dir), RUN_DIR=str(run))
+    job = sbatch(
+        slurm_env, "slurm/finetune_cpu.sh", log, **settings, OVERRIDES="max_train_examples=256 epochs=1"
+    )
+    state = wait_done(slurm_env, job, timeout=300)
+    text = read_log(log)
+    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", text[-3000:]
+    assert "task tokens appended as new rows" in text and "2 ranks" in text
+    assert json.loads((run / "results.json").read_text())["history"][-1]["epoch"] == 1
+    assert (run / "vocab.json").read_bytes() == (openai_gpt_dir / "vocab.json").read_bytes()
+
+
 def run_preflight(env: dict[str, str], prepared: Path, run: Path, *flags: str) -> tuple[str, dict]:
     """sbatch slurm/preflight_cpu.sh (30 steps, the test's small model); once it has completed
     after its one requeue: the job log and the verdict's rows by check."""
