@@ -16,7 +16,8 @@
 # or reuse the torch already installed in the system Python:
 #   make setup TORCH_SPEC= VENV_ARGS=--system-site-packages
 # EXTRAS: `mpi` brings Open MPI from PyPI for mpirun; drop it to use the cluster's MPI. `eval`
-# brings lm-evaluation-harness (gpt1_ds.evaluate --tasks).
+# brings lm-evaluation-harness (gpt1_ds.evaluate --tasks); `gpt1` brings spaCy for GPT-1's own
+# tokenizer (gpt1_ds/openai_bpe.py: fine-tuning its released openai-gpt directory).
 
 PYTHON ?= python3
 VENV ?= .venv
