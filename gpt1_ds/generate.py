@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from argparse import ArgumentParser, RawDescriptionHelpFormatter
+from argparse import ArgumentParser, Namespace, RawDescriptionHelpFormatter
 from pathlib import Path
 
 import torch
@@ -143,10 +143,54 @@ def _speed(new: int, seconds: float) -> str:
     return f"{new} new tokens in {seconds:.2f} s: {new / seconds if seconds > 0 else 0.0:.1f} tokens/s"
 
 
-def stop_id(tok: Tokenizer) -> int | None:
-    """The id that ends a generated text: ``<eod>``; none for GPT-1's own tokenizer, which has no
-    end-of-text token (its ``eod_id`` stands for a line break)."""
-    return tok.eod_id if tok.kind == "sentencepiece" else None
+def _model_and_tokenizer(
+    args: Namespace, parser: ArgumentParser, device: torch.device
+) -> tuple[GPT, Tokenizer]:
+    """The model of ``args.source`` on ``device`` and its tokenizer (found with it, or
+    ``--tokenizer``), checked against each other; a problem is a command-line error."""
+    from gpt1_ds.loading import fit_vocab, load_model
+
+    model, tok_path = load_model(args.source, args.tag)
+    tok_path = args.tokenizer or tok_path
+    if tok_path is None:
+        parser.error(
+            f"no tokenizer (tokenizer.model, or vocab.json + merges.txt) found for {args.source}: "
+            "pass --tokenizer"
+        )
+    tok = load_tokenizer(tok_path)
+    try:
+        fit_vocab(model, tok)
+    except ValueError as e:
+        parser.error(str(e))
+    model = model.to(device).eval()
+    log.info("model: %s; tokenizer %s; device %s", describe(model), tok_path, device)
+    return model, tok
+
+
+def _print_continuations(
+    model: GPT, tok: Tokenizer, encoded: list[list[int]], args: Namespace, device: torch.device
+) -> None:
+    """Sample each prompt's continuation as ``args`` says, print it, log the speed."""
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    opts = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, stop_id=tok.end_id)
+    # Never an appended task token (GPT-1's tokenizer): only the ids text can give.
+    opts.update(
+        generator=generator, use_cache=not args.no_cache, truncate=args.truncate, vocab_limit=tok.base_size
+    )
+    total_new, total_s = 0, 0.0
+    for i, ids in enumerate(encoded, 1):
+        prompt = torch.tensor([ids], dtype=torch.long, device=device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = sample(model, prompt, args.max_new_tokens, **opts)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds, new = time.perf_counter() - start, out.size(1) - len(ids)
+        total_new, total_s = total_new + new, total_s + seconds
+        print(f"--- [{i}] ---\n{tok.decode(out[0].tolist())}", flush=True)
+        log.info("[%d] %d prompt + %s", i, len(ids), _speed(new, seconds))
+    cache = "no cache" if args.no_cache else "KV cache"
+    log.info("%d prompts, %s (%s)", len(encoded), _speed(total_new, total_s), cache)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -186,22 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
 
-    from gpt1_ds.loading import fit_vocab, load_model
-
-    model, tok_path = load_model(args.source, args.tag)
-    tok_path = args.tokenizer or tok_path
-    if tok_path is None:
-        parser.error(
-            f"no tokenizer (tokenizer.model, or vocab.json + merges.txt) found for {args.source}: "
-            "pass --tokenizer"
-        )
-    tok = load_tokenizer(tok_path)
-    try:
-        fit_vocab(model, tok)
-    except ValueError as e:
-        parser.error(str(e))
-    model = model.to(device).eval()
-    log.info("model: %s; tokenizer %s; device %s", describe(model), tok_path, device)
+    model, tok = _model_and_tokenizer(args, parser, device)
 
     encoded = [tok.encode(tok.normalize(text)) for text in prompts]  # prepared as the training text was
     n_ctx = model.config.n_positions
@@ -211,28 +240,7 @@ def main(argv: list[str] | None = None) -> None:
         if not ids:
             parser.error(f"prompt {i} is empty")
 
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    opts = dict(
-        temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, stop_id=stop_id(tok)
-    )
-    # Never an appended task token (GPT-1's tokenizer): only the ids text can give.
-    opts.update(
-        generator=generator, use_cache=not args.no_cache, truncate=args.truncate, vocab_limit=tok.base_size
-    )
-    total_new, total_s = 0, 0.0
-    for i, ids in enumerate(encoded, 1):
-        prompt = torch.tensor([ids], dtype=torch.long, device=device)
-        start = time.perf_counter()
-        with torch.inference_mode():
-            out = sample(model, prompt, args.max_new_tokens, **opts)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds, new = time.perf_counter() - start, out.size(1) - len(ids)
-        total_new, total_s = total_new + new, total_s + seconds
-        print(f"--- [{i}] ---\n{tok.decode(out[0].tolist())}", flush=True)
-        log.info("[%d] %d prompt + %s", i, len(ids), _speed(new, seconds))
-    cache = "no cache" if args.no_cache else "KV cache"
-    log.info("%d prompts, %s (%s)", len(prompts), _speed(total_new, total_s), cache)
+    _print_continuations(model, tok, encoded, args, device)
 
 
 if __name__ == "__main__":

@@ -234,7 +234,9 @@ def export_openai_tokenizer(tok: Any, path: str | Path, n_positions: int) -> Pat
     tokens at their ids. transformers' tokenizer splits words its own way, not by GPT-1's pipeline:
     ``python -m gpt1_ds.openai_bpe compare`` measures how often the ids differ."""
     path = Path(path)
-    names = {tok.start_id: "_start_", tok.delim_id: "_delimiter_", tok.extract_id: "_classify_"}
+    from gpt1_ds.openai_bpe import TASK_TOKENS
+
+    names = dict(zip(tok.appended, TASK_TOKENS, strict=True))
     added = {
         str(i): {"content": name, "special": True, "lstrip": False, "rstrip": False, "normalized": False}
         for i, name in sorted(names.items())

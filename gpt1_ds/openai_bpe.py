@@ -19,7 +19,8 @@ Choices where the original has no special token:
 - a newline is one word: spaCy yields the whitespace token ``"\\n "`` for the `` \\n `` that
   standardisation leaves, and the original turns its BPE into ``"\\n</w>"``; ``newline_id`` is
   that piece's id where the vocabulary has it, else the unknown id (as the original looks it up);
-- GPT-1 has no end-of-document token: ``eod_id`` is the newline id.
+- GPT-1 has no end-of-document token: ``eod_id`` is the newline id, and ``end_id`` (what ends a
+  generated text) is None.
 
 Words are split by the installed spaCy (3.x); the released model was encoded with a 2018 spaCy
 whose English rules differ on a few rare strings, so ids can differ there.
@@ -227,6 +228,7 @@ class OpenAIBPETokenizer:
         self.pad_id = self.unk_id
         self.newline_id = self.encoder.get(NEWLINE_PIECE, self.unk_id)
         self.eod_id = self.newline_id
+        self.end_id = None  # nothing ends a generated text but its length
         self._cache: dict[str, list[int]] = {}
 
     def normalize(self, text: str) -> str:

@@ -48,6 +48,8 @@ class Tokenizer(Protocol):
     """Ids added after the vocabulary (GPT-1's fine-tuning tokens); empty for sentencepiece."""
     pad_id: int
     eod_id: int
+    end_id: int | None
+    """The id that ends a generated text (``<eod>``), or None where the tokenizer has none."""
     newline_id: int
     start_id: int
     delim_id: int
@@ -87,6 +89,7 @@ class SentencePieceTokenizer:
         if ids[PAD] != 0 or ids[EOD] != 2 or ids[NEWLINE] == self.sp.unk_id():
             raise ValueError(f"{self.path}: not a gpt1-ds tokenizer (special pieces missing)")
         self.pad_id, self.eod_id, self.newline_id = ids[PAD], ids[EOD], ids[NEWLINE]
+        self.end_id: int | None = self.eod_id
         self.start_id, self.delim_id, self.extract_id = (ids[c] for c in CONTROL)
         self.text = self._text_settings()
 

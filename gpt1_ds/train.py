@@ -71,7 +71,7 @@ def generate_text(engine: Any, tok: Tokenizer, run: RunConfig, device: torch.dev
     """A sample from the current model (every rank runs it: ZeRO-3 needs every rank's part)."""
     prompt = torch.tensor([tok.encode(tok.normalize(run.sample_prompt))], dtype=torch.long, device=device)
     gen = torch.Generator().manual_seed(run.seed + step)
-    opts = dict(temperature=0.8, top_k=40, generator=gen, stop_id=tok.eod_id, vocab_limit=tok.vocab_size)
+    opts = dict(temperature=0.8, top_k=40, generator=gen, stop_id=tok.end_id, vocab_limit=tok.vocab_size)
     out = sample(engine.module, prompt, run.sample_tokens, **opts)
     return tok.decode([i for i in out[0].tolist() if i != tok.eod_id])
 

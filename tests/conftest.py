@@ -99,9 +99,11 @@ def openai_gpt_dir(openai_dir, tmp_path_factory) -> Path:
     import transformers
 
     out = tmp_path_factory.mktemp("openai-gpt")
-    for name in ("vocab.json", "merges.txt"):
+    from gpt1_ds.openai_bpe import MERGES_NAME, VOCAB_NAME
+
+    for name in (VOCAB_NAME, MERGES_NAME):
         shutil.copyfile(openai_dir / name, out / name)
-    vocab = len(json.loads((out / "vocab.json").read_text(encoding="utf-8")))
+    vocab = len(json.loads((out / VOCAB_NAME).read_text(encoding="utf-8")))
     torch.manual_seed(0)
     config = transformers.OpenAIGPTConfig(vocab_size=vocab, **OPENAI_GPT_SHAPE)
     transformers.OpenAIGPTLMHeadModel(config).save_pretrained(out)
