@@ -2,7 +2,7 @@
 # One command for a GPU machine with no package registry: install the carried wheelhouse, say
 # what the machine is, build DeepSpeed's CUDA FusedAdam, run the CUDA tests, the gpt1 training
 # and per-step latency benchmarks (recorded under the machine's key in a copy of benchmarks/results.json), then about
-# two minutes of gpt1_ds.train at GPT-1's per-GPU micro-batch.
+# a minute and a half of gpt1_ds.train at GPT-1's per-GPU micro-batch.
 #
 #   make gpu-wheels                        # here, once: the wheels into .whl/ (Python 3.12, x86-64)
 #   bash benchmarks/gpu_check.sh           # there, with .whl/ carried along; results in $OUT
@@ -81,13 +81,18 @@ if [ $DRY = 1 ]; then
     BENCH=(--quick)
 else
     BENCH=(--args "train=--presets gpt1 --variants plain hf ds-z2 ds-z2+chunk ds-z2+pad ds-z2+compile --batch 16 --steps 20 --warmup 3")
-    BENCH+=(--args "step=--batch 8 --seq-len 512 --steps 20 --warmup 3")  # a rank's share on 8 GPUs
+    # What the host adds to a step (gpt1_ds.train against a plain loop, syncs counted with
+    # torch.cuda.set_sync_debug_mode), GPT-1's default JSON against zero2.json and DeepCompile;
+    # then the compute/update split at a rank's share of GPT-1's batch on 8 GPUs (8 × 512).
+    HOST_ROWS="plain@1 train:zero1@1 train:zero2@1 train:zero1+compile=true+ds.compile.deepcompile=true@1"
+    BENCH+=(--args "step=--rows $HOST_ROWS --repeats 3 --batch 8 --seq-len 512 --steps 20 --warmup 3")
 fi
-step bench_train 300 $PY benchmarks/run_all.py --only train,step "${BENCH[@]}" --out-dir "$OUT"
+step bench_train 330 $PY benchmarks/run_all.py --only train,step "${BENCH[@]}" --out-dir "$OUT"
 
 # GPT-1's step on one GPU: the gpt1 model at micro-batch 8 and no accumulation (one rank's share
-# of the batch of 64 on 8 GPUs), bf16, ZeRO-2, on the embedded books (tokenizer of 8,192 pieces
-# in a model of GPT-1's 40,478 rows), for about two minutes; its log lines give the step time.
+# of the batch of 64 on 8 GPUs), bf16, GPT-1's default JSON (zero1.json), on the embedded books
+# (tokenizer of 8,192 pieces in a model of GPT-1's 40,478 rows), for about a minute and a half;
+# its log lines give the step time.
 DATA=$(mktemp -d -t gpu_check_data.XXXX)
 trap 'rm -rf "$DATA"' EXIT
 if [ $DRY = 1 ]; then
@@ -96,10 +101,10 @@ if [ $DRY = 1 ]; then
     TRAIN+=(ds.train_batch_size=4 ds.bf16.enabled=false)
 else
     PREP=(--vocab-size 8192 --seq-len 512 --shard-bytes 2000000)
-    TRAIN=(max_steps=100000 log_interval=100 micro_batch_size=8 ds.train_batch_size=8 num_workers=4)
+    TRAIN=(max_steps=100000 log_interval=100 micro_batch_size=8 ds.train_batch_size=8)
 fi
-step train 170 sh -c "$PY -m data_prep.prepare --input data/sample --out $DATA --quiet ${PREP[*]} \
-    --val-fraction 0.1 --test-fraction 0 && exec $PY -m gpt1_ds.train --deepspeed_config ds_configs/zero2.json \
+step train 120 sh -c "$PY -m data_prep.prepare --input data/sample --out $DATA --quiet ${PREP[*]} \
+    --val-fraction 0.1 --test-fraction 0 && exec $PY -m gpt1_ds.train --deepspeed_config ds_configs/zero1.json \
     --config configs/gpt1.yaml --data $DATA --run-dir $DATA/run ${TRAIN[*]} eval_interval=1000000 \
     eval_batches=2 checkpoint_interval=1000000 sample_interval=0 allow_untested_versions=true"
 

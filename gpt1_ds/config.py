@@ -160,8 +160,11 @@ class RunConfig(Settings, Safeguards):
     """Prompt of the generated samples."""
     sample_tokens: int = 48
     """Tokens generated per sample."""
-    num_workers: int = 2
-    """DataLoader workers per rank (0: read in the training process)."""
+    num_workers: int = 0
+    """DataLoader workers per rank; 0: the training process reads the shards itself. A batch
+    through a worker costs the training process about 1 ms of inter-process transfer, a batch read
+    in-process GPT-1's 8 sequences per rank a few tens of µs (``benchmarks/bench_step.py``,
+    ``bench_loader.py``); workers pay off only where reading stalls (remote shards, slow disks)."""
     shuffle_window: int = 4096
     """Sequences shuffled together in the loader."""
     data_slots: int | None = None

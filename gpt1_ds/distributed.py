@@ -124,13 +124,29 @@ class Placement(NamedTuple):
     device: str
     uuid: str
     visible: int
+    cpus: frozenset[int] = frozenset()
+    """The cores this process may run on (its affinity: a launcher's or SLURM's binding)."""
 
 
 def placement(rank: int, dev: torch.device) -> Placement:
+    cpus = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else frozenset()
     if dev.type != "cuda":
-        return Placement(rank, socket.gethostname(), str(dev), "", 0)
+        return Placement(rank, socket.gethostname(), str(dev), "", 0, cpus)
     uuid = str(getattr(torch.cuda.get_device_properties(dev), "uuid", dev.index))
-    return Placement(rank, socket.gethostname(), str(dev), uuid, torch.cuda.device_count())
+    return Placement(rank, socket.gethostname(), str(dev), uuid, torch.cuda.device_count(), cpus)
+
+
+def thread_share(places: list[Placement], rank: int) -> int:
+    """Threads for ``rank``'s own operators: its cores divided among the ranks of its host that may
+    run on the same cores. Ranks bound to cores of their own (``srun --cpus-per-task``,
+    ``deepspeed --bind_cores_to_rank``) keep all of theirs; ranks that share a host's cores split
+    them, instead of each starting one thread per core (with 2 ranks on 2 cores that made a step
+    ten times slower)."""
+    mine = places[rank]
+    if not mine.cpus:
+        return max(1, (os.cpu_count() or 1) // sum(p.host == mine.host for p in places))
+    sharing = sum(1 for p in places if p.host == mine.host and p.cpus & mine.cpus)
+    return max(1, len(mine.cpus) // sharing)
 
 
 def check_placements(places: list[Placement]) -> str:

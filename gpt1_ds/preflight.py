@@ -370,12 +370,13 @@ class Checker:
 
 def check(argv: list[str]) -> int:
     from gpt1_ds.runner import parse_launch_args
+    from gpt1_ds.train import Pretraining
 
     args, over, ds_over = parse_launch_args(
         argv,
         "gpt1_ds.preflight check",
         None,
-        "ds_configs/zero2.json",
+        Pretraining.default_ds_config,
         "run config YAML",
         {"data": "dataset directory", "run_dir": "run directory"},
     )

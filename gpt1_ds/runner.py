@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -126,6 +127,9 @@ class Context:
         dist.all_gather_object(places, distributed.placement(rank, device))
         log.info("%s", distributed.check_placements(places))  # every rank checks; rank 0 logs
         leader = rank == min(p.rank for p in places if p.host == places[rank].host)
+        if "OMP_NUM_THREADS" not in os.environ:  # set by the user or the launcher: theirs
+            torch.set_num_threads(distributed.thread_share(places, rank))
+            log.info("%d thread(s) per rank (its share of the host's cores)", torch.get_num_threads())
         return cls(rank, world, device, leader)
 
 
@@ -239,26 +243,68 @@ def precision(ds_cfg: dict[str, Any]) -> str:
     return "fp16" if ds_cfg.get("fp16", {}).get("enabled") else "fp32"
 
 
+def seed_dropout(device: torch.device, seed: int) -> None:
+    """Seed the generator that draws the dropout masks on ``device``: what ``torch.manual_seed`` does
+    for them, without also queueing seeds for every other backend (a stack trace formatted for each,
+    about half a millisecond a step)."""
+    if device.type == "cuda":
+        torch.cuda.default_generators[device.index if device.index is not None else 0].manual_seed(seed)
+    else:
+        torch.default_generator.manual_seed(seed)
+
+
+def injected_nan_gradient(rank: int, step: int) -> bool:
+    """For tests: whether ``GPT1_DS_NAN_GRAD=RANK:STEP`` asks for a NaN gradient on this rank in this
+    step (the loss itself stays finite: what bf16 without DeepSpeed's overflow check must catch)."""
+    spec = os.environ.get("GPT1_DS_NAN_GRAD")
+    return bool(spec) and tuple(int(x) for x in spec.split(":")) == (rank, step)
+
+
 class Window:
-    """Logged values summed over the steps since the last log line, and their time."""
+    """The steps since the last log line. Each step's logged values and its gradient norm are
+    copied into a row of a buffer on the device (no wait for the device); the rows are read only
+    when the ranks agree: the first step with a value that is not finite (``first_bad``), and the
+    means for the log line (``mean_over_ranks``). Their time is summed on the host."""
 
-    def __init__(self) -> None:
-        self.sum: torch.Tensor | None = None
-        self.steps, self.seconds = 0, 0.0
+    def __init__(self, rows: int, device: torch.device) -> None:
+        self.rows, self.device = rows, device
+        self.buffer: torch.Tensor | None = None  # [rows, values + 1]: allocated at the first step
+        self.first_step, self.steps, self.seconds = 0, 0, 0.0
 
-    def add(self, values: torch.Tensor, seconds: float) -> None:
-        v = values.detach().double()
-        self.sum = v if self.sum is None else self.sum + v
+    def add(self, step: int, values: torch.Tensor, grad_norm: Any, seconds: float) -> None:
+        """Step ``step``'s values (a tensor) and gradient norm (a tensor, a float, or None: unwatched)."""
+        if self.buffer is None:
+            self.buffer = torch.zeros(self.rows, values.numel() + 1, dtype=torch.float64, device=self.device)
+        if self.steps == 0:
+            self.first_step = step
+        row = self.buffer[self.steps]
+        row[:-1].copy_(values.detach().reshape(-1), non_blocking=True)
+        if torch.is_tensor(grad_norm):
+            row[-1].copy_(grad_norm.detach().reshape(()), non_blocking=True)
+        else:  # a float DeepSpeed already holds on the host (inf for a step it skipped), or none
+            row[-1].fill_(0.0 if grad_norm is None else float(grad_norm))
         self.steps, self.seconds = self.steps + 1, self.seconds + seconds
 
+    def first_bad(self) -> torch.Tensor:
+        """The first step (a tensor on the device) whose row holds a NaN or an infinity; ``NEVER``."""
+        if not self.steps:
+            return torch.full((), NEVER, dtype=torch.int64, device=self.device)
+        bad = ~torch.isfinite(self.buffer[: self.steps]).all(dim=1)
+        first = self.first_step + bad.to(torch.int64).argmax()
+        return torch.where(bad.any(), first, NEVER)
+
+    def row(self, step: int) -> list[float]:
+        """Step ``step``'s values and gradient norm, on the host (to report a bad step)."""
+        return self.buffer[step - self.first_step].tolist()
+
     def mean_over_ranks(self, world: int) -> list[float]:
-        """The mean of each value over the window's steps and every rank (collective)."""
-        total = self.sum.clone()
+        """The mean of each logged value over the window's steps and every rank (collective)."""
+        total = self.buffer[: self.steps, :-1].sum(dim=0)
         dist.all_reduce(total)
         return (total / (world * self.steps)).tolist()
 
     def reset(self) -> None:
-        self.__init__()
+        self.first_step, self.steps, self.seconds = 0, 0, 0.0
 
 
 class Loop:
@@ -288,7 +334,7 @@ class Loop:
         self.accum = self.ds_cfg["gradient_accumulation_steps"]
         self.preempt: Preemption | None = None
         self.monitor = Monitor(None)
-        self.window = Window()
+        self.window = Window(cfg.log_interval, ctx.device)
 
     # ---- what a subclass provides ---------------------------------------------------------
     def train_step(self) -> torch.Tensor:
@@ -398,8 +444,10 @@ class Loop:
         total, accum = None, self.accum
         for micro in range(accum):
             b = batch(micro)
-            torch.manual_seed(dropout_seed(self.cfg.seed, self.ctx.rank, self.state.step, micro))
+            seed_dropout(self.ctx.device, dropout_seed(self.cfg.seed, self.ctx.rank, self.state.step, micro))
             value, logged = loss(b)
+            if injected_nan_gradient(self.ctx.rank, self.state.step + 1):
+                value.register_hook(lambda grad: grad * float("nan"))
             self.engine.backward(value)
             self.engine.step()
             logged = logged.detach().float() / accum
@@ -423,24 +471,28 @@ class Loop:
         the flags are checked then, so that nothing is saved after a non-finite loss."""
         return False
 
-    def _watch(self, values: torch.Tensor) -> None:
-        """Remember, on the device, the first step whose logged values are not finite."""
-        newly = ~torch.isfinite(values).all() & (self.bad_step == NEVER)
-        self.bad_value = torch.where(newly, values[0].float(), self.bad_value)
-        self.bad_step = torch.where(newly, self.state.step, self.bad_step)
+    def grad_norm(self) -> Any:
+        """The gradient norm of the step just taken, as DeepSpeed holds it (a tensor on the device, or a
+        float), for the window's non-finite check; None under fp16, whose loss scaling skips steps that
+        overflow by design."""
+        if self.ds_cfg.get("fp16", {}).get("enabled"):
+            return None
+        return self.engine.get_global_grad_norm()
 
     def _agree_to_stop(self) -> tuple[int | None, bool]:
         """(the first step with a non-finite value on any rank, a signal on any rank): every
         rank stops at the same step. The one point of the loop where the host waits for the device."""
-        signal = torch.tensor(
-            [-float(self.preempt.signal is not None)], dtype=torch.float64, device=self.ctx.device
+        mine = self.window.first_bad()
+        signal = -float(self.preempt.signal is not None)
+        flags = torch.stack(
+            [mine.to(torch.float64), torch.tensor(signal, dtype=torch.float64).to(mine.device)]
         )
-        flags = torch.cat([self.bad_step.reshape(1).to(signal.dtype), signal])
         dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-        bad = int(flags[0].item())
-        if bad < NEVER and int(self.bad_step) == bad:
-            log.error("step %d: loss is %s on rank %d", bad, self.bad_value.item(), self.ctx.rank)
-        return (bad if bad < NEVER else None), bool(flags[1] < 0)
+        bad, preempted = (int(x) for x in flags.tolist())
+        if bad < NEVER and int(mine) == bad:
+            *values, norm = self.window.row(bad)
+            log.error("step %d: loss %s, gradient norm %s on rank %d", bad, values[0], norm, self.ctx.rank)
+        return (bad if bad < NEVER else None), preempted < 0
 
     def run(self) -> int:
         """Steps until ``total_steps``, a signal (75) or a non-finite loss (1). Between log lines
@@ -449,8 +501,7 @@ class Loop:
         any evaluation or checkpoint, so a signal is honoured within ``log_interval`` steps."""
         opts = dict(desc=self.name, unit="step", disable=self.ctx.rank != 0, dynamic_ncols=True, leave=False)
         bar = tqdm(total=self.total_steps, initial=self.state.step, **opts)
-        self.bad_step = torch.full((), NEVER, dtype=torch.int64, device=self.ctx.device)
-        self.bad_value = torch.zeros((), device=self.ctx.device)
+        self.window = Window(self.cfg.log_interval, self.ctx.device)
         code, first_step = 0, self.state.step
         while self.state.step < self.total_steps:
             self.watchdog.beat(f"step {self.state.step + 1}")
@@ -458,8 +509,7 @@ class Loop:
             watchdog.injected_stall(self.ctx.rank, self.state.step + 1, first_step)
             values = self.train_step()
             self.state.step += 1
-            self._watch(values)
-            self.window.add(values, time.perf_counter() - start)
+            self.window.add(self.state.step, values, self.grad_norm(), time.perf_counter() - start)
             bar.update(1)
             if not (self.due(self.cfg.log_interval) or self.acts_now()):
                 continue  # the same steps on every rank: the agreement below is a collective
@@ -467,9 +517,9 @@ class Loop:
             bad, preempted = self._agree_to_stop()
             self.window.seconds += time.perf_counter() - start  # the device's queue, drained
             if bad is not None:
-                tags = checkpoint.complete_tags(self.run_dir.checkpoints)[-1:] or "no checkpoint"
+                last = (checkpoint.complete_tags(self.run_dir.checkpoints) or ["no checkpoint"])[-1]
                 if self.ctx.rank == 0:
-                    log.error("step %d: a non-finite loss; stopping (resume from %s)", bad, tags)
+                    log.error("step %d: a non-finite loss or gradient; stopping (resume from %s)", bad, last)
                 code = 1
                 break
             if self.due(self.cfg.log_interval):

@@ -80,7 +80,8 @@ class Pretraining(runner.Loop):
     """GPT-1's language-modelling loop over the dataset's shards."""
 
     name, prog, config_class = "train", "gpt1_ds.train", RunConfig
-    default_ds_config = "ds_configs/zero2.json"
+    default_ds_config = "ds_configs/zero1.json"
+    """GPT-1's: ZeRO-1, the fastest step for a 117M model (docs/SCALING.md, "The host's share")."""
     config_help = "run config YAML (configs/gpt1.yaml, configs/tiny-cpu.yaml)"
     flags: ClassVar[dict[str, str]] = {
         "data": "dataset directory (the config's data)",

@@ -18,7 +18,7 @@
 #   DATA=/shared/bookscorpus RUN_DIR=/shared/runs/preflight sbatch slurm/preflight.sh
 #   sbatch slurm/preflight_cpu.sh                          # the CPU profile (tiny model)
 #
-# Settings (environment, with defaults): CONFIG=configs/gpt1.yaml, DS_CONFIG=ds_configs/zero2.json,
+# Settings (environment, with defaults): CONFIG=configs/gpt1.yaml, DS_CONFIG=ds_configs/zero1.json,
 # DATA=data/bookscorpus, RUN_DIR=runs/preflight-JOBID (put it where the real runs will go; it
 # must not hold checkpoints), PYTHON=.venv/bin/python, STEPS=50, LOG_INTERVAL=5, OVERRIDES=""
 # (key=value run and ds.key=value DeepSpeed overrides, as for pretrain.sh). The training part
@@ -39,7 +39,7 @@ set -uo pipefail
 
 cd "${SLURM_SUBMIT_DIR:-.}"
 CONFIG=${CONFIG:-configs/gpt1.yaml}
-DS_CONFIG=${DS_CONFIG:-ds_configs/zero2.json}
+DS_CONFIG=${DS_CONFIG:-ds_configs/zero1.json}
 DATA=${DATA:-data/bookscorpus}
 RUN_DIR=${RUN_DIR:-runs/preflight-${SLURM_JOB_ID:-0}}
 PYTHON=${PYTHON:-.venv/bin/python}

@@ -6,7 +6,7 @@
 #   CONFIG=configs/gpt1.yaml DATA=data/bookscorpus RUN_DIR=runs/gpt1 sbatch slurm/pretrain.sh
 #   sbatch slurm/pretrain_cpu.sh                              # the CPU profile (tiny model)
 #
-# Settings (environment, with defaults): CONFIG=configs/gpt1.yaml, DS_CONFIG=ds_configs/zero2.json,
+# Settings (environment, with defaults): CONFIG=configs/gpt1.yaml, DS_CONFIG=ds_configs/zero1.json,
 # DATA=data/bookscorpus, RUN_DIR=runs/gpt1, PYTHON=.venv/bin/python, MAX_REQUEUES=20,
 # OVERRIDES="" (key=value run overrides, ds.key=value DeepSpeed overrides).
 #
@@ -39,7 +39,7 @@ set -uo pipefail
 
 cd "${SLURM_SUBMIT_DIR:-.}"
 CONFIG=${CONFIG:-configs/gpt1.yaml}
-DS_CONFIG=${DS_CONFIG:-ds_configs/zero2.json}
+DS_CONFIG=${DS_CONFIG:-ds_configs/zero1.json}
 DATA=${DATA:-data/bookscorpus}
 RUN_DIR=${RUN_DIR:-runs/gpt1}
 PYTHON=${PYTHON:-.venv/bin/python}

@@ -198,3 +198,48 @@ def test_gpu_check_dry_run_runs_every_step_and_returns_few_files(tmp_path: Path)
     train_log = (tmp_path / "train.txt").read_text()
     assert "done: 20 steps" in train_log and re.search(r"step 20/20 \| .* ms/step", train_log)
     assert len(list(tmp_path.iterdir())) <= 8  # what the GPU machine sends back
+
+
+COUNTED = """
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+import hostcount
+counter = hostcount.Counter().install()
+import torch, torch.distributed as dist
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+dist.init_process_group("gloo", rank=0, world_size=1)
+
+def step(t):
+    dist.all_reduce(t)
+    if t.sum() > 0:  # a read: a synchronisation on a GPU
+        t.item()
+
+t = torch.ones(())
+before = counter.snapshot()
+for _ in range(5):
+    step(t)
+print(json.dumps(hostcount.per_step(before, counter.snapshot(), 5)))
+"""
+
+
+def test_hostcount_counts_reads_and_collectives_per_step_by_site(tmp_path: Path) -> None:
+    """The host benchmark's counter, in a process of its own (it patches torch): per step, the two
+    reads (bool() of a comparison, .item()) and the all-reduce, each named with where it came from."""
+    from gpt1_ds.env import free_port
+
+    script = tmp_path / "counted.py"
+    script.write_text(COUNTED)
+    out = subprocess.run(
+        [sys.executable, str(script), str(BENCH), str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    counts = json.loads(out.stdout.splitlines()[-1])
+    assert counts["reads"] == 2 and counts["collectives"] == 1 and counts["cuda_syncs"] == 0
+    assert counts["reads_by_site"] == {
+        "__bool__@" + str(script) + ":step": 1,
+        "item@" + str(script) + ":step": 1,
+    }
+    assert list(counts["collectives_by_site"]) == ["all_reduce@" + str(script) + ":step"]

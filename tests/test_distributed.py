@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gpt1_ds.distributed import BindingError, Placement, check_placements, device_index
+from gpt1_ds.distributed import BindingError, Placement, check_placements, device_index, thread_share
 
 # (what the launcher binds, local rank, GPUs the process sees, its environment) → device index
 BINDINGS = [
@@ -52,3 +52,22 @@ def test_two_ranks_on_one_gpu_are_refused_and_the_map_is_one_line():
     )
     many = [Placement(r, "h", "cpu", "", 0) for r in range(20)]
     assert check_placements(many).endswith("15→h:cpu … (4 more)")
+
+
+def test_ranks_sharing_a_hosts_cores_split_them_and_bound_ranks_keep_theirs() -> None:
+    """2 ranks on 2 shared cores: one thread each (not 2 each, which made a step 10× slower); ranks
+    bound to cores of their own (srun --cpus-per-task) keep all of theirs; other hosts do not count."""
+    shared = frozenset({0, 1})
+    places = [Placement(r, "vm", "cpu", "", 0, shared) for r in range(2)]
+    assert [thread_share(places, r) for r in range(2)] == [1, 1]
+    bound = [
+        Placement(r, "n0", "cuda:0", f"GPU-{r}", 1, frozenset(range(8 * r, 8 * r + 8))) for r in range(4)
+    ]
+    assert [thread_share(bound, r) for r in range(4)] == [8, 8, 8, 8]
+    mixed = [
+        Placement(0, "a", "cpu", "", 0, frozenset(range(16))),
+        Placement(1, "b", "cpu", "", 0, frozenset(range(16))),
+    ]
+    assert thread_share(mixed, 0) == 16
+    crowded = [Placement(r, "h", "cpu", "", 0, frozenset({0, 1, 2})) for r in range(8)]
+    assert thread_share(crowded, 5) == 1  # never 0

@@ -548,14 +548,43 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(prepared, tmp_path):
             check=False,
         )
         assert out.returncode == 1, out.stderr[-2000:]
-        found = re.search(r"step (\d+): loss is (nan|inf) on rank \d", out.stderr)
-        assert found and f"step {found.group(1)}: a non-finite loss; stopping" in out.stderr, out.stderr[
-            -2000:
-        ]
+        found = re.search(r"step (\d+): loss (nan|inf), gradient norm \S+ on rank \d", out.stderr)
+        stopping = f"step {found.group(1)}: a non-finite loss or gradient; stopping" if found else "?"
+        assert found and stopping in out.stderr, out.stderr[-2000:]
         steps.append(int(found.group(1)))
         saved = [int(p.name[4:]) for p in (tmp_path / f"nan{interval}" / "checkpoints").glob("step*")]
         assert max(saved, default=0) < steps[-1]  # no checkpoint of a model that went bad
     assert steps[0] == steps[1] < 30
+
+
+def test_zero2_tuned_for_speed_gives_deepspeeds_default_bf16_losses_bit_for_bit(prepared, tmp_path):
+    """zero2.json's speed settings (no bf16 overflow check, an all-reduce instead of a reduce-scatter)
+    change no arithmetic: 2 ranks in bf16 give the same losses and gradient norms, to the bit, as
+    DeepSpeed's defaults for them."""
+    common = ("max_steps=4", "data_slots=2")
+    train(prepared, tmp_path / "tuned", *common)
+    defaults = ("ds.bf16.check_grad_overflow=true", "ds.zero_optimization.reduce_scatter=true")
+    train(prepared, tmp_path / "defaults", *common, *defaults)
+    for tag in ("train/loss", "train/grad_norm"):
+        tuned, default = scalars(tmp_path / "tuned", tag), scalars(tmp_path / "defaults", tag)
+        assert sorted(tuned) == [1, 2, 3, 4] and tuned == default, tag
+
+
+@pytest.mark.parametrize("name", ["zero1", "zero2"])
+def test_a_nan_gradient_stops_the_run_at_its_step_and_nothing_is_saved_after_it(prepared, tmp_path, name):
+    """bf16 without DeepSpeed's overflow check (zero2.json) and with BF16_Optimizer's own (zero1.json):
+    a NaN in rank 1's gradients at step 5, its loss finite, is named with its step from the gradient
+    norm, though the ranks agree only every 4 steps and before each checkpoint; none from step 5 on."""
+    run = tmp_path / name
+    env = {**os.environ, "GPT1_DS_NAN_GRAD": "1:5"}
+    overrides = ("max_steps=12", "log_interval=4", "checkpoint_interval=2", "keep_checkpoints=10")
+    out = train(prepared, run, *overrides, ds_config=f"ds_configs/{name}.json", check=False, env=env)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert re.search(r"step 5: loss \d+\.\d+, gradient norm (inf|nan) on rank \d", out.stderr), out.stderr[
+        -3000:
+    ]
+    assert "step 5: a non-finite loss or gradient; stopping (resume from step00000004)" in out.stderr
+    assert sorted(p.name for p in (run / "checkpoints").glob("step*")) == ["step00000002", "step00000004"]
 
 
 def test_continued_pretraining_from_an_hf_export(prepared, tmp_path):
