@@ -104,27 +104,32 @@ token table fits the tokenizer of ``HOST_PREP``."""
 HOST_PREP = ["--vocab-size", "8192", "--seq-len", "32", "--shard-bytes", "1000000"]
 HOST_PREP += ["--val-fraction", "0.05", "--test-fraction", "0"]
 SETTINGS: dict[str, list[str]] = {
-    "overflow-check": ["ds.bf16.check_grad_overflow=true"],
-    "contiguous": ["ds.zero_optimization.contiguous_gradients=true"],
-    "compile": ["compile=true"],
+    # DeepSpeed's own defaults for the two settings the shipped JSONs change for speed
+    "ds-defaults": ["ds.bf16.check_grad_overflow=true", "ds.zero_optimization.reduce_scatter=true"],
+    "workers": ["num_workers=2"],  # two loader workers per rank, the loader's earlier default
+    "compile": ["compile=true"],  # torch.compile under the engine (engine.compile())
 }
 """Named settings a row adds with ``+NAME``."""
 HOST_ROWS = [
     "plain@1",
-    "engine:zero0@1",
     "engine:zero1@1",
     "engine:zero2@1",
     "train:zero0@1",
     "train:zero1@1",
+    "train:zero1+workers@1",
+    "train:zero1+compile@1",
     "train:zero2@1",
+    "train:zero2+ds-defaults@1",
     "train:zero3@1",
+    "train:zero2_offload@1",
     "ddp@2",
-    "engine:zero0@2",
     "engine:zero1@2",
     "engine:zero2@2",
     "train:zero0@2",
     "train:zero1@2",
+    "train:zero1+workers@2",
     "train:zero2@2",
+    "train:zero2+ds-defaults@2",
     "train:zero3@2",
 ]
 HOST_SIDE = ("gpt1_ds/data.py:", "torch/optim/")
@@ -292,7 +297,10 @@ def run_host(
     first, last = args.window
     commands = host_commands(row, data, scratch, args, count)
     port = str(free_port())
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("OMP_NUM_THREADS", None)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, HOSTCOUNT_FROM=str(first), HOSTCOUNT_TO=str(last))
     if count:
         env["HOSTCOUNT_OUT"] = str(count)
@@ -392,7 +400,8 @@ def host_tables(
     first, last = args.window
     title = (
         f"ms per step between the log lines of steps {first} and {last} as the parent saw them, median of "
-        f"{args.repeats} runs (spread: min–max); {args.threads} thread(s) per rank"
+        f"{args.repeats} runs (spread: min–max); "
+        + (f"{args.threads} thread(s) per rank" if args.threads else "OMP_NUM_THREADS unset")
     )
     main = benchlib.table(title, columns)
     loop = benchlib.table(
@@ -466,7 +475,7 @@ QUICK = {
     "batch": 1,
     "seq_len": 16,
     "steps": 2,
-    "rows": ["plain@1", "train:zero2@1"],
+    "rows": ["plain@1", "train:zero1@1"],
     "repeats": 1,
     "window": [4, 12],
     "log_interval": 4,
@@ -542,7 +551,12 @@ def main() -> None:
     host.add_argument("--repeats", type=int, default=3, help="timed runs of each row (median, spread)")
     host.add_argument("--window", type=int, nargs=2, default=[40, 240], metavar=("A", "B"))
     host.add_argument("--log-interval", type=int, default=20, help="steps between log lines (divides A, B)")
-    host.add_argument("--threads", type=int, default=1, help="threads of each rank (OMP_NUM_THREADS)")
+    host.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="threads of each rank (OMP_NUM_THREADS; 0: left unset, as launched)",
+    )
     host.add_argument("--no-count", action="store_true", help="no counting run")
     split = parser.add_argument_group("split table")
     split.add_argument("--presets", nargs="+", default=["gpt1"])

@@ -84,7 +84,7 @@ else
     # What the host adds to a step (gpt1_ds.train against a plain loop, syncs counted with
     # torch.cuda.set_sync_debug_mode), GPT-1's default JSON against zero2.json and DeepCompile;
     # then the compute/update split at a rank's share of GPT-1's batch on 8 GPUs (8 × 512).
-    HOST_ROWS="plain@1 train:zero1@1 train:zero2@1 train:zero1+compile=true+ds.compile.deepcompile=true@1"
+    HOST_ROWS="plain@1 train:zero1@1 train:zero2@1 train:zero1+compile+ds.compile.deepcompile=true@1"
     BENCH+=(--args "step=--rows $HOST_ROWS --repeats 3 --batch 8 --seq-len 512 --steps 20 --warmup 3")
 fi
 step bench_train 330 $PY benchmarks/run_all.py --only train,step "${BENCH[@]}" --out-dir "$OUT"

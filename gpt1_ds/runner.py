@@ -245,8 +245,8 @@ def precision(ds_cfg: dict[str, Any]) -> str:
 
 def seed_dropout(device: torch.device, seed: int) -> None:
     """Seed the generator that draws the dropout masks on ``device``: what ``torch.manual_seed`` does
-    for them, without also queueing seeds for every other backend (a stack trace formatted for each,
-    about half a millisecond a step)."""
+    for them, without also queueing seeds for every other backend (a stack trace formatted for each:
+    128 µs a call on a CPU, against 1 µs)."""
     if device.type == "cuda":
         torch.cuda.default_generators[device.index if device.index is not None else 0].manual_seed(seed)
     else:

@@ -195,6 +195,15 @@ def test_gpu_check_dry_run_runs_every_step_and_returns_few_files(tmp_path: Path)
     assert re.search(r"\b[1-9]\d* skipped", tests) and "passed" not in tests  # no GPU: none counted
     store = json.loads((tmp_path / "results.json").read_text())
     assert any({"train", "step"} <= set(m["benchmarks"]) for m in store["machines"].values())
+    # The host table: gpt1_ds.train as launched against the plain loop, timed, its syncs counted.
+    step = next(m["benchmarks"]["step"] for m in store["machines"].values() if "step" in m["benchmarks"])
+    host = {r[0]: dict(zip(step["tables"][0]["columns"], r, strict=True)) for r in step["tables"][0]["rows"]}
+    assert set(host) == {"plain@1", "train:zero1@1"}
+    assert all(r["ms/step"] > 0 for r in host.values())
+    train = host["train:zero1@1"]
+    assert train["vs plain/DDP"] > 0 and train["loop's clock"] > 0 and train["collectives/step"] >= 1
+    assert train["syncs/step"] >= 1  # DeepSpeed's gradient clipping reads the norm on the host
+    assert host["plain@1"]["syncs/step"] == 0
     train_log = (tmp_path / "train.txt").read_text()
     assert "done: 20 steps" in train_log and re.search(r"step 20/20 \| .* ms/step", train_log)
     assert len(list(tmp_path.iterdir())) <= 8  # what the GPU machine sends back
