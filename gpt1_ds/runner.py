@@ -501,7 +501,6 @@ class Loop:
         any evaluation or checkpoint, so a signal is honoured within ``log_interval`` steps."""
         opts = dict(desc=self.name, unit="step", disable=self.ctx.rank != 0, dynamic_ncols=True, leave=False)
         bar = tqdm(total=self.total_steps, initial=self.state.step, **opts)
-        self.window = Window(self.cfg.log_interval, self.ctx.device)
         code, first_step = 0, self.state.step
         while self.state.step < self.total_steps:
             self.watchdog.beat(f"step {self.state.step + 1}")
