@@ -2,7 +2,7 @@
 # One command for a GPU machine with no package registry: install the carried wheelhouse, say
 # what the machine is, build DeepSpeed's CUDA FusedAdam, run the CUDA tests, the gpt1 training
 # and per-step latency benchmarks (recorded under the machine's key in a copy of benchmarks/results.json), then about
-# a minute and a half of gpt1_ds.train at GPT-1's per-GPU micro-batch.
+# two minutes of gpt1_ds.train at GPT-1's per-GPU micro-batch.
 #
 #   make gpu-wheels                        # here, once: the wheels into .whl/ (Python 3.12, x86-64)
 #   bash benchmarks/gpu_check.sh           # there, with .whl/ carried along; results in $OUT
@@ -91,7 +91,7 @@ step bench_train 330 $PY benchmarks/run_all.py --only train,step "${BENCH[@]}" -
 
 # GPT-1's step on one GPU: the gpt1 model at micro-batch 8 and no accumulation (one rank's share
 # of the batch of 64 on 8 GPUs), bf16, GPT-1's default JSON (zero1.json), on the embedded books
-# (tokenizer of 8,192 pieces in a model of GPT-1's 40,478 rows), for about a minute and a half;
+# (tokenizer of 8,192 pieces in a model of GPT-1's 40,478 rows), for about two minutes;
 # its log lines give the step time.
 DATA=$(mktemp -d -t gpu_check_data.XXXX)
 trap 'rm -rf "$DATA"' EXIT
@@ -103,7 +103,7 @@ else
     PREP=(--vocab-size 8192 --seq-len 512 --shard-bytes 2000000)
     TRAIN=(max_steps=100000 log_interval=100 micro_batch_size=8 ds.train_batch_size=8)
 fi
-step train 120 sh -c "$PY -m data_prep.prepare --input data/sample --out $DATA --quiet ${PREP[*]} \
+step train 170 sh -c "$PY -m data_prep.prepare --input data/sample --out $DATA --quiet ${PREP[*]} \
     --val-fraction 0.1 --test-fraction 0 && exec $PY -m gpt1_ds.train --deepspeed_config ds_configs/zero1.json \
     --config configs/gpt1.yaml --data $DATA --run-dir $DATA/run ${TRAIN[*]} eval_interval=1000000 \
     eval_batches=2 checkpoint_interval=1000000 sample_interval=0 allow_untested_versions=true"

@@ -114,6 +114,17 @@ def from_hf_state_dict(state: dict[str, torch.Tensor], config: GPTConfig) -> dic
     return ours
 
 
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """``safetensors.torch.save`` with its JSON header's keys sorted: the same tensors and metadata
+    give the same bytes (safetensors writes the metadata in the order of a hash map, which
+    changes from process to process)."""
+    raw = save(tensors, metadata=metadata)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the data stays aligned to 8 bytes, as safetensors pads it
+    return len(header).to_bytes(8, "little") + header + raw[8 + n :]
+
+
 def export_hf(model: GPT, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
     """Write ``config.json`` and ``model.safetensors`` that
     ``OpenAIGPTLMHeadModel.from_pretrained(path)`` loads. Files appear whole or not at all."""
@@ -122,7 +133,7 @@ def export_hf(model: GPT, path: str | Path, metadata: dict[str, str] | None = No
     tensors = to_hf_state_dict(model)
     del tensors[LM_HEAD]  # tied: safetensors stores each tensor once; HF re-ties on load
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
-    atomic_write_bytes(path / WEIGHTS_NAME, save(state, metadata={"format": "pt", **(metadata or {})}))
+    atomic_write_bytes(path / WEIGHTS_NAME, safetensors_bytes(state, {"format": "pt", **(metadata or {})}))
     atomic_write_text(path / CONFIG_NAME, json.dumps(config_to_hf(model.config), indent=2) + "\n")
     return path
 

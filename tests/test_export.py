@@ -481,3 +481,46 @@ def test_a_padded_table_trains_and_exports_without_its_padding_rows(runs, prepar
     out = train(prepared, resumed, f"max_steps={STEPS + 1}", port=free_port(), check=False)
     assert out.returncode != 0 and "vocab_multiple" in out.stderr, out.stderr[-3000:]
     assert "[rank0]: Traceback" not in out.stderr  # the reason only (torchrun adds its own)
+
+
+@pytest.mark.slow
+def test_out_holding_a_users_files_is_refused_an_earlier_export_replaced_and_exports_are_the_same_bytes(
+    runs, tmp_path
+):
+    """Nothing of the user's is overwritten unasked: a folder with their files is refused before the
+    checkpoint is read (in one line naming --force), an earlier export is replaced, a failed export
+    leaves --out as it was, and two exports of one checkpoint are identical, file for file."""
+    ckpt = runs("zero2") / "checkpoints"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "README.md").write_text("my notes\n")
+    (mine / "config.json").write_text('{"mine": true}\n')
+    out = export_cli(ckpt, "--out", mine, ok=False)
+    assert (
+        "holds files that are not an export of gpt1-ds (README.md" in out.stderr and "--force" in out.stderr
+    )
+    assert (mine / "README.md").read_text() == "my notes\n" and (
+        mine / "config.json"
+    ).read_text() == '{"mine": true}\n'
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    export_cli(ckpt, "--out", a)
+    export_cli(ckpt, "--out", b)
+    files = sorted(p.name for p in a.iterdir())
+    assert files == sorted(p.name for p in b.iterdir())
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files), files
+
+    before = {f: (a / f).read_bytes() for f in files}
+    export_cli(ckpt, "--out", a)  # an earlier export: replaced, no --force needed
+    assert {f: (a / f).read_bytes() for f in files} == before
+    out = export_cli(ckpt, "--tag", "step00000099", "--out", a, ok=False)  # fails: a stays as it was
+    assert {p.name: p.read_bytes() for p in a.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "mine"]  # no temporary left
+
+    (a / "notes.txt").write_text("mine too\n")  # the user's file in an export: refused again
+    assert "notes.txt" in export_cli(ckpt, "--out", a, ok=False).stderr
+    export_cli(ckpt, "--out", mine, "--force")
+    assert (
+        not (mine / "config.json").read_text().startswith('{"mine"')
+        and (mine / "model.safetensors").is_file()
+    )
