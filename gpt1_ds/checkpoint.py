@@ -151,21 +151,54 @@ def complete_tags(ckpt_dir: Path) -> list[str]:
     return sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and (p / COMPLETE).is_file())
 
 
+PREVIOUS = "previous-"
+"""``RUN/previous-N/``: what ``resume=new`` moved aside, the N-th time."""
+
+
+def move_aside(run_dir: RunDir) -> Path | None:
+    """Rank 0, for ``resume=new``: everything in the run directory but earlier ``previous-N``
+    folders into the next ``previous-N``; returns it (None: nothing to move)."""
+    if not run_dir.path.is_dir():
+        return None
+    entries = [p for p in run_dir.path.iterdir() if not p.name.startswith(PREVIOUS)]
+    if not entries:
+        return None
+    numbers = [p.name[len(PREVIOUS) :] for p in run_dir.path.glob(PREVIOUS + "*")]
+    aside = run_dir.path / f"{PREVIOUS}{1 + max((int(n) for n in numbers if n.isdigit()), default=0)}"
+    aside.mkdir()
+    for p in entries:
+        p.rename(aside / p.name)
+    return aside
+
+
 def find_resume(ckpt_dir: Path, resume: str) -> tuple[Path, str] | None:
     """(checkpoint dir, tag) to resume from: ``auto`` → the newest complete tag or None;
-    ``none`` → None; a path → that tag (it must be complete)."""
-    if resume == "none":
-        return None
+    ``none`` → None; ``new`` → None (the old run was moved aside); a path → that tag (it must be
+    complete). ``none`` or a path elsewhere is refused where ``ckpt_dir`` holds checkpoints of
+    its own: a run never mixes with another's (its pruning would take theirs, or theirs its own)."""
     if resume == "auto":
         tags = complete_tags(ckpt_dir)
         return (ckpt_dir, tags[-1]) if tags else None
-    path = Path(resume)
-    if (path / COMPLETE).is_file():
-        return path.parent, path.name
-    tags = complete_tags(path)
-    if tags:  # a checkpoints directory: its newest complete tag
-        return path, tags[-1]
-    raise FileNotFoundError(f"resume={resume!r}: no complete checkpoint there (a tag needs {COMPLETE})")
+    found = None
+    if resume not in ("none", "new"):
+        path = Path(resume)
+        if (path / COMPLETE).is_file():
+            found = path.parent, path.name
+        elif tags := complete_tags(path):  # a checkpoints directory: its newest complete tag
+            found = path, tags[-1]
+        else:
+            raise FileNotFoundError(
+                f"resume={resume!r}: no complete checkpoint there (a tag needs {COMPLETE})"
+            )
+    mine = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir()) if ckpt_dir.is_dir() else []
+    if mine and resume != "new" and (found is None or found[0].resolve() != ckpt_dir.resolve()):
+        shown = mine[0] if len(mine) == 1 else f"{mine[0]} … {mine[-1]}"
+        raise ValueError(
+            f"{ckpt_dir} holds another run's checkpoints ({shown}), which resume={resume} would mix with "
+            "this run's: resume=auto continues that run, resume=new moves it aside into "
+            f"{ckpt_dir.parent / PREVIOUS}N/ and starts afresh, or name another run directory"
+        )
+    return found
 
 
 def save(engine: Any, ckpt_dir: Path, state: ClientState, keep: int, protect: str | None = None) -> str:
@@ -317,17 +350,20 @@ def load(engine: Any, ckpt_dir: Path, tag: str) -> ClientState:
 def resume(
     engine: Any, ckpt_dir: Path, setting: str, check: Callable[[Path], None] | None = None
 ) -> tuple[ClientState, Path] | None:
-    """Collective: rank 0 finds the checkpoint that ``setting`` names (``find_resume``) and passes
-    it to ``check`` (whose ValueError every rank raises, before any of them loads), every rank
-    loads it. Returns its client state and path, or None to start afresh."""
+    """Collective: rank 0 finds the checkpoint that ``setting`` names (``find_resume``; ``new``
+    moves the run directory's contents aside first) and passes it to ``check``; an error of
+    either is raised on every rank as a ValueError, before any of them loads; every rank loads
+    it. Returns its client state and path, or None to start afresh."""
     found: list[Any] = [None, None]
     if dist.get_rank() == 0:
-        found[0] = find_resume(ckpt_dir, setting)
-        if found[0] is not None and check is not None:
-            try:
+        try:
+            if setting == "new" and (aside := move_aside(RunDir.of_checkpoints(ckpt_dir))):
+                log.warning("resume=new: the run directory's earlier contents moved into %s", aside)
+            found[0] = find_resume(ckpt_dir, setting)
+            if found[0] is not None and check is not None:
                 check(found[0][0] / found[0][1])
-            except ValueError as e:
-                found[1] = str(e)
+        except (ValueError, FileNotFoundError) as e:  # every rank refuses, none waits for rank 0
+            found[1] = str(e)
     dist.broadcast_object_list(found)
     if found[1] is not None:
         raise ValueError(found[1])

@@ -149,7 +149,9 @@ class RunConfig(Settings, Safeguards):
     seed: int = 1234
     """Seed of the initialisation, the data order and the dropout masks."""
     resume: str = "auto"
-    """``auto`` (newest complete checkpoint in run_dir, else start), ``none``, or a checkpoint path."""
+    """``auto`` (newest complete checkpoint in run_dir, else start), ``none`` (start afresh; refused
+    where run_dir holds checkpoints), ``new`` (move run_dir's contents into ``run_dir/previous-N/``,
+    then start afresh), or a checkpoint path."""
     init: str | None = None
     """Start from these weights instead of a random init (continued pretraining): an HF
     directory, our safetensors export, or a run's checkpoints. Weights only: step, optimiser
@@ -327,7 +329,8 @@ class FinetuneConfig(Settings, Safeguards):
     seed: int = 1234
     """Seed of the head's init, the data order and the dropout masks."""
     resume: str = "auto"
-    """``auto`` (newest complete checkpoint in run_dir), ``none``, or a checkpoint path."""
+    """``auto`` (newest complete checkpoint in run_dir), ``none`` (refused where run_dir holds
+    checkpoints), ``new`` (run_dir's contents moved into ``run_dir/previous-N/`` first), or a path."""
     ds: dict[str, Any] = field(default_factory=dict)
     """DeepSpeed JSON values this profile changes, by dotted key; ``ds.key=value`` come after."""
 

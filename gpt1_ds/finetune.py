@@ -197,14 +197,15 @@ class Finetuning(runner.Loop):
             fix = " ".join(f"{k}={v[0]}" for k, v in differ.items())
             raise ValueError(
                 f"checkpoint {path} was written with other fine-tuning rules: {differ} (checkpoint, this "
-                f"run); resume with {fix} or resume=none"
+                f"run); resume with {fix}, or start afresh with resume=new (this run moved aside)"
             )
 
     def check_resume(self, state: ClientState, path: Path) -> None:
         if state.layout != self.state.layout:
             raise ValueError(
                 f"checkpoint {path} was written with {state.layout}, this run has {self.state.layout}: the "
-                "epochs would not line up; resume with the same settings or resume=none"
+                "epochs would not line up; resume with the same settings, or start afresh with "
+                "resume=new (this run moved aside)"
             )
 
     def describe(self) -> None:

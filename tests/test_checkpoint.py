@@ -35,12 +35,39 @@ def make_tags(root, complete: list[int], partial: list[int]):
 def test_auto_resume_takes_the_newest_complete_tag_never_a_half_written_one(tmp_path):
     make_tags(tmp_path, complete=[100, 200], partial=[300])
     assert checkpoint.find_resume(tmp_path, "auto") == (tmp_path, "step00000200")
-    assert checkpoint.find_resume(tmp_path, "none") is None
     assert checkpoint.find_resume(tmp_path / "empty", "auto") is None
+    assert checkpoint.find_resume(tmp_path / "empty", "none") is None
+    with pytest.raises(ValueError, match=r"\(step00000100 … step00000300\).*resume=auto.*resume=new"):
+        checkpoint.find_resume(tmp_path, "none")  # a directory with checkpoints: never mixed
+    assert checkpoint.find_resume(tmp_path, "new") is None  # (the run moved aside first: resume())
     assert checkpoint.find_resume(tmp_path, str(tmp_path / "step00000100")) == (tmp_path, "step00000100")
     assert checkpoint.find_resume(tmp_path, str(tmp_path)) == (tmp_path, "step00000200")
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         checkpoint.find_resume(tmp_path, str(tmp_path / "step00000300"))
+
+
+def test_another_runs_checkpoint_is_refused_into_a_directory_with_checkpoints(tmp_path):
+    make_tags(tmp_path / "other", complete=[5], partial=[])
+    make_tags(tmp_path / "mine", complete=[7], partial=[])
+    other = str(tmp_path / "other" / "step00000005")
+    assert checkpoint.find_resume(tmp_path / "new", other) == (tmp_path / "other", "step00000005")
+    with pytest.raises(ValueError, match=r"\(step00000007\), which resume=.*other.* would mix"):
+        checkpoint.find_resume(tmp_path / "mine", other)
+
+
+def test_resume_new_moves_the_run_directory_aside_into_the_next_previous_folder(tmp_path):
+    run = checkpoint.RunDir(tmp_path / "run")
+    assert checkpoint.move_aside(run) is None  # nothing there
+    make_tags(run.checkpoints, complete=[100], partial=[])
+    run.config.write_text("old: 1\n")
+    (run.path / "previous-1").mkdir()
+    aside = checkpoint.move_aside(run)
+    assert aside == run.path / "previous-2" and sorted(p.name for p in run.path.iterdir()) == [
+        "previous-1",
+        "previous-2",
+    ]
+    assert (aside / "checkpoints" / "step00000100" / checkpoint.COMPLETE).is_file()
+    assert (aside / "config.yaml").read_text() == "old: 1\n"
 
 
 def test_prune_keeps_the_last_k_and_drops_older_unfinished_saves(tmp_path):

@@ -283,7 +283,10 @@ def test_rte_from_a_pretraining_checkpoint(prepared, tmp_path):
     assert "failed (exitcode: 2)" in again.stderr  # SETUP_ERROR_EXIT, as torchrun reports it
     assert "[rank0]: Traceback" not in again.stderr  # refused with the reason only, before any step
     assert "'truncation': ('shared', 'gpt1')" in again.stderr
-    assert "resume with truncation=shared lm_loss_average=sequence or resume=none" in again.stderr  # K = 1
+    assert (
+        "resume with truncation=shared lm_loss_average=sequence, or start afresh with resume=new"
+        in again.stderr
+    )
 
 
 @pytest.mark.slow

@@ -587,6 +587,33 @@ def test_a_nan_gradient_stops_the_run_at_its_step_and_nothing_is_saved_after_it(
     assert sorted(p.name for p in (run / "checkpoints").glob("step*")) == ["step00000002", "step00000004"]
 
 
+def test_a_fresh_run_into_a_directory_with_checkpoints_is_refused_or_moves_the_old_run_aside(
+    prepared, tmp_path
+):
+    """resume=none would mix two runs (the new one's checkpoints pruned as older than the old
+    one's, latest pointing at a deleted tag): refused before any compute, nothing touched;
+    resume=new moves the old run into RUN/previous-1/ and starts afresh there."""
+    run = tmp_path / "run"
+    common = ("checkpoint_interval=2", "keep_checkpoints=10")
+    train(prepared, run, "max_steps=6", *common, launcher="python", port=free_port())
+    tags = checkpoint.complete_tags(run / "checkpoints")
+    assert tags == ["step00000002", "step00000004", "step00000006"]
+    out = train(prepared, run, "max_steps=2", "resume=none", *common, launcher="python", check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert "holds another run's checkpoints (step00000002 … step00000006)" in out.stderr
+    assert "resume=auto continues that run, resume=new moves it aside" in out.stderr
+    assert checkpoint.complete_tags(run / "checkpoints") == tags
+    assert (run / "checkpoints" / "latest").read_text() == "step00000006"
+
+    out = train(prepared, run, "max_steps=2", "resume=new", *common, launcher="python", port=free_port())
+    assert f"earlier contents moved into {run / 'previous-1'}" in out.stderr
+    assert checkpoint.complete_tags(run / "previous-1" / "checkpoints") == tags
+    assert checkpoint.complete_tags(run / "checkpoints") == ["step00000002"]
+    assert (run / "checkpoints" / "latest").read_text() == "step00000002"
+    assert "max_steps: 2" in (run / "config.yaml").read_text()
+    assert sorted(scalars(run, "train/loss")) == [1, 2]  # the new run's curves alone
+
+
 def test_continued_pretraining_from_an_hf_export(prepared, tmp_path):
     first = tmp_path / "first"
     fast = ["ds.optimizer.params.lr=3e-3", "ds.scheduler.params.warmup_num_steps=1"]
