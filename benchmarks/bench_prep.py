@@ -8,10 +8,12 @@ Measured in one run on the same text: (1) each step in one process; (2) the
 baseline, plain ``sentencepiece`` encoding of the same cleaned text in one process
 with the same model; (3) ``clean`` + ``shard`` as commands under ``mpirun -np 1``
 and ``-np 2`` (wall time, start-up included) for the scaling; (4) tokenizer
-training time; (5) shard bytes over raw uint16 token bytes. MB are 10^6 bytes of
-raw input text (for ``tokenize``: of cleaned text). Prints a markdown table;
+training time; (5) shard bytes over raw uint16 token bytes; (6) the same text as a
+book of paragraphs and as one long line at ``--line-mb`` sizes (4, 8, 16, 50 MB): each
+step's time, seconds per MB and their ratio. MB are 10^6 bytes of raw input text (for
+``tokenize``: of cleaned text). Prints a markdown table;
 ``--json PATH`` writes it as JSON too (``benchmarks/benchlib.py``). ``--quick``:
-a 2,000-piece tokenizer from 2 MB, 200 kB shards (use it with the sample).
+a 2,000-piece tokenizer from 2 MB, 200 kB shards, books of 0.5 and 1 MB for (6).
 """
 
 from __future__ import annotations
@@ -58,7 +60,78 @@ def run_cmd(cmd: list[str], ranks: int) -> float:
     return time.perf_counter() - start
 
 
-QUICK = {"vocab_size": 2000, "tokenizer_sample_bytes": 2_000_000, "shard_bytes": 200_000}
+QUICK = {
+    "vocab_size": 2000,
+    "tokenizer_sample_bytes": 2_000_000,
+    "shard_bytes": 200_000,
+    "line_mb": [0.5, 1.0],
+}
+
+
+def prepare_in_process(
+    inputs: list[str], ds: Path, vocab_size: int, sample_bytes: int, shard_bytes: int
+) -> dict:
+    """``prepare``'s steps in this process (clean, tokenizer, shard): each step's seconds."""
+    common = ["--val-fraction", "0", "--test-fraction", "0"]
+    clean_args = namespace(clean.add_arguments, ["--input", *inputs, "--out", str(ds), *common])
+    shard_args = namespace(shard.add_arguments, ["--shard-bytes", str(shard_bytes), "--force"])
+    shard_args.data = str(ds)
+    steps = {
+        "clean": lambda: clean.run(clean_args, Comm()),
+        "tokenizer": lambda: tokenizer.ensure_tokenizer(
+            ds, force=True, vocab_size=vocab_size, sample_bytes=sample_bytes
+        ),
+        "shard": lambda: shard.run(shard_args, Comm()),
+    }
+    return {name: timed(step)[0] for name, step in steps.items()}
+
+
+def line_length_table(
+    texts: list[str], sizes: list[float], work: Path, args: argparse.Namespace
+) -> benchlib.Table:
+    """The same text as a book of paragraphs and as one line, at each size: seconds per MB of each
+    and their ratio (a book that is one long line must cost what ordinary books do)."""
+    paragraphs = "\n\n".join(texts)
+    rows: list[list[benchlib.Cell]] = []
+    for mb in sizes:
+        size = int(mb * 1e6)
+        text = (paragraphs * (size // len(paragraphs) + 1))[:size]
+        per_mb = {}
+        for shape, body in (("paragraphs", text), ("one line", " ".join(text.split()))):
+            book = work / f"line_{mb:g}_{shape.replace(' ', '_')}"
+            shutil.rmtree(book, ignore_errors=True)
+            (book / "in").mkdir(parents=True)
+            (book / "in" / "book.txt").write_text(body, encoding="utf-8")
+            steps = prepare_in_process(
+                [str(book / "in")],
+                book / "ds",
+                args.vocab_size,
+                args.tokenizer_sample_bytes,
+                args.shard_bytes,
+            )
+            per_mb[shape] = sum(steps.values()) / mb
+            rows.append(
+                [
+                    f"{mb:g} MB, {shape}",
+                    *(steps[k] for k in ("clean", "tokenizer", "shard")),
+                    per_mb[shape],
+                    None,
+                ]
+            )
+            shutil.rmtree(book, ignore_errors=True)
+        rows[-1][-1] = per_mb["one line"] / per_mb["paragraphs"]
+    return benchlib.table(
+        "One book as paragraphs and as one long line: `prepare`'s steps in one process",
+        {
+            "text": "{}",
+            "clean (s)": "{:.2f}",
+            "tokenizer (s)": "{:.2f}",
+            "shard (s)": "{:.2f}",
+            "s/MB": "{:.3f}",
+            "one line / paragraphs": "{:.2f}×",
+        },
+        rows,
+    )
 
 
 def main() -> None:
@@ -76,6 +149,13 @@ def main() -> None:
         "--shard-bytes", type=int, default=4 * 2**20, help="small enough that both ranks get many shards"
     )
     parser.add_argument("--work", help="scratch directory (default: a temporary one)")
+    parser.add_argument(
+        "--line-mb",
+        type=float,
+        nargs="+",
+        default=[4, 8, 16, 50],
+        help="sizes (MB) of the book timed as paragraphs and as one line",
+    )
     args = benchlib.parse_args(parser, QUICK)
 
     corpus = Path(args.corpus) if args.corpus else REPO / "data" / "sample"
@@ -158,12 +238,15 @@ def main() -> None:
                 f"`--shard-bytes` {args.shard_bytes:,}",
                 {"measure": "{}", "value": "{:.2f}", "unit": "{}", "time (s)": "{:.1f}"},
                 rows,
-            )
+            ),
+            line_length_table(texts, args.line_mb, work, args),
         ],
         [
             "MB are 10^6 bytes of raw input text (for tokenize: of cleaned text). The baseline is plain "
             "`sentencepiece` encoding of the same cleaned text with the same model in one process; the "
-            "`mpirun` rows time the `clean` and `shard` commands, start-up included."
+            "`mpirun` rows time the `clean` and `shard` commands, start-up included.",
+            "The second table: the cleaned books repeated to each size, written as one book of "
+            "paragraphs and as the same words on one line; per MB of either, the sum of the three steps.",
         ],
         quick=args.quick,
     )

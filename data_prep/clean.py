@@ -47,6 +47,7 @@ import ftfy
 
 from data_prep.common import Comm, balance, launch, progress, remove_stale, step_parser
 from gpt1_ds.files import atomic_write_text
+from gpt1_ds.tokenizer import LONG_LINE, cut_at_spaces
 
 log = logging.getLogger("data_prep.clean")
 
@@ -154,7 +155,14 @@ def strip_gutenberg(text: str, repairs: list[str]) -> str:
 
 
 def fix_paragraph(paragraph: str) -> str:
-    """``ftfy.fix_text`` with its default settings, skipping the work where it can change nothing."""
+    """``ftfy.fix_text`` with its default settings, skipping the work where it can change nothing;
+    a paragraph longer than ``LONG_LINE`` fixed in pieces cut at spaces, as if it were paragraphs."""
+    if len(paragraph) > LONG_LINE:
+        return " ".join(map(_fix_piece, cut_at_spaces(paragraph)))
+    return _fix_piece(paragraph)
+
+
+def _fix_piece(paragraph: str) -> str:
     if paragraph.isascii():
         return paragraph if "&" not in paragraph else ftfy.fix_text(paragraph, _FTFY)
     uncurled = _DOUBLE_QUOTES.sub('"', _SINGLE_QUOTES.sub("'", paragraph))

@@ -51,13 +51,15 @@ MAX_SENTENCE_BYTES = 4096  # sentencepiece skips longer training sentences; long
 
 def _chunks(paragraph: str, limit: int = MAX_SENTENCE_BYTES // 4) -> list[str]:
     """The paragraph cut at spaces into pieces of at most ``limit`` characters (≤ 4 bytes each)."""
-    out = []
-    while len(paragraph) > limit:
-        cut = paragraph.rfind(" ", 0, limit)
-        cut = cut if cut > 0 else limit
-        out.append(paragraph[:cut])
-        paragraph = paragraph[cut:].lstrip(" ")
-    return [*out, paragraph] if paragraph else out
+    out, start, end = [], 0, len(paragraph)
+    while end - start > limit:  # indices, not slices of the rest: linear in the paragraph
+        cut = paragraph.rfind(" ", start, start + limit)
+        cut = cut if cut > start else start + limit
+        out.append(paragraph[start:cut])
+        start = cut
+        while start < end and paragraph[start] == " ":
+            start += 1
+    return [*out, paragraph[start:]] if start < end else out
 
 
 def training_sentences(docs: list[Path], max_sentences: int, sample_bytes: int, seed: int) -> list[str]:
@@ -92,6 +94,12 @@ def train(
     sentences = training_sentences(docs, max_sentences, sample_bytes, seed)
     if not sentences:
         raise ValueError("no training text: the train split is empty")
+    log.info(
+        "tokenizer: training %d pieces on %d paragraphs (%.1f MB)…",
+        vocab_size,
+        len(sentences),
+        sum(map(len, sentences)) / 1e6,
+    )
     model = _train_bytes(sentences, vocab_size, seed, num_threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out_dir / MODEL_NAME, model)

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
+from itertools import chain
 from pathlib import Path
 from typing import Protocol
 
@@ -32,6 +34,22 @@ CONTROL = ("<start>", "<delim>", "<extract>")
 NEWLINE = "\n"
 GPT1_VOCAB_SIZE = 40478
 """GPT-1's vocabulary: 40,000 BPE merges plus the base symbols (the ``gpt1`` preset's vocab_size)."""
+
+LONG_LINE = 1 << 14
+"""Characters past which a line is worked on in pieces (``cut_at_spaces``): a book that is one
+long line costs what the same text in paragraphs does."""
+_SINGLE_SPACE = re.compile(r"(?<=[^ ]) (?=[^ ])")
+
+
+def cut_at_spaces(line: str, limit: int = LONG_LINE) -> list[str]:
+    """``line`` cut at single spaces (a space between two non-spaces, which is dropped) into
+    pieces of about ``limit`` characters or more: ``" ".join`` of the pieces is ``line``. Time
+    linear in its length; a line of ``limit`` characters or fewer is its only piece."""
+    pieces, start = [], 0
+    while (cut := _SINGLE_SPACE.search(line, start + limit)) is not None:
+        pieces.append(line[start : cut.start()])
+        start = cut.end()
+    return [*pieces, line[start:]]
 
 
 class Tokenizer(Protocol):
@@ -126,26 +144,27 @@ class SentencePieceTokenizer:
 
     def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[np.ndarray]:
         """Ids of each text as a uint32 array (newline-joined lines, as ``encode``)."""
-        lines, counts = [], []
+        # A long line is encoded in pieces cut at single spaces: the same ids (pieces never span
+        # a space, and each piece's dummy prefix stands for the space cut), in time linear in it.
+        pieces, joins, counts = [], [], []  # joins[k]: the id between piece k-1 and k, or None
         for text in texts:
-            parts = text.split("\n")
-            lines.extend(parts)
-            counts.append(len(parts))
-        encoded = self.sp.encode(lines, num_threads=num_threads)
+            count = 0
+            for j, line in enumerate(text.split("\n")):
+                cut = cut_at_spaces(line)
+                pieces += cut
+                joins += [self.newline_id if j else None] + [None] * (len(cut) - 1)
+                count += len(cut)
+            counts.append(count)
+        encoded = self.sp.encode(pieces, num_threads=num_threads)
         out, i = [], 0
         for n in counts:
-            pieces = encoded[i : i + n]
+            parts = []
+            for k in range(i, i + n):
+                if joins[k] is not None:
+                    parts.append([joins[k]])
+                parts.append(encoded[k])
             i += n
-            total = sum(len(p) for p in pieces) + n - 1
-            arr = np.empty(total, dtype=np.uint32)
-            pos = 0
-            for j, p in enumerate(pieces):
-                if j:
-                    arr[pos] = self.newline_id
-                    pos += 1
-                arr[pos : pos + len(p)] = p
-                pos += len(p)
-            out.append(arr)
+            out.append(np.fromiter(chain.from_iterable(parts), dtype=np.uint32))
         return out
 
     def decode(self, ids: list[int] | np.ndarray) -> str:

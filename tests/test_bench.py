@@ -195,7 +195,9 @@ def test_gpu_check_dry_run_runs_every_step_and_returns_few_files(tmp_path: Path)
     assert re.search(r"\b[1-9]\d* skipped", tests) and "passed" not in tests  # no GPU: none counted
     store = json.loads((tmp_path / "results.json").read_text())
     # This run's figures: the quick ones (the copied store holds other machines' measurements).
-    [ran] = [m["benchmarks"] for m in store["machines"].values() if m["benchmarks"].get("step", {}).get("quick")]
+    [ran] = [
+        m["benchmarks"] for m in store["machines"].values() if m["benchmarks"].get("step", {}).get("quick")
+    ]
     assert {"train", "step"} <= set(ran) and ran["train"]["quick"]
     # The host table: gpt1_ds.train as launched against the plain loop, timed, its syncs counted.
     step = ran["step"]

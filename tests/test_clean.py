@@ -163,3 +163,14 @@ def test_ftfy_shortcut_gives_what_ftfy_gives_on_real_books():
 def test_ftfy_repairs_mojibake():
     assert clean.fix_paragraph("The caf\u00c3\u00a9 is \u00e2\u20ac\u0153open\u00e2\u20ac\ufffd.") != ""
     assert clean.fix_paragraph("It\u00e2\u20ac\u2122s here") == "It's here"
+
+
+def test_a_book_that_is_one_long_line_is_fixed_in_pieces_as_its_paragraphs_would_be():
+    text = gzip.decompress(SAMPLE_BOOKS[0].read_bytes()).decode("utf-8").replace("\r\n", "\n")
+    paragraphs = [" ".join(p.split()) for p in text.split("\n\n") if p.strip()]
+    line = " ".join(paragraphs) + " It\u00e2\u20ac\u2122s here"  # mojibake past the first piece
+    assert len(line) > 3 * clean.LONG_LINE
+    fixed = clean.fix_paragraph(line)
+    assert fixed.endswith(" It's here")
+    assert fixed == " ".join(clean.fix_paragraph(p) for p in clean.cut_at_spaces(line))
+    assert len(fixed.split()) == len(line.split())

@@ -8,9 +8,17 @@ import shutil
 import pytest
 from conftest import run_prepare
 
-from data_prep.tokenizer import ensure_tokenizer, text_settings, train, train_docs
+from data_prep.tokenizer import _chunks, ensure_tokenizer, text_settings, train, train_docs
 from gpt1_ds.tasks import TaskData, encode
-from gpt1_ds.tokenizer import INFO_NAME, LEGACY_INFO_NAME, MODEL_NAME, info_file, load_tokenizer
+from gpt1_ds.tokenizer import (
+    INFO_NAME,
+    LEGACY_INFO_NAME,
+    LONG_LINE,
+    MODEL_NAME,
+    cut_at_spaces,
+    info_file,
+    load_tokenizer,
+)
 
 
 def test_special_ids_and_info(prepared):
@@ -30,6 +38,41 @@ def test_round_trip_is_exact_on_a_whole_book(prepared):
     assert tok.decode(ids) == text
     assert len(ids) < len(text) / 2.5  # BPE merges: well under one token per 2.5 characters
     assert ids.count(tok.newline_id) == text.count("\n")
+
+
+def test_a_book_on_one_line_is_encoded_in_pieces_to_the_ids_of_the_whole_line(prepared):
+    tok = load_tokenizer(prepared / MODEL_NAME)
+    docs, _ = train_docs(prepared)
+    words = docs[0].read_text(encoding="utf-8").split()
+    # Double spaces, a leading space, non-ASCII and emoji (byte fallback) at the places cut.
+    line = " " + " ".join(w if i % 97 else f"{w}  caf\u00e9 \U0001f600" for i, w in enumerate(words))
+    assert len(line) > 4 * LONG_LINE
+    text = line + "\n\n" + line[: LONG_LINE + 5]
+    whole = [tok.sp.encode(part) for part in text.split("\n")]  # sentencepiece on each whole line
+    expected = [*whole[0], tok.newline_id, *whole[1], tok.newline_id, *whole[2]]
+    assert tok.encode(text) == expected
+    assert tok.decode(expected) == text
+
+
+@pytest.mark.parametrize("limit", [1, 3, 8])
+def test_cut_at_spaces_cuts_only_single_spaces_and_joins_back(limit):
+    for line in ["", "a", "ab cd  ef gh", " a b ", "abcdefghij k", "a  b  c", "x y" * 20]:
+        pieces = cut_at_spaces(line, limit)
+        assert " ".join(pieces) == line
+        assert all(len(p) >= limit for p in pieces[:-1])
+        for p in pieces[1:]:  # a cut never leaves a space beside it
+            assert not p.startswith(" ")
+        for p in pieces[:-1]:
+            assert not p.endswith(" ")
+    assert cut_at_spaces("a b c d", LONG_LINE) == ["a b c d"]
+
+
+def test_training_pieces_of_a_long_paragraph_are_bounded_and_keep_its_words():
+    para = " ".join(f"w{i}" for i in range(5000)) + " " + "x" * 3000
+    chunks = _chunks(para, limit=100)
+    assert all(len(c) <= 100 for c in chunks)
+    assert " ".join(chunks).replace(" ", "") == para.replace(" ", "")
+    assert _chunks("", limit=5) == [] and _chunks("ab", limit=5) == ["ab"]
 
 
 def test_byte_fallback_never_gives_unknown(prepared):
