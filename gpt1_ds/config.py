@@ -9,19 +9,24 @@ an error before any compute, naming the values.
 
 from __future__ import annotations
 
+import ast
 import copy
+import inspect
+import itertools
 import json
 import logging
 import math
+import textwrap
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
+from gpt1_ds.ds_keys import check_ds_keys, did_you_mean
 from gpt1_ds.heads import CLF_DROPOUT_MASKS, LM_LOSS_AVERAGES
 from gpt1_ds.model import GPTConfig
 from gpt1_ds.tasks import TRUNCATIONS
@@ -221,21 +226,69 @@ def read_settings(cls: type, path: str | Path | None, overrides: list[str] | Non
             raise ValueError(f"{path}: invalid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of settings")
+    given = set()  # the settings the command line sets
     for key, value in parse_overrides(overrides or []).items():
         outer, dot, inner = key.partition(".")
         if dot and not isinstance(data.setdefault(outer, {}), dict):
             raise ValueError(f"override {key}=...: {outer} is not a mapping")
         data[outer] = {**data[outer], inner: value} if dot else value
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown settings {unknown} (from {path or 'overrides'}); known: {sorted(known)}")
+        given.add(outer)
+
+    def source(name: str) -> str:
+        return "given on the command line" if name in given or not path else f"in {path}"
+
+    known = [f.name for f in fields(cls)]
+    for name in data:
+        if name not in known:
+            raise ValueError(f"unknown setting {name!r} ({source(name)}){unknown_hint(name, known)}")
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
         if f.name in data and not _fits(data[f.name], hints[f.name]):
-            where = path or "overrides"
-            raise ValueError(f"setting {f.name} (from {where}) must be {f.type}, got {data[f.name]!r}")
+            raise ValueError(f"setting {f.name} ({source(f.name)}) must be {f.type}, got {data[f.name]!r}")
     return data
+
+
+def unknown_hint(name: str, known: list[str]) -> str:
+    """The nearest setting, or the model field ``name`` is (``model_overrides.NAME``), and where
+    every setting is listed."""
+    model_fields = [f.name for f in fields(GPTConfig)]
+    if name in model_fields:
+        return f"; it is a model field: model_overrides.{name}=VALUE"
+    near = did_you_mean(name, known)
+    if not near and (field_hint := did_you_mean(name, model_fields)):
+        near = field_hint.replace("mean '", "mean 'model_overrides.")
+    return f"{near or ';'} every setting: --help"
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each dataclass field's docstring (the string after its line), over ``cls`` and its bases."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            body = ast.parse(inspect.getsource(klass).strip()).body[0].body
+        except (OSError, TypeError, IndexError, AttributeError):
+            continue
+        for node, after in itertools.pairwise(body):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(after.value.value.replace("``", "").split())
+    return docs
+
+
+def settings_help(cls: type, heading: str) -> str:
+    """Every field of dataclass ``cls``: name, type, default and its doc, for ``--help``."""
+    docs, lines = field_docs(cls), [heading]
+    for f in fields(cls):
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        lines.append(f"  {f.name}: {f.type} = {default!r}")
+        if f.name in docs:
+            lines.append(textwrap.fill(docs[f.name], 100, initial_indent=" " * 6, subsequent_indent=" " * 6))
+    return "\n".join(lines)
 
 
 def _fits(value: Any, hint: Any) -> bool:
@@ -364,7 +417,8 @@ def parse_value(text: str) -> Any:
 
 
 def load_ds_config(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The DeepSpeed JSON at ``path`` with ``{"a.b": value}`` overrides applied."""
+    """The DeepSpeed JSON at ``path`` with ``{"a.b": value}`` overrides applied, its keys checked
+    against what DeepSpeed reads (``gpt1_ds.ds_keys``): a misspelt key is refused, not ignored."""
     try:
         ds = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -377,6 +431,7 @@ def load_ds_config(path: str | Path, overrides: dict[str, Any] | None = None) ->
         for part in parents:
             node = node.setdefault(part, {})
         node[last] = value
+    check_ds_keys(ds, str(path), overrides or {})
     return ds
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
@@ -99,6 +100,11 @@ class GPTConfig:
         """A preset (``gpt1`` or ``tiny``) with optional field overrides."""
         if name not in PRESETS:
             raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        known = [f.name for f in fields(cls)]
+        if unknown := sorted(set(overrides) - set(known)):
+            near = difflib.get_close_matches(unknown[0], known, n=1)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise ValueError(f"unknown model field {unknown[0]!r}: {hint}the fields are {', '.join(known)}")
         return replace(PRESETS[name], **overrides)
 
     def to_dict(self) -> dict[str, Any]:

@@ -379,6 +379,7 @@ def check(argv: list[str]) -> int:
         Pretraining.default_ds_config,
         "run config YAML",
         {"data": "dataset directory", "run_dir": "run directory"},
+        Pretraining.config_class,
     )
     args.iters = int(os.environ.get("GPT1_DS_PREFLIGHT_ITERS", "10"))
     checker = Checker(args, over, ds_over)

@@ -44,11 +44,12 @@ from gpt1_ds.config import (
     parse_overrides,
     resolve_batch,
     resolve_ds_config,
+    settings_help,
 )
 from gpt1_ds.env import check_versions, setup_logging
 from gpt1_ds.files import atomic_write_text
 from gpt1_ds.metrics import Monitor
-from gpt1_ds.model import param_groups
+from gpt1_ds.model import GPTConfig, param_groups
 from gpt1_ds.tokenizer import Tokenizer, copy_tokenizer
 
 log = logging.getLogger(__name__)
@@ -68,13 +69,26 @@ def parse_launch_args(
     default_ds_config: str,
     config_help: str,
     flags: dict[str, str],
+    settings: type | None = None,
 ) -> tuple[argparse.Namespace, list[str], list[str]]:
     """The command line of train.py and finetune.py: ``--deepspeed_config``, ``--config``, the
     launchers' own flags, ``flags`` (``--name`` → the config's ``name``), then ``key=value``
     (config) and ``ds.key=value`` (DeepSpeed JSON) overrides. Returns (args, config overrides,
-    DeepSpeed overrides); a flag given becomes a config override after the others."""
+    DeepSpeed overrides); a flag given becomes a config override after the others. ``--help``
+    lists every field of ``settings`` (the config class) and of the model."""
+    epilog = None
+    if settings is not None:
+        epilog = "\n\n".join(
+            (
+                settings_help(settings, "settings (key=value; in the --config YAML as key: value):"),
+                settings_help(GPTConfig, "model fields (model_overrides.NAME=value):"),
+            )
+        )
     parser = argparse.ArgumentParser(
-        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ds_help = f"DeepSpeed JSON (default {default_ds_config})"
     parser.add_argument(
@@ -86,7 +100,7 @@ def parse_launch_args(
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     parser.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="key=value (config) or ds.key=value (DeepSpeed JSON)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value before and after the flags
     over = [o for o in args.overrides if not o.startswith("ds.")]
     ds_over = [o[3:] for o in args.overrides if o.startswith("ds.")]
     over += [f"{flag}={json.dumps(getattr(args, flag))}" for flag in flags if getattr(args, flag) is not None]
@@ -370,14 +384,18 @@ class Loop:
         set-up (the subclass's ``__init__``) and the run; the exit code."""
         preempt = Preemption()
         args, over, ds_over = parse_launch_args(
-            argv, cls.prog, doc, cls.default_ds_config, cls.config_help, cls.flags
+            argv, cls.prog, doc, cls.default_ds_config, cls.config_help, cls.flags, cls.config_class
         )
-        cfg = cls.config_class.from_yaml(args.config, over)
+        try:
+            cfg = cls.config_class.from_yaml(args.config, over)
+        except (ValueError, FileNotFoundError) as e:
+            log.error("%s", e)
+            return SETUP_ERROR_EXIT
         check_versions(cfg.allow_untested_versions)
         ctx = Context.start(cfg.collective_timeout)
-        cfg, ds_over = batch_settings(cfg, args.ds_config, ds_over, ctx)
         try:
             try:
+                cfg, ds_over = batch_settings(cfg, args.ds_config, ds_over, ctx)
                 loop = cls(cfg, ctx, args.ds_config, ds_over)
                 loop.resume(cfg.resume)
             except (ValueError, FileNotFoundError) as e:  # bad input, found before any step

@@ -1,6 +1,6 @@
 """Pretrain GPT-1 with DeepSpeed.
 
-    deepspeed gpt1_ds/train.py --deepspeed_config ds_configs/zero2.json \\
+    deepspeed gpt1_ds/train.py --deepspeed_config ds_configs/zero1.json \\
         --config configs/gpt1.yaml --data DIR --run-dir RUN [key=value ...] [ds.key.path=value ...]
 
 The same script runs under ``torchrun``, ``srun``, ``mpirun`` and as a plain

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
 from dataclasses import MISSING, asdict, fields
@@ -36,7 +38,19 @@ def test_yaml_and_overrides(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["max_stepz=3"], r"unknown settings \['max_stepz'\]"),
+        (
+            ["max_stepz=3"],
+            r"unknown setting 'max_stepz' \(given on the command line\); did you mean 'max_steps'\?",
+        ),
+        (
+            ["n_layr=1"],
+            r"unknown setting 'n_layr' .*; did you mean 'model_overrides.n_layer'\? every setting: --help",
+        ),
+        (["n_head=2"], r"unknown setting 'n_head' .*; it is a model field: model_overrides.n_head=VALUE"),
+        (
+            ["model_overrides.n_layr=1"],
+            r"unknown model field 'n_layr': did you mean 'n_layer'\? the fields are vocab_size",
+        ),
         (["epochs=0"], "epochs must be a positive integer"),
         (["model=gpt5"], "unknown model preset 'gpt5'"),
         (
@@ -44,7 +58,10 @@ def test_yaml_and_overrides(tmp_path):
             r"GPTConfig.n_embd \(768\) must be divisible by GPTConfig.n_head \(5\)",
         ),
         (["micro_batch_size"], "is not key=value"),
-        (["max_steps=ten"], r"setting max_steps \(from overrides\) must be int \| None, got 'ten'"),
+        (
+            ["max_steps=ten"],
+            r"setting max_steps \(given on the command line\) must be int \| None, got 'ten'",
+        ),
         (["seed=true"], "setting seed .* must be int, got True"),
         (["model_overrides=3"], r"setting model_overrides .* must be dict\[str, Any\], got 3"),
         (["data_on_error=ignore"], "data_on_error must be raise or skip"),
@@ -58,11 +75,42 @@ def test_bad_settings_are_named(overrides, message):
 def test_a_config_file_with_a_wrong_type_names_the_file_and_key(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("micro_batch_size: 8\nrun_dir: [a, b]\n")
-    with pytest.raises(ValueError, match=rf"setting run_dir \(from {path}\) must be str, got \['a', 'b'\]"):
+    with pytest.raises(ValueError, match=rf"setting run_dir \(in {path}\) must be str, got \['a', 'b'\]"):
         RunConfig.from_yaml(path)
     path.write_text("task: sst2\nlm_coef: half\n")
-    with pytest.raises(ValueError, match=rf"setting lm_coef \(from {path}\) must be float"):
+    with pytest.raises(ValueError, match=rf"setting lm_coef \(in {path}\) must be float"):
         FinetuneConfig.from_yaml(path)
+
+
+def test_a_setting_given_on_the_command_line_is_not_blamed_on_the_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: tiny\n")
+    with pytest.raises(ValueError, match=r"setting seed \(given on the command line\) must be int"):
+        RunConfig.from_yaml(path, ["seed=x"])
+    path.write_text("model: tiny\nsed: 3\n")
+    with pytest.raises(ValueError, match=rf"unknown setting 'sed' \(in {path}\); did you mean 'seed'\?"):
+        RunConfig.from_yaml(path, ["seed=4"])
+
+
+def test_help_lists_every_setting_and_model_field_with_type_default_and_doc():
+    from gpt1_ds.model import GPTConfig
+    from gpt1_ds.runner import parse_launch_args
+
+    with pytest.raises(SystemExit), contextlib.redirect_stdout(io.StringIO()) as out:
+        parse_launch_args(["--help"], "train", None, "ds.json", "yaml", {}, RunConfig)
+    text = out.getvalue()
+    for f in (*fields(RunConfig), *fields(GPTConfig)):
+        assert f"\n  {f.name}: {f.type} = " in text, f.name
+    assert "  max_steps: int | None = None\n      Stop after this many optimiser steps" in text
+    assert "  n_layer: int = 12\n      Number of transformer blocks." in text
+
+
+def test_overrides_may_come_before_and_after_the_flags():
+    from gpt1_ds.runner import parse_launch_args
+
+    argv = ["max_steps=3", "--run-dir", "R", "seed=5", "ds.gradient_clipping=0.5"]
+    _, over, ds_over = parse_launch_args(argv, "train", None, "ds.json", "yaml", {"run_dir": "run"})
+    assert over == ["max_steps=3", "seed=5", 'run_dir="R"'] and ds_over == ["gradient_clipping=0.5"]
 
 
 def test_values_parse_as_a_user_means_them():

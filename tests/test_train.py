@@ -530,6 +530,26 @@ def test_fp16_config_is_refused_on_a_cpu_with_a_clear_error(prepared, tmp_path):
     assert out.returncode != 0 and "fp16.enabled is true, but DeepSpeed has no fp16 on the CPU" in out.stderr
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["ds.zero_optimisation.stage=3"],
+            "ds_configs/zero2.json: zero_optimisation: not a key DeepSpeed reads; did you mean "
+            "'zero_optimization'? (set by ds.zero_optimisation.stage)",
+        ),
+        (["ds.optimizer.params.lrr=1"], "optimizer.params.lrr: FusedAdam takes no such argument"),
+        (["model_overrides.n_layr=1"], "unknown model field 'n_layr': did you mean 'n_layer'?"),
+        (["n_layr=1"], "'n_layr' (given on the command line); did you mean 'model_overrides.n_layer'?"),
+    ],
+)  # fmt: skip
+def test_a_misspelt_key_is_refused_before_compute_in_one_line(prepared, tmp_path, args, message):
+    run = tmp_path / "run"
+    out = train(prepared, run, "max_steps=1", *args, launcher="python", port=free_port(), check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert message in out.stderr and not (run / "checkpoints").exists()
+
+
 def test_a_non_finite_loss_stops_the_run_naming_the_step(prepared, tmp_path):
     """The flags are read every log_interval steps (no host wait in between), yet the step
     named is the one where the loss went bad, and nothing is saved after it."""
