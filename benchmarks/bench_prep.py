@@ -74,7 +74,8 @@ def prepare_in_process(
     """``prepare``'s steps in this process (clean, tokenizer, shard): each step's seconds."""
     common = ["--val-fraction", "0", "--test-fraction", "0"]
     clean_args = namespace(clean.add_arguments, ["--input", *inputs, "--out", str(ds), *common])
-    shard_args = namespace(shard.add_arguments, ["--shard-bytes", str(shard_bytes), "--force"])
+    shard_args = namespace(shard.add_arguments, ["--shard-bytes", str(shard_bytes)])
+    shard_args.force = True
     shard_args.data = str(ds)
     steps = {
         "clean": lambda: clean.run(clean_args, Comm()),
@@ -165,7 +166,8 @@ def main() -> None:
     shutil.rmtree(ds, ignore_errors=True)
     common = ["--val-fraction", "0.01", "--test-fraction", "0.01"]
     clean_args = namespace(clean.add_arguments, ["--input", *inputs, "--out", str(ds), *common])
-    shard_args = namespace(shard.add_arguments, ["--shard-bytes", str(args.shard_bytes), "--force"])
+    shard_args = namespace(shard.add_arguments, ["--shard-bytes", str(args.shard_bytes)])
+    shard_args.force = True
     shard_args.data = str(ds)
 
     t_clean, report = timed(lambda: clean.run(clean_args, Comm()))

@@ -36,6 +36,7 @@ import json
 import logging
 import lzma
 import re
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ from pathlib import Path
 
 import ftfy
 
-from data_prep.common import Comm, balance, launch, progress, remove_stale, step_parser
+from data_prep.common import Comm, balance, fraction, launch, progress, remove_stale, run_command, step_parser
 from gpt1_ds.files import atomic_write_text
 from gpt1_ds.tokenizer import LONG_LINE, cut_at_spaces
 
@@ -307,6 +308,12 @@ def run(args: argparse.Namespace, comm: Comm) -> dict | None:
 def write_outputs(out: Path, n_files: int, every: list[DocResult], args: argparse.Namespace) -> dict:
     """Rank 0: split the kept documents, drop stale ones, write ``splits.json`` and ``report.json``."""
     kept = [r for r in every if not r.skipped]
+    if not kept:
+        reasons = Counter(r.skipped for r in every)
+        raise ValueError(
+            f"no documents: every one of the {n_files} input file(s) was skipped "
+            f"({', '.join(f'{n} {why}' for why, n in reasons.most_common())}): give text files"
+        )
     splits = assign_splits([r.doc_id for r in kept], args.val_fraction, args.test_fraction, args.split_seed)
     remove_stale(out / "docs", "*.txt", {f"{r.doc_id}.txt" for r in kept})  # from a run with other inputs
     settings = {k: getattr(args, k) for k in SETTINGS}
@@ -354,9 +361,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="regex a whole line matches between books (bookscorpus format)",
     )
     parser.add_argument("--lowercase", action="store_true", help="lower-case the text (GPT-1 did)")
-    parser.add_argument("--val-fraction", type=float, default=0.01)
-    parser.add_argument("--test-fraction", type=float, default=0.01)
-    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument(
+        "--val-fraction",
+        type=fraction,
+        default=0.01,
+        help="share of the documents in the val split (0: none)",
+    )
+    parser.add_argument(
+        "--test-fraction",
+        type=fraction,
+        default=0.01,
+        help="share of the documents in the test split (0: none)",
+    )
+    parser.add_argument(
+        "--split-seed", type=int, default=0, help="seed of the hash that assigns each document its split"
+    )
 
 
 def read_splits(dataset_dir: str | Path) -> dict:
@@ -377,4 +396,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main))

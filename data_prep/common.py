@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from argparse import ArgumentParser, Namespace, RawDescriptionHelpFormatter
+import logging
+import sys
+from argparse import (
+    Action,
+    ArgumentDefaultsHelpFormatter,
+    ArgumentParser,
+    ArgumentTypeError,
+    Namespace,
+    RawDescriptionHelpFormatter,
+)
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
@@ -70,11 +79,34 @@ def balance(sizes: list[int], ranks: int) -> list[list[int]]:
     return [sorted(o) for o in owned]
 
 
+class _HelpFormatter(RawDescriptionHelpFormatter, ArgumentDefaultsHelpFormatter):
+    """The docstring as written, each flag's default after its help (where there is one)."""
+
+    def _get_help_string(self, action: Action) -> str | None:
+        if action.default in (None, False) or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of 1 or more."""
+    value = int(text)
+    if value < 1:
+        raise ArgumentTypeError(f"must be 1 or more, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number in [0, 1)."""
+    value = float(text)
+    if not 0 <= value < 1:
+        raise ArgumentTypeError(f"must lie in [0, 1), got {text}")
+    return value
+
+
 def step_parser(module: str, doc: str | None, *adders: Callable[[ArgumentParser], Any]) -> ArgumentParser:
     """The parser of ``python -m MODULE``, its docstring as the description, with the adders' flags."""
-    parser = ArgumentParser(
-        prog=f"python -m {module}", description=doc, formatter_class=RawDescriptionHelpFormatter
-    )
+    parser = ArgumentParser(prog=f"python -m {module}", description=doc, formatter_class=_HelpFormatter)
     for add in adders:
         add(parser)
     return parser
@@ -98,3 +130,20 @@ def remove_stale(directory: Path, pattern: str, keep: Collection[str] = ()) -> N
     for path in directory.glob(pattern):
         if path.name not in keep:
             path.unlink()
+
+
+def run_command(main: Callable[[], Any]) -> int:
+    """A step's command: bad input (``ValueError``, ``FileNotFoundError``) is one logged line and
+    exit 2, not a traceback; under MPI the whole job ends with it (no rank waits in a barrier)."""
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        logging.getLogger("data_prep").error("%s", e)
+        if "mpi4py.MPI" in sys.modules:
+            from mpi4py import MPI
+
+            if MPI.COMM_WORLD.Get_size() > 1:
+                sys.stderr.flush()
+                MPI.COMM_WORLD.Abort(2)
+        return 2
+    return 0

@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import shutil
+import sys
 from argparse import ArgumentParser, Namespace
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,7 +35,16 @@ import webdataset as wds
 from tqdm import tqdm
 
 from data_prep.clean import read_splits
-from data_prep.common import Comm, balance, launch, progress, remove_stale, step_parser
+from data_prep.common import (
+    Comm,
+    balance,
+    launch,
+    positive_int,
+    progress,
+    remove_stale,
+    run_command,
+    step_parser,
+)
 from data_prep.manifest import (
     CHECKSUM,
     DTYPE,
@@ -293,31 +303,33 @@ def run(args: Namespace, comm: Comm) -> dict[str, dict]:
 
 
 def add_arguments(parser: ArgumentParser) -> None:
-    parser.add_argument("--seq-len", type=int, default=512, help="tokens the model sees per sequence")
+    parser.add_argument(
+        "--seq-len", type=positive_int, default=512, help="tokens the model sees per sequence"
+    )
     parser.add_argument(
         "--shard-bytes",
-        type=int,
+        type=positive_int,
         default=256 * 2**20,
         help="target shard size in bytes (shards end at document boundaries)",
     )
     parser.add_argument(
         "--sequences-per-sample",
-        type=int,
+        type=positive_int,
         default=128,
         help="sequences per tar member (large blocks keep the tar overhead small)",
     )
-    parser.add_argument("--splits", nargs="+", default=["train", "val", "test"])
-    parser.add_argument("--threads", type=int, default=1, help="sentencepiece threads per process")
-    parser.add_argument("--force", action="store_true", help="rewrite every shard")
+    parser.add_argument("--splits", nargs="+", default=["train", "val", "test"], help="splits to shard")
+    parser.add_argument("--threads", type=positive_int, default=1, help="sentencepiece threads per process")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = step_parser("data_prep.shard", __doc__)
     parser.add_argument("--data", required=True, help="dataset directory (holds clean/ and tokenizer.model)")
     add_arguments(parser)
+    parser.add_argument("--force", action="store_true", help="rewrite every shard")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     run(*launch(parser, argv))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main))

@@ -22,13 +22,15 @@ import io
 import json
 import logging
 import random
+import re
+import sys
 import time
 from pathlib import Path
 
 import sentencepiece as spm
 
 from data_prep.clean import read_splits
-from data_prep.common import Comm, launch, step_parser
+from data_prep.common import Comm, launch, positive_int, run_command, step_parser
 from gpt1_ds.files import atomic_write_bytes, atomic_write_text
 from gpt1_ds.tokenizer import (
     CONTROL,
@@ -131,6 +133,29 @@ def train(
 def _train_bytes(sentences: list[str], vocab_size: int, seed: int, num_threads: int) -> bytes:
     spm.set_random_generator_seed(seed)
     writer = io.BytesIO()
+    try:
+        _train_sentencepiece(sentences, vocab_size, num_threads, writer)
+    except RuntimeError as e:
+        raise ValueError(_training_error(str(e), vocab_size)) from None
+    return writer.getvalue()
+
+
+def _training_error(message: str, vocab_size: int) -> str:
+    """sentencepiece's refusal in the words of this command's flags."""
+    if small := re.search(r"smaller than required_chars\. \d+ vs (\d+)", message):
+        return (
+            f"--vocab-size {vocab_size} is too small for this text: its characters and the reserved "
+            f"pieces need at least {small[1]} (GPT-1: {GPT1_VOCAB_SIZE:,})"
+        )
+    if large := re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", message):
+        return (
+            f"--vocab-size {vocab_size} is more pieces than this text can make (at most {large[1]}): "
+            "give more text or a smaller --vocab-size"
+        )
+    return f"tokenizer training failed: {message.splitlines()[-1] if message else 'no reason given'}"
+
+
+def _train_sentencepiece(sentences: list[str], vocab_size: int, num_threads: int, writer: io.BytesIO) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences),
         model_writer=writer,
@@ -156,7 +181,6 @@ def _train_bytes(sentences: list[str], vocab_size: int, seed: int, num_threads: 
         num_threads=num_threads,
         minloglevel=2,
     )
-    return writer.getvalue()
 
 
 def text_settings(lowercase: bool) -> dict:
@@ -201,13 +225,32 @@ def ensure_tokenizer(dataset_dir: str | Path, force: bool = False, **settings) -
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--vocab-size", type=int, default=GPT1_VOCAB_SIZE)
-    parser.add_argument("--max-sentences", type=int, default=2_000_000, help="most paragraphs to train on")
     parser.add_argument(
-        "--sample-bytes", type=int, default=200_000_000, help="most bytes of text to train on"
+        "--vocab-size",
+        type=vocab_size,
+        default=GPT1_VOCAB_SIZE,
+        help=f"pieces of the BPE tokenizer (GPT-1: {GPT1_VOCAB_SIZE:,}; at most {2**16:,}, ids are uint16)",
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train-threads", type=int, default=1, help="sentencepiece training threads")
+    parser.add_argument(
+        "--max-sentences", type=positive_int, default=2_000_000, help="most paragraphs to train on"
+    )
+    parser.add_argument(
+        "--sample-bytes", type=positive_int, default=200_000_000, help="most bytes of text to train on"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the training sample's order")
+    parser.add_argument(
+        "--train-threads", type=positive_int, default=1, help="sentencepiece training threads"
+    )
+
+
+def vocab_size(text: str) -> int:
+    """An argparse type: a vocabulary size whose ids fit the shards' uint16."""
+    value = int(text)
+    if not 1 <= value <= 2**16:
+        raise argparse.ArgumentTypeError(
+            f"must lie in 1..{2**16} (token ids are stored as uint16), got {text}"
+        )
+    return value
 
 
 def run(args: argparse.Namespace, comm: Comm) -> None:
@@ -227,4 +270,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main))
