@@ -65,6 +65,9 @@ class Settings:
         return config
 
     def validate(self) -> None:
+        run_dir = Path(self.run_dir)
+        if blocked := next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), None):
+            raise ValueError(f"{self.what} setting run_dir {run_dir}: {blocked} is a file, not a directory")
         for name in (*self.positive, "max_steps", "max_micro_batch_size", "global_batch_size"):
             value = getattr(self, name)
             if (name == "micro_batch_size" and value == "auto") or (
@@ -554,6 +557,13 @@ def resolve_ds_config(
                 f"{where}: scheduler.warmup_num_steps is auto, but this run sets no warm-up fraction"
             )
         sched["warmup_num_steps"] = max(1, math.ceil(fraction * total))
+    if isinstance(warmup := sched.get("warmup_num_steps"), int) and warmup > total:
+        log.warning(
+            "the warm-up (scheduler.params.warmup_num_steps=%d) is longer than the run's %d steps: "
+            "the learning rate never reaches its peak",
+            warmup,
+            total,
+        )
     if ds.get("fp16", {}).get("enabled") and device == "cpu":
         raise ValueError(f"{where}: fp16.enabled is true, but DeepSpeed has no fp16 on the CPU: use bf16")
     if ds.get("fp16", {}).get("enabled") and "initial_scale_power" not in ds["fp16"]:

@@ -6,7 +6,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from pathlib import Path
 
+REPO = Path(__file__).resolve().parent.parent
+"""The checkout gpt1-ds runs from: its ``ds_configs/``, ``configs/`` and embedded ``data/``."""
 TESTED = {"torch": "2.13", "deepspeed": "0.19"}
 """The torch and DeepSpeed releases (major.minor) gpt1-ds is tested with; ``constraints.txt`` pins
 them for ``make setup`` and ``pyproject.toml`` bounds them."""

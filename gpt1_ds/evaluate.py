@@ -49,12 +49,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gpt1_ds.env import REPO
 from gpt1_ds.model import GPT
 from gpt1_ds.tokenizer import MODEL_NAME, SentencePieceTokenizer, info_file, load_tokenizer
 
 log = logging.getLogger("gpt1_ds.evaluate")
 
-REPO = Path(__file__).resolve().parent.parent
 GLUE = REPO / "data" / "glue"
 """The embedded SST-2 and RTE files (``data/glue/README.md``)."""
 SST2_WORDS = ("negative", "positive")  # label 0, label 1

@@ -150,17 +150,17 @@ def _model_and_tokenizer(
     ``--tokenizer``), checked against each other; a problem is a command-line error."""
     from gpt1_ds.loading import fit_vocab, load_model
 
-    model, tok_path = load_model(args.source, args.tag)
-    tok_path = args.tokenizer or tok_path
-    if tok_path is None:
-        parser.error(
-            f"no tokenizer (tokenizer.model, or vocab.json + merges.txt) found for {args.source}: "
-            "pass --tokenizer"
-        )
-    tok = load_tokenizer(tok_path)
     try:
+        model, tok_path = load_model(args.source, args.tag)
+        tok_path = args.tokenizer or tok_path
+        if tok_path is None:
+            parser.error(
+                f"no tokenizer (tokenizer.model, or vocab.json + merges.txt) found for {args.source}: "
+                "pass --tokenizer"
+            )
+        tok = load_tokenizer(tok_path)
         fit_vocab(model, tok)
-    except ValueError as e:
+    except (FileNotFoundError, ValueError) as e:  # a checkpoint error is a ValueError
         parser.error(str(e))
     model = model.to(device).eval()
     log.info("model: %s; tokenizer %s; device %s", describe(model), tok_path, device)

@@ -46,7 +46,7 @@ from gpt1_ds.config import (
     resolve_ds_config,
     settings_help,
 )
-from gpt1_ds.env import check_versions, setup_logging
+from gpt1_ds.env import REPO, check_versions, setup_logging
 from gpt1_ds.files import atomic_write_text
 from gpt1_ds.metrics import Monitor
 from gpt1_ds.model import GPTConfig, param_groups
@@ -101,6 +101,8 @@ def parse_launch_args(
     parser.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="key=value (config) or ds.key=value (DeepSpeed JSON)")
     args = parser.parse_intermixed_args(argv)  # key=value before and after the flags
+    if args.ds_config == default_ds_config and not Path(default_ds_config).is_file():
+        args.ds_config = str(REPO / default_ds_config)  # run from another directory: the checkout's own
     over = [o for o in args.overrides if not o.startswith("ds.")]
     ds_over = [o[3:] for o in args.overrides if o.startswith("ds.")]
     over += [f"{flag}={json.dumps(getattr(args, flag))}" for flag in flags if getattr(args, flag) is not None]

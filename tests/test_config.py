@@ -6,7 +6,7 @@ import contextlib
 import io
 import logging
 import math
-from dataclasses import MISSING, asdict, fields
+from dataclasses import MISSING, asdict, fields, replace
 
 import pytest
 import yaml
@@ -137,6 +137,38 @@ def test_auto_values_are_filled_and_contradictions_refused():
     with pytest.raises(ValueError, match="fp16 on the CPU"):
         resolve_ds_config(load_ds_config("ds_configs/zero2_fp16.json"), run, 2, lambda a: 10, "f.json", "cpu")
     assert resolve_ds_config(load_ds_config("ds_configs/zero2_fp16.json"), run, 2, lambda a: 10, "f", "cuda")
+
+
+def test_a_warm_up_longer_than_the_run_is_named(caplog):
+    ds = load_ds_config("ds_configs/zero1.json", {"scheduler.params.warmup_num_steps": 50})
+    run = RunConfig(model="tiny", micro_batch_size=4, max_steps=20)
+    with caplog.at_level(logging.WARNING, logger="gpt1_ds.config"):
+        resolve_ds_config(ds, run, 1, lambda accum: 100, "zero1.json", "cpu")
+    assert (
+        "warmup_num_steps=50) is longer than the run's 20 steps: the learning rate never reaches"
+        in caplog.text
+    )
+    caplog.clear()
+    resolve_ds_config(ds, replace(run, max_steps=60), 1, lambda accum: 100, "zero1.json", "cpu")
+    assert "warm-up" not in caplog.text
+
+
+def test_a_run_dir_under_a_regular_file_is_refused(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ValueError, match=rf"run_dir {tmp_path}/a_file/run: {tmp_path}/a_file is a file"):
+        RunConfig.from_yaml(None, [f"run_dir={tmp_path}/a_file/run"])
+
+
+def test_the_default_deepspeed_json_is_the_checkouts_own_from_any_directory(tmp_path, monkeypatch):
+    from gpt1_ds.runner import parse_launch_args
+
+    monkeypatch.chdir(tmp_path)
+    args, _, _ = parse_launch_args([], "train", None, "ds_configs/zero1.json", "yaml", {})
+    assert args.ds_config == str(REPO / "ds_configs" / "zero1.json")
+    args, _, _ = parse_launch_args(
+        ["--ds-config", "mine.json"], "train", None, "ds_configs/zero1.json", "y", {}
+    )
+    assert args.ds_config == "mine.json"  # a path given is the user's
 
 
 DS_CONFIGS = REPO / "ds_configs"

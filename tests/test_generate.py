@@ -236,6 +236,16 @@ def test_cli_refuses_a_missing_tokenizer_and_a_too_long_prompt(hf_dir, tmp_path)
     assert long in out.stdout and re.search(r"2 new tokens in .* tokens/s", out.stderr)
 
 
+def test_cli_names_a_source_that_does_not_exist_in_one_line(tmp_path):
+    out = run_cli(str(tmp_path / "nope"), "--prompt", "Hello", "--device", "cpu")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert (
+        out.stderr.strip()
+        .splitlines()[-1]
+        .endswith(f"error: {tmp_path / 'nope'}: no such checkpoint directory")
+    )
+
+
 def test_ids_the_tokenizer_lacks_are_never_drawn():
     """A model whose table is larger than its tokenizer (allowed: the dataset's vocabulary is at
     most the model's) must not produce the rows no piece maps to, sampled or greedy."""
