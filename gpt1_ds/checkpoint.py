@@ -26,6 +26,7 @@ from typing import Any
 import torch.distributed as dist
 
 from gpt1_ds.files import atomic_write_text
+from gpt1_ds.runlock import LOCK_NAME
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,8 @@ def move_aside(run_dir: RunDir) -> Path | None:
     folders into the next ``previous-N``; returns it (None: nothing to move)."""
     if not run_dir.path.is_dir():
         return None
-    entries = [p for p in run_dir.path.iterdir() if not p.name.startswith(PREVIOUS)]
+    held = (LOCK_NAME, f".{LOCK_NAME}")  # the run's hold on the directory stays with it
+    entries = [p for p in run_dir.path.iterdir() if not p.name.startswith((PREVIOUS, *held))]
     if not entries:
         return None
     numbers = [p.name[len(PREVIOUS) :] for p in run_dir.path.glob(PREVIOUS + "*")]

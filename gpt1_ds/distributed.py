@@ -66,11 +66,24 @@ def init(timeout: float | None = None) -> tuple[int, int, int]:
     port = int(os.environ.get("MASTER_PORT", "29500"))  # MPI discovery announces this port
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     limit = {"timeout": timedelta(seconds=timeout)} if timeout else {}
-    deepspeed.init_distributed(
-        auto_mpi_discovery=kind == "mpi", distributed_port=port, verbose=False, **limit
-    )
+    try:
+        deepspeed.init_distributed(
+            auto_mpi_discovery=kind == "mpi", distributed_port=port, verbose=False, **limit
+        )
+    except torch.distributed.DistNetworkError as e:
+        if "EADDRINUSE" not in str(e):
+            raise
+        where = f"{os.environ.get('MASTER_PORT', port)} on {os.environ.get('MASTER_ADDR', 'this host')}"
+        raise PortInUse(
+            f"port {where} is in use (another run on this machine?): give this one another port: "
+            "deepspeed --master_port N, torchrun --master-port N, or MASTER_PORT=N"
+        ) from None
     local = int(os.environ.get("LOCAL_RANK", os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")))
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), local
+
+
+class PortInUse(ValueError):
+    """The rendezvous port is taken; the message names it and how to choose another."""
 
 
 class BindingError(RuntimeError):

@@ -23,7 +23,6 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 ADAM_KEYS_TAKEN = ("adam_w_mode", "torch_adam", "fp32_optimizer_states")
 """``optimizer.params`` DeepSpeed takes out before building Adam (``engine.get_optimizer_configuration``)."""
 
@@ -116,7 +115,9 @@ def _top_level(ds: dict[str, Any]) -> tuple[set[str], str | None]:
     from deepspeed.runtime.config import DeepSpeedConfig
 
     probe = _Reads(copy.deepcopy(ds))
-    probe.update({k: 1 for k in BATCH_KEYS})  # batch sizes are checked for the run's world size elsewhere
+    # Batch sizes are checked for the run's world size elsewhere: here one sequence a rank.
+    probe.pop("train_batch_size", None)
+    probe.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
     problem = None
     ds_log = logging.getLogger("DeepSpeed")
     level = ds_log.level

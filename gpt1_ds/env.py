@@ -44,6 +44,14 @@ def launched_world_size() -> int | None:
     return None
 
 
+def launched_rank() -> int:
+    """This process's global rank as its launcher announced it (before torch.distributed starts)."""
+    for var in ("RANK", "SLURM_PROCID", *MPI_RANK_VARS):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
 def mpi_launched() -> bool:
     """Whether an MPI launcher's variables are present."""
     return any(v in os.environ for v in MPI_SIZE_VARS + MPI_RANK_VARS)

@@ -262,6 +262,8 @@ class Checker:
                 f"{probe.parent}: {self.failures(errors, where)}; every rank "
                 "writes its part of each checkpoint there: use a file system all nodes share",
             )
+        if busy := self.gather(self.held_by() if self.ctx.rank == 0 else None)[0]:
+            return Row("run directory", FAIL, busy)
         one = CHECKPOINT_BYTES_PER_PARAM * self.num_parameters()
         keep = self.cfg.keep_checkpoints
         need, free = one * (keep + 1), shutil.disk_usage(probe).free
@@ -271,6 +273,16 @@ class Checker:
         )
         verdict = PASS if free >= need else WARN
         return Row("run directory", verdict, detail, {"free_bytes": free, "need_bytes": need})
+
+    def held_by(self) -> str | None:
+        """Who holds the run directory, if a run that is alive does (``gpt1_ds.runlock``)."""
+        from gpt1_ds.runlock import Holder, RunLock
+
+        lock, now = RunLock(self.cfg.run_dir), time.time()
+        holder = lock.read()
+        if holder is None or holder.gone(Holder.me(now), now):
+            return None
+        return f"{lock.path.parent} is held by another run ({holder.describe(now)}): a run now is refused"
 
     def num_parameters(self) -> int:
         import torch

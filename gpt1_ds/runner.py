@@ -46,10 +46,11 @@ from gpt1_ds.config import (
     resolve_ds_config,
     settings_help,
 )
-from gpt1_ds.env import REPO, check_versions, setup_logging
+from gpt1_ds.env import REPO, check_versions, launched_rank, setup_logging
 from gpt1_ds.files import atomic_write_text
 from gpt1_ds.metrics import Monitor
 from gpt1_ds.model import GPTConfig, param_groups
+from gpt1_ds.runlock import RunLock
 from gpt1_ds.tokenizer import Tokenizer, copy_tokenizer
 
 log = logging.getLogger(__name__)
@@ -388,13 +389,29 @@ class Loop:
         args, over, ds_over = parse_launch_args(
             argv, cls.prog, doc, cls.default_ds_config, cls.config_help, cls.flags, cls.config_class
         )
+        lock = None
         try:
             cfg = cls.config_class.from_yaml(args.config, over)
+            if launched_rank() == 0:  # the run holds its directory before anything else starts
+                lock = RunLock(cfg.run_dir)
+                lock.acquire()
         except (ValueError, FileNotFoundError) as e:
             log.error("%s", e)
             return SETUP_ERROR_EXIT
+        try:
+            return cls._main(cfg, args, ds_over, preempt)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    @classmethod
+    def _main(cls, cfg: Settings, args: argparse.Namespace, ds_over: list[str], preempt: Preemption) -> int:
         check_versions(cfg.allow_untested_versions)
-        ctx = Context.start(cfg.collective_timeout)
+        try:
+            ctx = Context.start(cfg.collective_timeout)
+        except distributed.PortInUse as e:
+            log.error("%s", e)
+            return SETUP_ERROR_EXIT
         try:
             try:
                 cfg, ds_over = batch_settings(cfg, args.ds_config, ds_over, ctx)

@@ -8,6 +8,7 @@ import math
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,11 @@ def test_the_checks_on_two_ranks_name_the_rank_and_shard_that_cannot_be_read(pre
     assert rows["all-reduce intra-node"]["verdict"] == "INFO"
     assert rows["all-reduce intra-node"]["figures"]["bytes"] > 0
     assert "| dataset " in out.stderr and "FAIL" in out.stderr  # the table, logged by rank 0
+    # A run that holds the run directory (another host, a fresh heartbeat): the check names it.
+    holder = {"host": "node-b", "pid": 4242, "job": "99", "since": time.time(), "heartbeat": time.time()}
+    (run / "run.lock").write_text(json.dumps(holder))
+    one = [sys.executable, "-m", "gpt1_ds.preflight", "check", "--data", str(prepared), "--run-dir", str(run)]
+    out = subprocess.run([*one, *SMALL], cwd=REPO, capture_output=True, text=True, timeout=300)
+    rows = {r["check"]: r for r in json.loads((run / "preflight" / preflight.CHECKS).read_text())}
+    assert out.returncode == 1 and rows["run directory"]["verdict"] == "FAIL", out.stderr[-3000:]
+    assert "held by another run (SLURM job 99, pid 4242 on node-b" in rows["run directory"]["detail"]

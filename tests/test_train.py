@@ -7,6 +7,7 @@ import math
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -548,6 +549,36 @@ def test_a_misspelt_key_is_refused_before_compute_in_one_line(prepared, tmp_path
     out = train(prepared, run, "max_steps=1", *args, launcher="python", port=free_port(), check=False)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert message in out.stderr and not (run / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_a_second_run_into_a_held_run_directory_is_refused_at_once_naming_the_first(prepared, tmp_path):
+    run = tmp_path / "run"
+    cmd = [*command("python", free_port()), "--data", str(prepared), "--run-dir", str(run), *SMALL]
+    first = subprocess.Popen([*cmd, "max_steps=100000"], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while "step 1/" not in (line := first.stderr.readline()) and time.time() < deadline:
+            assert line or first.poll() is None, "the first run ended"
+        second = train(prepared, run, "max_steps=1", launcher="python", port=free_port(), check=False)
+        assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-3000:]
+        assert f"{run} is held by another run (pid {first.pid} on " in second.stderr.strip().splitlines()[-1]
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    third = train(prepared, run, "max_steps=2", launcher="python", port=free_port())  # resumes, taking over
+    assert f"pid {first.pid} is no longer running" in third.stderr and not (run / "run.lock").exists()
+
+
+def test_a_port_in_use_is_named_with_the_way_out(prepared, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "MASTER_PORT": str(port), "MASTER_ADDR": "127.0.0.1"}
+        out = train(prepared, tmp_path / "run", "max_steps=1", launcher="python", check=False, env=env)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert f"port {port} on 127.0.0.1 is in use" in out.stderr and "deepspeed --master_port N" in out.stderr
 
 
 def test_a_non_finite_loss_stops_the_run_naming_the_step(prepared, tmp_path):
