@@ -558,15 +558,16 @@ def test_a_second_run_into_a_held_run_directory_is_refused_at_once_naming_the_fi
     first = subprocess.Popen([*cmd, "max_steps=100000"], cwd=REPO, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
-        while "step 1/" not in (line := first.stderr.readline()) and time.time() < deadline:
-            assert line or first.poll() is None, "the first run ended"
+        while not (run / "run.lock").exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.2)  # held before anything else starts
+        assert first.poll() is None, first.stderr.read()[-3000:]
         second = train(prepared, run, "max_steps=1", launcher="python", port=free_port(), check=False)
         assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-3000:]
         assert f"{run} is held by another run (pid {first.pid} on " in second.stderr.strip().splitlines()[-1]
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
-    third = train(prepared, run, "max_steps=2", launcher="python", port=free_port())  # resumes, taking over
+    third = train(prepared, run, "max_steps=1", launcher="python", port=free_port())  # takes over
     assert f"pid {first.pid} is no longer running" in third.stderr and not (run / "run.lock").exists()
 
 
