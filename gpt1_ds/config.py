@@ -557,7 +557,8 @@ def resolve_ds_config(
                 f"{where}: scheduler.warmup_num_steps is auto, but this run sets no warm-up fraction"
             )
         sched["warmup_num_steps"] = max(1, math.ceil(fraction * total))
-    if isinstance(warmup := sched.get("warmup_num_steps"), int) and warmup > total:
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    if rank0 and isinstance(warmup := sched.get("warmup_num_steps"), int) and warmup > total:
         log.warning(
             "the warm-up (scheduler.params.warmup_num_steps=%d) is longer than the run's %d steps: "
             "the learning rate never reaches its peak",

@@ -22,7 +22,7 @@ from typing import NamedTuple, NoReturn
 
 import torch
 
-from gpt1_ds.env import free_port, launcher
+from gpt1_ds.env import free_port, launcher, printed_to_debug
 
 
 def first_host(nodelist: str) -> str:
@@ -67,9 +67,10 @@ def init(timeout: float | None = None) -> tuple[int, int, int]:
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     limit = {"timeout": timedelta(seconds=timeout)} if timeout else {}
     try:
-        deepspeed.init_distributed(
-            auto_mpi_discovery=kind == "mpi", distributed_port=port, verbose=False, **limit
-        )
+        with printed_to_debug("deepspeed.init_distributed"):  # its CPU shared-memory op's build
+            deepspeed.init_distributed(
+                auto_mpi_discovery=kind == "mpi", distributed_port=port, verbose=False, **limit
+            )
     except torch.distributed.DistNetworkError as e:
         if "EADDRINUSE" not in str(e):
             raise

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,6 +60,17 @@ def mpi_launched() -> bool:
     return any(v in os.environ for v in MPI_SIZE_VARS + MPI_RANK_VARS)
 
 
+class _Answered(logging.Filter):
+    """DeepSpeed's warnings that gpt1-ds answers in its own words (a warm-up longer than the run:
+    ``config.resolve_ds_config``) or that ask nothing of the user (its scheduler read before its
+    first step, as every run does)."""
+
+    ANSWERED = ("is less than warmup_num_steps", "learning rate from scheduler before it has started")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in self.ANSWERED)
+
+
 def setup_logging(rank: int = 0, world: int = 1, tag_rank: bool | None = None) -> None:
     """INFO on rank 0, WARNING on the others; DeepSpeed's chatter muted. Lines name the rank when
     ``tag_rank`` (default: in a world of more than one)."""
@@ -67,7 +81,33 @@ def setup_logging(rank: int = 0, world: int = 1, tag_rank: bool | None = None) -
         datefmt="%H:%M:%S",
     )
     for noisy in ("DeepSpeed", "deepspeed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+        logger = logging.getLogger(noisy)
+        logger.setLevel(logging.WARNING)
+        if not any(isinstance(f, _Answered) for f in logger.filters):
+            logger.addFilter(_Answered())
+
+
+@contextlib.contextmanager
+def printed_to_debug(what: str) -> Iterator[None]:
+    """What ``print`` writes inside the block, logged at debug level instead (``what`` names it)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        yield
+    if text := out.getvalue().strip():
+        logging.getLogger("gpt1_ds").debug("%s printed:\n%s", what, text)
+
+
+def quiet_libraries() -> None:
+    """Keep out of a run's log what the libraries print that asks nothing of the user, before they
+    load: DeepSpeed's guess of the accelerator on a machine without CUDA (``DS_ACCELERATOR=cpu``
+    unless set), torch's deprecation of a collective DeepSpeed calls."""
+    import warnings
+
+    import torch
+
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    warnings.filterwarnings("ignore", r".*all_gather_into_tensor.* is deprecated", FutureWarning)
 
 
 def free_port() -> int:

@@ -46,7 +46,14 @@ from gpt1_ds.config import (
     resolve_ds_config,
     settings_help,
 )
-from gpt1_ds.env import REPO, check_versions, launched_rank, setup_logging
+from gpt1_ds.env import (
+    REPO,
+    check_versions,
+    launched_rank,
+    printed_to_debug,
+    quiet_libraries,
+    setup_logging,
+)
 from gpt1_ds.files import atomic_write_text
 from gpt1_ds.metrics import Monitor
 from gpt1_ds.model import GPTConfig, param_groups
@@ -165,9 +172,10 @@ def build_engine(model: torch.nn.Module, ds_cfg: dict[str, Any]) -> tuple[Any, A
     # that is not the one to use (``distributed.device_index``).
     cuda = get_accelerator().device_name() == "cuda"
     args = SimpleNamespace(device_rank=torch.cuda.current_device()) if cuda else None
-    engine, _, _, scheduler = deepspeed.initialize(
-        args=args, model=model, model_parameters=param_groups(model, weight_decay), config=ds_cfg
-    )
+    with printed_to_debug("deepspeed.initialize"):  # its optimizers print memory figures on rank 0
+        engine, _, _, scheduler = deepspeed.initialize(
+            args=args, model=model, model_parameters=param_groups(model, weight_decay), config=ds_cfg
+        )
     if scheduler is not None and getattr(scheduler, "last_batch_iteration", 0) == -1:
         scheduler.step()
     return engine, scheduler
@@ -386,6 +394,7 @@ class Loop:
         """The command: signal handlers first, then the command line, the config, the checked
         set-up (the subclass's ``__init__``) and the run; the exit code."""
         preempt = Preemption()
+        quiet_libraries()
         args, over, ds_over = parse_launch_args(
             argv, cls.prog, doc, cls.default_ds_config, cls.config_help, cls.flags, cls.config_class
         )

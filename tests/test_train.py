@@ -393,8 +393,21 @@ def test_sigusr1_saves_and_exits_preempted_then_resumes(prepared, tmp_path):
 @pytest.mark.parametrize("launcher", ["deepspeed", "mpirun"])
 def test_launchers_run_two_ranks(prepared, tmp_path, launcher):
     out = train(prepared, tmp_path / launcher, "max_steps=2", launcher=launcher, port=free_port())
-    assert "2 ranks" in out.stderr + out.stdout
+    text = out.stderr + out.stdout
+    assert "2 ranks" in text
     assert len(scalars(tmp_path / launcher, "train/loss")) == 2
+    # Quiet: the ranks print what a user must act on, in the project's words (the warm-up longer
+    # than the run, once); the libraries' chatter is kept out (the launcher's own lines aside).
+    assert text.count("is longer than the run's 2 steps: the learning rate never reaches its peak") == 1
+    for chatter in (
+        "less than warmup_num_steps",
+        "before it has started",
+        "CPU Virtual Memory",
+        "FutureWarning",
+    ):
+        assert chatter not in text, chatter
+    ranks_lines = [line for line in text.splitlines() if "Setting accelerator to CPU" in line]
+    assert len(ranks_lines) == (2 if launcher == "deepspeed" else 0)  # the deepspeed launcher's own two
 
 
 def test_two_nodes_over_loopback_match_one_node(prepared, tmp_path):
@@ -542,6 +555,8 @@ def test_fp16_config_is_refused_on_a_cpu_with_a_clear_error(prepared, tmp_path):
         (["ds.optimizer.params.lrr=1"], "optimizer.params.lrr: FusedAdam takes no such argument"),
         (["model_overrides.n_layr=1"], "unknown model field 'n_layr': did you mean 'n_layer'?"),
         (["n_layr=1"], "'n_layr' (given on the command line); did you mean 'model_overrides.n_layer'?"),
+        (["--ds-config", "nope.json"], "nope.json: no such DeepSpeed config"),
+        (["--ds-config", "tests/conftest.py"], "tests/conftest.py: invalid JSON: Extra data: line 1"),
     ],
 )  # fmt: skip
 def test_a_misspelt_key_is_refused_before_compute_in_one_line(prepared, tmp_path, args, message):
