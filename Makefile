@@ -25,8 +25,10 @@ VENV_ARGS ?=
 CONSTRAINTS := constraints.txt
 TORCH_SPEC ?= $(shell grep -m1 '^torch==' $(CONSTRAINTS))
 EXTRAS ?= dev,mpi,eval,gpt1
-# DeepSpeed's ops compiled into it at install where torch is a CUDA build and nvcc exists;
-# elsewhere they are compiled on first use, once per node (gpt1_ds/ops.py). DS_PREBUILD=0: never.
+# DeepSpeed's ops compiled into it at install where torch is a CUDA build and nvcc exists; on a
+# CPU build of torch, the ops a CPU run loads are built into torch's extension cache
+# (TORCH_EXTENSIONS_DIR) by `python -m gpt1_ds.ops`: nothing compiles at run time
+# (gpt1_ds/ops.py). DS_PREBUILD=0: no CUDA prebuild.
 DS_PREBUILD ?= auto
 PREBUILD_ENV = $(PY) -c 'import shutil, torch; print("DS_BUILD_FUSED_ADAM=1 DS_BUILD_CPU_ADAM=1" \
 	if "$(DS_PREBUILD)" != "0" and torch.version.cuda and shutil.which("nvcc") else "")'
@@ -46,6 +48,7 @@ $(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	$(PY) -c "import deepspeed" 2>/dev/null || env $$($(PREBUILD_ENV)) $(PIP) install --quiet --no-build-isolation \
 		-c $(CONSTRAINTS) deepspeed
 	$(PIP) install --quiet --no-build-isolation -c $(CONSTRAINTS) -e '.[$(EXTRAS)]'
+	$(PY) -m gpt1_ds.ops || echo "warning: an op the CPU path loads did not build (above); runs will try again"
 	touch $(STAMP)
 
 DEMO_DIR ?= runs/demo

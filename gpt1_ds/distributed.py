@@ -22,6 +22,7 @@ from typing import NamedTuple, NoReturn
 
 import torch
 
+from gpt1_ds import ops
 from gpt1_ds.env import free_port, launcher, printed_to_debug
 
 
@@ -67,7 +68,7 @@ def init(timeout: float | None = None) -> tuple[int, int, int]:
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     limit = {"timeout": timedelta(seconds=timeout)} if timeout else {}
     try:
-        with printed_to_debug("deepspeed.init_distributed"):  # its CPU shared-memory op's build
+        with printed_to_debug("deepspeed.init_distributed"), ops.signals_held():  # it loads the CPU shm op
             deepspeed.init_distributed(
                 auto_mpi_discovery=kind == "mpi", distributed_port=port, verbose=False, **limit
             )

@@ -1,4 +1,5 @@
-"""DeepSpeed's compiled ops, built once per node: FusedAdam on CUDA, CPU Adam for optimiser offload.
+"""DeepSpeed's compiled ops, built once per node: FusedAdam (CUDA's, or the CPU's build), CPU Adam
+for optimiser offload, and on the CPU the shared-memory collectives op ``init_distributed`` loads.
 
 DeepSpeed compiles an op the first time a process needs it, into torch's extension cache
 (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``, often on a home directory that
@@ -9,13 +10,22 @@ it if the cache has none) while the node's other ranks wait at a barrier, then t
 build; and a lock older than ``STALE_LOCK_SECONDS`` is removed with a warning naming it.
 
 Where a CUDA toolchain exists, ``make setup`` builds the ops into DeepSpeed itself instead
-(``DS_BUILD_FUSED_ADAM=1``, ``DS_BUILD_CPU_ADAM=1``), and nothing is compiled at run time.
+(``DS_BUILD_FUSED_ADAM=1``, ``DS_BUILD_CPU_ADAM=1``); elsewhere it runs ``python -m gpt1_ds.ops``,
+which builds into the cache every op the CPU path loads: nothing is compiled at run time.
+
+A build's compilers run with USR1 held (``signals_held``): SLURM signals every process of a job
+step, and a preemption request arriving during start-up would otherwise kill ``ninja`` and with
+it the run; held, it reaches the run's handler once the build is done.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,30 +38,45 @@ STALE_LOCK_SECONDS = 1800
 """A build lock this old was left by a killed build (an op compiles in a few minutes)."""
 
 
+BUILDERS = {"fused_adam": "FusedAdamBuilder", "cpu_adam": "CPUAdamBuilder", "shm_comm": "ShareMemCommBuilder"}
+"""Our names of the ops, and the builder class the accelerator (CUDA or CPU) makes for each."""
+
+
 def needed(ds_cfg: dict[str, Any], device_type: str) -> list[str]:
-    """The ops DeepSpeed will load for this config: ``fused_adam`` (Adam(W) on CUDA, unless
-    ``torch_adam``), ``cpu_adam`` (optimiser offload)."""
+    """The ops DeepSpeed will load for this config: ``fused_adam`` (Adam(W), unless ``torch_adam``;
+    on the CPU its CPU build), ``cpu_adam`` (optimiser offload)."""
     optimizer = ds_cfg.get("optimizer") or {}
     adam = str(optimizer.get("type", "")).lower() in ("adam", "adamw")
     offload = ((ds_cfg.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device", "none")
     if adam and offload in ("cpu", "nvme"):
         return ["cpu_adam"]
-    if adam and device_type == "cuda" and not (optimizer.get("params") or {}).get("torch_adam"):
+    if adam and not (optimizer.get("params") or {}).get("torch_adam"):
         return ["fused_adam"]
     return []
 
 
 def _builder(name: str) -> Any:
-    from deepspeed.ops.op_builder import CPUAdamBuilder, FusedAdamBuilder
+    from deepspeed.accelerator import get_accelerator
 
-    return {"fused_adam": FusedAdamBuilder, "cpu_adam": CPUAdamBuilder}[name]()
+    return get_accelerator().create_op_builder(BUILDERS[name])
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """USR1 held (pending) inside the block, in this process and the compilers it starts (they
+    inherit the mask); delivered to the run's handler when the block ends."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def clear_stale_lock(name: str, max_age: float = STALE_LOCK_SECONDS) -> Path | None:
     """Remove the op's build lock when it is older than ``max_age`` seconds; returns it if removed."""
     from torch.utils.cpp_extension import _get_build_directory
 
-    lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+    lock = Path(_get_build_directory(_builder(name).NAME, verbose=False)) / "lock"
     try:
         age = time.time() - lock.stat().st_mtime
     except OSError:
@@ -71,7 +96,8 @@ def clear_stale_lock(name: str, max_age: float = STALE_LOCK_SECONDS) -> Path | N
 def load(name: str) -> str | None:
     """Load (building if needed) one op; why it cannot be, or None."""
     try:
-        _builder(name).load(verbose=False)
+        with signals_held():
+            _builder(name).load(verbose=False)
     except Exception as e:  # no nvcc, a compiler error, a missing header: any of them means no op
         return f"{type(e).__name__}: {str(e).strip()[:300]}"
     return None
@@ -99,3 +125,24 @@ def build_once(names: list[str], node_leader: bool, device: torch.device) -> dic
             if flag.item() and failed[name] is None:
                 failed[name] = "it could not be loaded on another rank"
     return failed
+
+
+def prebuild() -> int:
+    """Build into the cache every op a CPU run loads (``make setup`` where torch has no CUDA):
+    the shared-memory collectives, FusedAdam's and CPU Adam's CPU builds; the exit code."""
+    import os
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    names = ["shm_comm", "fused_adam", "cpu_adam"] if not torch.cuda.is_available() else []
+    failed = {}
+    for name in names:
+        start = time.perf_counter()
+        clear_stale_lock(name)
+        failed[name] = load(name)
+        log.info("DeepSpeed op %s: %s in %.1f s", name, failed[name] or "built", time.perf_counter() - start)
+    return 1 if any(failed.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(prebuild())

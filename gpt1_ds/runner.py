@@ -222,7 +222,7 @@ def adam_fallback(
     in a warning. Unchanged on a CPU, with optimiser offload, or when ``torch_adam`` is set."""
     optimizer = ds_cfg.get("optimizer") or {}
     params = optimizer.get("params") or {}
-    if "fused_adam" not in ops.needed(ds_cfg, device_type) or "torch_adam" in params:  # or the user chose
+    if device_type != "cuda" or "fused_adam" not in ops.needed(ds_cfg, device_type) or "torch_adam" in params:
         return ds_cfg
     reason = unavailable()
     if reason is None:

@@ -22,7 +22,7 @@ def never() -> str | None:
 @pytest.mark.parametrize(
     ("device", "overrides"),
     [
-        ("cpu", {}),  # DeepSpeed's CPU build of FusedAdam: nothing to compile
+        ("cpu", {}),  # DeepSpeed's CPU build of FusedAdam (make setup builds it): no fallback
         ("cuda", {"optimizer.params.torch_adam": False}),  # the user chose
         ("cuda", {"zero_optimization.offload_optimizer.device": "cpu"}),  # DeepSpeedCPUAdam
         ("cuda", {"optimizer.type": "Lamb"}),

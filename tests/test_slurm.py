@@ -179,10 +179,36 @@ def test_a_stalled_rank_ends_the_job_which_is_requeued_and_resumes(slurm_env, pr
     assert "rank 1: injected stall of 900 s in step 6" in text
     assert re.search(r"rank \d: no progress for \d+ s \(step 6\)", text)
     assert "a rank stalled or a collective timed out" in text
-    assert "nothing saved, the run resumes from the last complete checkpoint; requeueing job" in text
+    assert "nothing saved, the run resumes from the last complete checkpoint\n" in text
+    assert "requeueing job" in text
     assert f"resumed from {run}/checkpoints/step00000004 at step 4" in text
     assert "training exited with 0" in text and not (run / "HUNG").exists()
     assert sorted(scalars(run, "train/loss")) == list(range(1, 11))
+
+
+def test_attempts_that_save_nothing_new_stop_requeueing_naming_the_time_they_need(
+    slurm_env, prepared, tmp_path
+):
+    """Rank 1 stalls in step 1 of every attempt (no checkpoint is ever made, so every attempt starts
+    at step 0): after MAX_IDLE_REQUEUES attempts in a row with nothing new saved, the job ends."""
+    run = tmp_path / "run"
+    log = tmp_path / "job.out"
+    job = sbatch(
+        slurm_env,
+        "slurm/pretrain_cpu.sh",
+        log,
+        DATA=str(prepared),
+        RUN_DIR=str(run),
+        OVERRIDES=overrides("max_steps=10", "checkpoint_interval=4", "log_interval=1", "stall_timeout=8"),
+        GPT1_DS_STALL="1:1:900",
+        MAX_IDLE_REQUEUES="2",
+    )
+    state = wait_done(slurm_env, job)
+    text = read_log(log)
+    assert state["Restarts"] == "1" and state["ExitCode"] == "75:0", text[-3000:]
+    assert text.count("nothing saved, the run resumes from the last complete checkpoint") == 2
+    assert "2 attempts in a row saved nothing new (this one ran " in text
+    assert "Give the job a longer --time, or its signal earlier (--signal=B:USR1@N" in text
 
 
 def test_sbatch_prep_data_with_2_mpi_ranks_produces_a_dataset_that_verifies(slurm_env, tmp_path):
