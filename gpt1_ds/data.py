@@ -348,6 +348,15 @@ def to_batch(seqs: np.ndarray, seq_len: int, pad_id: int) -> dict[str, torch.Ten
     return {"input_ids": x, "targets": y}
 
 
+RESUME_KEYS = {
+    "tokenizer_sha256": "tokenizer sha256",
+    "total_sequences": "training sequences",
+    "batch_size": "micro_batch_size",
+    "window": "shuffle_window",
+}
+"""What the loader state's keys are to a user: the run setting, or what of the dataset."""
+
+
 @dataclass(frozen=True)
 class Layout:
     """Everything the order of the micro-batches depends on (not the world size)."""
@@ -520,11 +529,20 @@ class TrainLoader:
         """Continue exactly where ``state`` was taken. The world size and the workers may change if the
         saved slot count is a multiple of world size × workers; the other settings of the order must match."""
         mine = self.state_dict()
-        for key in (k for k in mine if k not in ("epoch", "micro_batches", "slots")):
+        for key in ("tokenizer_sha256", "total_sequences"):  # the dataset itself first
             if state.get(key) != mine[key]:
                 raise ValueError(
-                    f"loader state has {key}={state.get(key)!r}, this loader has {key}={mine[key]!r}: "
-                    "the batch order would differ, so the run cannot resume exactly"
+                    f"the checkpoint was trained on another dataset ({RESUME_KEYS[key]} "
+                    f"{str(state.get(key))[:12]}; the train split given now has {str(mine[key])[:12]}, "
+                    f"tokenizer sha256 {mine['tokenizer_sha256'][:12]}): resume with the run's own --data, "
+                    "or start a new run (resume=new, or another --run-dir)"
+                )
+        for key in (k for k in mine if k not in ("epoch", "micro_batches", "slots")):
+            if state.get(key) != mine[key]:
+                setting = RESUME_KEYS.get(key, key)
+                raise ValueError(
+                    f"the checkpoint's batch order was made with {setting}={state.get(key)!r}, this run has "
+                    f"{mine[key]!r}: set {setting}={state.get(key)!r} to resume it exactly"
                 )
         slots, consumed = state["slots"], state["micro_batches"]
         if slots % (self.world_size * self.workers) or consumed % self.world_size:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -291,8 +292,22 @@ def test_state_from_another_world_size_is_refused_unless_the_slots_allow_it(numb
     state = TrainLoader(numbered, batch_size=4, world_size=1).state_dict()
     with pytest.raises(ValueError, match=r"slots=1.*world_size 2"):
         TrainLoader(numbered, batch_size=4, world_size=2).load_state_dict(state)
-    with pytest.raises(ValueError, match=r"seed=0.*seed=5"):
+    with pytest.raises(
+        ValueError, match=r"made with seed=0, this run has 5: set seed=0 to resume it exactly"
+    ):
         TrainLoader(numbered, batch_size=4, seed=5).load_state_dict(state)
+    with pytest.raises(
+        ValueError, match=r"made with micro_batch_size=4, this run has 8: set micro_batch_size=4"
+    ):
+        TrainLoader(numbered, batch_size=8).load_state_dict(state)
+    other = {**state, "total_sequences": state["total_sequences"] + 1}  # another dataset, same tokenizer
+    with pytest.raises(ValueError) as e:
+        TrainLoader(numbered, batch_size=4).load_state_dict(other)
+    assert re.match(
+        r"the checkpoint was trained on another dataset \(training sequences \d+; the train split given now "
+        r"has \d+, tokenizer sha256 [0-9a-f]{12}\): resume with the run's own --data, or start a new run",
+        str(e.value),
+    )
 
 
 def test_global_order_does_not_depend_on_the_world_size(numbered):
