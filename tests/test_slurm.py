@@ -158,23 +158,27 @@ def test_usr1_checkpoints_requeues_and_the_requeued_job_resumes(slurm_env, prepa
     assert steps == sorted(set(steps)), "a step was trained twice"
 
 
-def test_a_stalled_rank_ends_the_job_which_is_requeued_and_resumes(slurm_env, prepared, tmp_path):
-    """Rank 1 sleeps inside step 6 of the first attempt: the watchdogs end the srun step with 76
-    (nothing saved), the script requeues the job, and the requeued job resumes from step 4."""
-    run = tmp_path / "run"
-    log = tmp_path / "job.out"
-    settings = overrides("max_steps=10", "checkpoint_interval=4", "log_interval=1", "stall_timeout=8")
+def stalling_job(slurm_env, prepared, run: Path, log: Path, stall: str, **settings: str) -> tuple[dict, str]:
+    """A 10-step CPU pretraining job (checkpoints every 4 steps) whose rank stalls where ``stall``
+    (GPT1_DS_STALL) says, watched by an 8 s watchdog; its final state and log."""
     job = sbatch(
         slurm_env,
         "slurm/pretrain_cpu.sh",
         log,
         DATA=str(prepared),
         RUN_DIR=str(run),
-        OVERRIDES=settings,
-        GPT1_DS_STALL="1:6:900",
+        OVERRIDES=overrides("max_steps=10", "checkpoint_interval=4", "log_interval=1", "stall_timeout=8"),
+        GPT1_DS_STALL=stall,
+        **settings,
     )
-    state = wait_done(slurm_env, job)
-    text = read_log(log)
+    return wait_done(slurm_env, job), read_log(log)
+
+
+def test_a_stalled_rank_ends_the_job_which_is_requeued_and_resumes(slurm_env, prepared, tmp_path):
+    """Rank 1 sleeps inside step 6 of the first attempt: the watchdogs end the srun step with 76
+    (nothing saved), the script requeues the job, and the requeued job resumes from step 4."""
+    run = tmp_path / "run"
+    state, text = stalling_job(slurm_env, prepared, run, tmp_path / "job.out", "1:6:900")
     assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", text[-3000:]
     assert "rank 1: injected stall of 900 s in step 6" in text
     assert re.search(r"rank \d: no progress for \d+ s \(step 6\)", text)
@@ -191,20 +195,9 @@ def test_attempts_that_save_nothing_new_stop_requeueing_naming_the_time_they_nee
 ):
     """Rank 1 stalls in step 1 of every attempt (no checkpoint is ever made, so every attempt starts
     at step 0): after MAX_IDLE_REQUEUES attempts in a row with nothing new saved, the job ends."""
-    run = tmp_path / "run"
-    log = tmp_path / "job.out"
-    job = sbatch(
-        slurm_env,
-        "slurm/pretrain_cpu.sh",
-        log,
-        DATA=str(prepared),
-        RUN_DIR=str(run),
-        OVERRIDES=overrides("max_steps=10", "checkpoint_interval=4", "log_interval=1", "stall_timeout=8"),
-        GPT1_DS_STALL="1:1:900",
-        MAX_IDLE_REQUEUES="2",
+    state, text = stalling_job(
+        slurm_env, prepared, tmp_path / "run", tmp_path / "job.out", "1:1:900", MAX_IDLE_REQUEUES="2"
     )
-    state = wait_done(slurm_env, job)
-    text = read_log(log)
     assert state["Restarts"] == "1" and state["ExitCode"] == "75:0", text[-3000:]
     assert text.count("nothing saved, the run resumes from the last complete checkpoint") == 2
     assert "2 attempts in a row saved nothing new (this one ran " in text
