@@ -14,6 +14,8 @@ time is taken from outside the loop: the parent stamps the arrival of the log li
 ``--window`` A and B and divides by B − A, so that start-up, the first evaluation and the last
 checkpoint are left out, and no work moved out of a loop's own clock can look like a gain (the
 loop's own clock is shown beside it). Every rank gets ``--threads`` threads, on both sides.
+The start-up column: from the command to the first step, as the parent saw it (the first
+step's log line, less the steps it covers at the measured step time).
 A further run of each row counts, per step, the reads of tensor values on the host (each a
 synchronisation on a GPU) and the collectives called from Python (``hostcount.py``). Rows:
 ``plain@1``, ``ddp@2``, ``engine:JSON@N`` (the DeepSpeed engine in a bare loop: what DeepSpeed
@@ -305,6 +307,7 @@ def run_host(
     if count:
         env["HOSTCOUNT_OUT"] = str(count)
     procs, logs = [], []
+    launched = time.perf_counter()
     for rank, cmd in enumerate(commands):
         if len(commands) > 1:
             env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(len(commands))}
@@ -337,7 +340,9 @@ def run_host(
         found = count if count.exists() else count.with_suffix(".rank0.json")
         return json.loads(found.read_text())
     ms = 1000 * (stamps[last] - stamps[first]) / (last - first)
-    return {"ms": ms, "clock": statistics.mean(clock) if clock else None}
+    logged = min(stamps)  # command → the first step: the first log line less the steps it covers
+    startup = stamps[logged] - launched - logged * ms / 1000
+    return {"ms": ms, "clock": statistics.mean(clock) if clock else None, "startup": startup}
 
 
 def host_counts(counts: dict[str, Any]) -> tuple[float, float, float]:
@@ -393,6 +398,7 @@ def host_tables(
         "spread": "{}",
         "vs plain/DDP": "{:.2f}×",
         "loop's clock": "{:.2f}",
+        "start-up (s)": "{:.1f}",
         "syncs/step": "{:.2f}",
         "host-side reads/step": "{:.2f}",
         "collectives/step": "{:.2f}",
@@ -419,8 +425,18 @@ def host_tables(
         clocks = [x["clock"] for x in r["runs"] if x["clock"] is not None]
         syncs = host_counts(r["counts"]) if r.get("counts") else (None, None, None)
         ratio = ms / base if ms and base and row.spec != row.base else None
+        startups = [x["startup"] for x in r["runs"]]
         main["rows"].append(
-            [row.spec, row.ranks, ms, spread, ratio, statistics.median(clocks) if clocks else None, *syncs]
+            [
+                row.spec,
+                row.ranks,
+                ms,
+                spread,
+                ratio,
+                statistics.median(clocks) if clocks else None,
+                statistics.median(startups) if startups else None,
+                *syncs,
+            ]
         )
         engine = row.spec.replace("train:", "engine:", 1)
         if row.kind == "train" and median(engine) and ms:
