@@ -352,6 +352,36 @@ def test_two_nodes_preflight_measures_the_all_reduce_between_nodes(two_nodes, pr
     assert rows["preemption round trip"]["verdict"] == "PASS"
 
 
+def test_a_run_directory_held_from_one_node_is_refused_on_the_other(two_nodes, prepared, tmp_path):
+    """The lock works across hosts on the shared file system (no flock): a job on gpt1n2 into the
+    run directory a job on gpt1n1 is training in is refused at once, naming the holder."""
+    run = tmp_path / "run"
+    first_log, second_log = tmp_path / "first.out", tmp_path / "second.out"
+    long = overrides("max_steps=100000", "checkpoint_interval=100000")
+    job = {"DATA": str(prepared), "RUN_DIR": str(run)}
+    first = sbatch(two_nodes, "slurm/pretrain_cpu.sh", first_log, "--nodelist=gpt1n1", OVERRIDES=long, **job)
+    try:
+        deadline = time.monotonic() + 300
+        while not re.search(r"step \d+/100000", read_log(first_log) if first_log.exists() else ""):
+            assert time.monotonic() < deadline, "the first job never trained"
+            time.sleep(0.5)
+        short = overrides("max_steps=2")
+        second = sbatch(
+            two_nodes, "slurm/pretrain_cpu.sh", second_log, "--nodelist=gpt1n2", OVERRIDES=short, **job
+        )
+        state = wait_done(two_nodes, second)
+        text = read_log(second_log)
+        assert state["ExitCode"] == "2:0" and state["Restarts"] == "0", text[-3000:]
+        assert (
+            f"{run} is held by another run (SLURM job {first}, pid " in text and " on gpt1n1, since " in text
+        )
+        assert "the run refused its input (exit 2, the reason above): not requeueing" in text
+        assert "Traceback" not in text
+    finally:
+        subprocess.run(["scancel", first], env=two_nodes, check=True)
+    wait_done(two_nodes, first)
+
+
 def test_two_nodes_prepare_data_with_one_mpi_rank_each_identical_to_one_rank(two_nodes, tmp_path):
     args = "--vocab-size 2000 --seq-len 64 --shard-bytes 100000 --val-fraction 0.2 --test-fraction 0.2"
     out = tmp_path / "two"
