@@ -157,6 +157,31 @@ class Context:
         return cls(rank, world, device, leader)
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is a device or host allocation that failed."""
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
+    )
+
+
+def memory_advice(e: BaseException, cfg: Settings, ctx: Context) -> str:
+    """One line for an allocation that failed: the model, its training state's size, what shrinks it."""
+    from gpt1_ds.model import GPT
+
+    with torch.device("meta"):
+        params = GPT(cfg.model_config()).num_parameters()
+    state = 18 * params  # bf16 weights, fp32 master weights and gradients, Adam's two moments
+    cause = str(e).strip().splitlines()[0][:200]
+    return (
+        f"out of memory on {ctx.device} ({cause}): the {cfg.model} model has {params / 1e6:,.1f}M "
+        "parameters, "
+        f"about {state / 2**30:.1f} GiB of weights, gradients and Adam state per rank before ZeRO shards "
+        f"them, and micro-batches of {cfg.micro_batch_size}: lower micro_batch_size (or "
+        "max_micro_batch_size), set activation_checkpointing=true or loss_chunk_size=1024, shard the state "
+        "with ds_configs/zero2.json or zero3.json, or choose a smaller model (model, model_overrides)"
+    )
+
+
 def build_engine(model: torch.nn.Module, ds_cfg: dict[str, Any]) -> tuple[Any, Any]:
     """The DeepSpeed engine and its LR scheduler, with weight decay through parameter groups.
 
@@ -431,6 +456,9 @@ class Loop:
                 return SETUP_ERROR_EXIT
             return loop.execute(preempt)
         except Exception as e:
+            if out_of_memory(e):
+                log.error("%s", memory_advice(e, cfg, ctx))
+                return 1
             if not watchdog.timed_out(e):
                 raise
             log.error(

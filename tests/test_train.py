@@ -586,6 +586,17 @@ def test_a_second_run_into_a_held_run_directory_is_refused_at_once_naming_the_fi
     assert f"pid {first.pid} is no longer running" in third.stderr and not (run / "run.lock").exists()
 
 
+def test_a_model_that_does_not_fit_in_memory_is_named_with_what_shrinks_it(prepared, tmp_path):
+    huge = ["model_overrides.vocab_size=20000000", "model_overrides.n_embd=4096", "model_overrides.n_head=32"]
+    out = train(
+        prepared, tmp_path / "run", "max_steps=1", *huge, launcher="python", port=free_port(), check=False
+    )
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    line = out.stderr.strip().splitlines()[-1]
+    assert "out of memory on cpu (" in line and re.search(r"the tiny model has [\d,]+\.\dM parameters", line)
+    assert "lower micro_batch_size" in line and "activation_checkpointing=true" in line
+
+
 def test_a_port_in_use_is_named_with_the_way_out(prepared, tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
