@@ -128,6 +128,16 @@ class RunLock:
             self._remove_if(holder)
         raise RunDirBusy(f"{self.path}: could not take the run directory (it keeps changing hands)")
 
+    def check_free(self) -> None:
+        """For a rank other than 0 of a SLURM job: ``RunDirBusy`` where another job's live run holds
+        the directory, so that every task of the step exits 2 (srun reports the tasks' worst code,
+        and a task killed for rank 0's refusal would report 143). Rank 0's own lock names this job."""
+        job, holder, now = os.environ.get("SLURM_JOB_ID"), self.read(), time.time()
+        if job is None or holder is None or holder.job == job:
+            return
+        if holder.gone(Holder.me(now), now) is None:
+            raise RunDirBusy(f"{self.path.parent} is held by another run ({holder.describe(now)})")
+
     def _create(self, me: Holder) -> bool:
         """Write the lock where there is none (a temporary file linked into place: atomic)."""
         tmp = self.path.with_name(f".{LOCK_NAME}.{me.host}.{me.pid}")

@@ -429,6 +429,8 @@ class Loop:
             if launched_rank() == 0:  # the run holds its directory before anything else starts
                 lock = RunLock(cfg.run_dir)
                 lock.acquire()
+            else:
+                RunLock(cfg.run_dir).check_free()
         except (ValueError, FileNotFoundError) as e:
             log.error("%s", e)
             return SETUP_ERROR_EXIT

@@ -94,3 +94,15 @@ def test_the_heartbeat_moves_and_stops_when_another_run_took_over(tmp_path, capl
     assert "another run took the run directory over" in caplog.text
     lock.release()
     assert lock.read().host == "node-b"  # not this run's to remove
+
+
+def test_the_other_ranks_of_a_slurm_job_refuse_another_jobs_run_and_pass_their_own(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "5")
+    write_holder(tmp_path, host="node-b", pid=4242, job="5")  # rank 0 of this job
+    RunLock(tmp_path).check_free()
+    write_holder(tmp_path, host="node-b", pid=4242, job="4")  # another job's live run
+    with pytest.raises(RunDirBusy, match=r"held by another run \(SLURM job 4, pid 4242 on node-b"):
+        RunLock(tmp_path).check_free()
+    old = time.time() - STALE - 60
+    write_holder(tmp_path, host="node-b", pid=4242, job="4", since=old, heartbeat=old)
+    RunLock(tmp_path).check_free()  # gone: rank 0 takes it over
