@@ -374,7 +374,7 @@ def test_a_run_directory_held_from_one_node_is_refused_on_the_other(two_nodes, p
         # Every task refuses with 2; srun reports 143 where it killed the slower one first.
         assert state["ExitCode"] in ("2:0", "143:0") and state["Restarts"] == "0", text[-3000:]
         assert f"{run} is held by another run (SLURM job {first}, pid " in text
-        assert " on gpt1n1, since " in text and "Traceback" not in text and "requeueing" not in text
+        assert " on gpt1n1, since " in text and "Traceback" not in text and "requeueing job" not in text
     finally:
         subprocess.run(["scancel", first], env=two_nodes, check=True)
     wait_done(two_nodes, first)
