@@ -63,6 +63,8 @@ DEMO_OVERRIDES ?=
 DEMO_FINETUNE_OVERRIDES ?=
 PROFILE_PREP = $(PY) -c 'import sys, yaml; print(" ".join(yaml.safe_load(open(sys.argv[1]))["prep"]))'
 
+# The demo's ranks are CPU processes (the tiny profile): DeepSpeed is told so instead of guessing.
+demo: export DS_ACCELERATOR ?= cpu
 demo: setup
 	$(PY) -m data_prep.prepare --input data/sample --out $(DEMO_DIR)/data $$($(PROFILE_PREP) $(DEMO_PROFILE))
 	rm -rf $(DEMO_DIR)/run

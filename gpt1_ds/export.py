@@ -25,6 +25,7 @@ import shutil
 from pathlib import Path
 
 from gpt1_ds.checkpoint import CheckpointError
+from gpt1_ds.env import quiet_libraries
 from gpt1_ds.files import atomic_write_bytes, atomic_write_text
 from gpt1_ds.hf import (
     CONFIG_NAME,
@@ -170,6 +171,7 @@ def export(
 
 
 def main(argv: list[str] | None = None) -> None:
+    quiet_libraries()
     parser = argparse.ArgumentParser(
         prog="gpt1_ds.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
