@@ -24,11 +24,14 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 import shutil
 import sys
 from argparse import ArgumentParser, Namespace
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import webdataset as wds
@@ -117,6 +120,34 @@ def line_sizes(path: Path) -> list[int]:
     return [len(line) for line in path.read_bytes().split(b"\n")]
 
 
+PART_CHARS = 1 << 20
+"""Characters encoded at a time within a document, so that the progress bar moves inside one."""
+_PART_SPACE = re.compile(r"(?<=[^ \n]) (?=[^ \n])")  # a single space inside a line
+
+
+def encode_in_parts(
+    tok: Tokenizer, text: str, threads: int, done: Callable[[int], Any], part_chars: int = PART_CHARS
+) -> np.ndarray:
+    """``tok.encode_batch([text])[0]``, about ``part_chars`` characters at a time: each part ends at a
+    newline (its id joins the parts) or, in a longer line, at a single space (nothing joins them:
+    the tokenizer encodes across neither). ``done(bytes)`` after each part, the separator counted,
+    so that a document's parts add up to its bytes plus one."""
+    ids, start = [], 0
+    while start < len(text) or not ids:
+        end, join = len(text), None
+        if len(text) - start > part_chars:
+            newline = text.find("\n", start + part_chars, start + 2 * part_chars)
+            space = None if newline >= 0 else _PART_SPACE.search(text, start + part_chars)
+            end = newline if newline >= 0 else (space.start() if space else len(text))
+            join = tok.newline_id if newline >= 0 else None
+        ids.append(tok.encode_batch([text[start:end]], num_threads=threads)[0])
+        if join is not None:
+            ids.append(np.array([join], dtype=np.uint32))
+        done(len(text[start:end].encode("utf-8")) + 1)
+        start = end + 1
+    return np.concatenate(ids)
+
+
 def pack(stream: np.ndarray, seq_len: int, pad_id: int) -> np.ndarray:
     """A token stream → [n, seq_len + 1] windows with stride seq_len; the tail padded."""
     n = max(1, -(-(len(stream) - 1) // seq_len))  # ceil((len - 1) / seq_len)
@@ -136,11 +167,9 @@ def build_shard(
         text = "\n".join(lines[piece.start : piece.end])
         if piece.start > 0:  # the document goes on from the previous shard, after a newline
             parts.append(np.array([tok.newline_id], dtype=np.uint32))
-        (ids,) = tok.encode_batch([text], num_threads=args.threads)
-        parts.append(ids)
+        parts.append(encode_in_parts(tok, text, args.threads, bar.update))
         if piece.last:
             parts.append(np.array([tok.eod_id], dtype=np.uint32))
-        bar.update(len(text.encode("utf-8")) + 1)
     stream = np.concatenate(parts)
     if stream.max(initial=0) >= 2**16:
         raise ValueError(f"token id {int(stream.max())} does not fit {DTYPE}")

@@ -16,7 +16,7 @@ import pytest
 from conftest import REPO, SAMPLE_BOOKS, run_prepare
 
 from data_prep.manifest import CHECKSUM, MANIFEST_NAME, decode_block, read_manifest
-from data_prep.shard import pack
+from data_prep.shard import encode_in_parts, pack
 from data_prep.verify import verify
 from gpt1_ds.tokenizer import MODEL_NAME, load_tokenizer
 
@@ -250,3 +250,21 @@ def test_too_few_books_for_the_splits_fail_before_any_work(tmp_path):
     assert result.returncode != 0
     assert "2 input file(s) cannot fill train, val, test with one document each" in result.stderr
     assert not (out / "clean" / "docs").exists()  # nothing was cleaned
+
+
+def test_a_document_is_encoded_in_parts_to_the_ids_of_the_whole_and_its_bytes_counted(prepared):
+    tok = load_tokenizer(prepared / MODEL_NAME)
+    docs = sorted((prepared / "clean" / "docs").glob("*.txt"))
+    book = docs[0].read_text(encoding="utf-8")
+    for text in (
+        book,
+        " ".join(book.split()),
+        book[:500] + "\n\n" + " ".join(book.split())[:5000],
+        "",
+        "a\n",
+    ):
+        counted = []
+        ids = encode_in_parts(tok, text, 1, counted.append, part_chars=700)
+        assert ids.tolist() == tok.encode_batch([text])[0].tolist()
+        assert len(counted) > 1 or len(text) <= 700
+        assert sum(counted) in (len(text.encode("utf-8")) + 1, len(text.encode("utf-8")))
