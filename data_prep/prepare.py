@@ -104,7 +104,7 @@ def differences(out: Path, args: Namespace) -> list[str] | None:
         found += _settings(splits["settings"], args, clean.SETTINGS)
     if info is not None:
         settings = json.loads(info.read_text()).get("settings", {})
-        found += _settings(settings, args, ("vocab_size", "max_sentences", "sample_bytes", "seed"))
+        found += _settings(settings, args, tokenizer.SETTINGS)
     for manifest in filter(Path.is_file, manifests):
         found += _settings(read_manifest(manifest.parent), args, ("seq_len", "sequences_per_sample"))
     return list(dict.fromkeys(found))

@@ -24,7 +24,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import re
 import shutil
 import sys
 from argparse import ArgumentParser, Namespace
@@ -59,7 +58,7 @@ from data_prep.manifest import (
     shard_name,
 )
 from gpt1_ds.files import atomic_write_text, atomic_writer, sha256_file
-from gpt1_ds.tokenizer import MODEL_NAME, Tokenizer, load_tokenizer
+from gpt1_ds.tokenizer import MODEL_NAME, SINGLE_SPACE, Tokenizer, load_tokenizer
 
 log = logging.getLogger("data_prep.shard")
 
@@ -122,7 +121,6 @@ def line_sizes(path: Path) -> list[int]:
 
 PART_CHARS = 1 << 20
 """Characters encoded at a time within a document, so that the progress bar moves inside one."""
-_PART_SPACE = re.compile(r"(?<=[^ \n]) (?=[^ \n])")  # a single space inside a line
 
 
 def encode_in_parts(
@@ -137,7 +135,7 @@ def encode_in_parts(
         end, join = len(text), None
         if len(text) - start > part_chars:
             newline = text.find("\n", start + part_chars, start + 2 * part_chars)
-            space = None if newline >= 0 else _PART_SPACE.search(text, start + part_chars)
+            space = None if newline >= 0 else SINGLE_SPACE.search(text, start + part_chars)
             end = newline if newline >= 0 else (space.start() if space else len(text))
             join = tok.newline_id if newline >= 0 else None
         ids.append(tok.encode_batch([text[start:end]], num_threads=threads)[0])

@@ -48,6 +48,8 @@ from gpt1_ds.tokenizer import (
 log = logging.getLogger("data_prep.tokenizer")
 
 FORMAT_VERSION = 1
+SETTINGS = ("vocab_size", "max_sentences", "sample_bytes", "seed")
+"""The flags recorded in the tokenizer's info (``settings``)."""
 MAX_SENTENCE_BYTES = 4096  # sentencepiece skips longer training sentences; longer paragraphs are cut
 
 
@@ -256,7 +258,7 @@ def vocab_size(text: str) -> int:
 def run(args: argparse.Namespace, comm: Comm) -> None:
     """Rank 0 trains the tokenizer unless the one on disk is up to date; every rank waits for it."""
     if comm.is_root:
-        settings = {k: getattr(args, k) for k in ("vocab_size", "max_sentences", "sample_bytes", "seed")}
+        settings = {k: getattr(args, k) for k in SETTINGS}
         ensure_tokenizer(args.out, force=args.force, num_threads=args.train_threads, **settings)
     comm.barrier()
 

@@ -130,9 +130,9 @@ def build_once(names: list[str], node_leader: bool, device: torch.device) -> dic
 def prebuild() -> int:
     """Build into the cache every op a CPU run loads (``make setup`` where torch has no CUDA):
     the shared-memory collectives, FusedAdam's and CPU Adam's CPU builds; the exit code."""
-    import os
+    from gpt1_ds.env import quiet_libraries
 
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    quiet_libraries()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     names = ["shm_comm", "fused_adam", "cpu_adam"] if not torch.cuda.is_available() else []
     failed = {}

@@ -174,9 +174,8 @@ def memory_advice(e: BaseException, cfg: Settings, ctx: Context) -> str:
     cause = str(e).strip().splitlines()[0][:200]
     return (
         f"out of memory on {ctx.device} ({cause}): the {cfg.model} model has {params / 1e6:,.1f}M "
-        "parameters, "
-        f"about {state / 2**30:.1f} GiB of weights, gradients and Adam state per rank before ZeRO shards "
-        f"them, and micro-batches of {cfg.micro_batch_size}: lower micro_batch_size (or "
+        f"parameters, about {state / 2**30:.1f} GiB of weights, gradients and Adam state per rank "
+        f"before ZeRO shards them, and micro-batches of {cfg.micro_batch_size}: lower micro_batch_size (or "
         "max_micro_batch_size), set activation_checkpointing=true or loss_chunk_size=1024, shard the state "
         "with ds_configs/zero2.json or zero3.json, or choose a smaller model (model, model_overrides)"
     )

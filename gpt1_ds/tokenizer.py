@@ -38,7 +38,8 @@ GPT1_VOCAB_SIZE = 40478
 LONG_LINE = 1 << 14
 """Characters past which a line is worked on in pieces (``cut_at_spaces``): a book that is one
 long line costs what the same text in paragraphs does."""
-_SINGLE_SPACE = re.compile(r"(?<=[^ ]) (?=[^ ])")
+SINGLE_SPACE = re.compile(r"(?<=[^ \n]) (?=[^ \n])")
+"""A space between two characters that are neither spaces nor newlines: where a text may be cut."""
 
 
 def cut_at_spaces(line: str, limit: int = LONG_LINE) -> list[str]:
@@ -46,7 +47,7 @@ def cut_at_spaces(line: str, limit: int = LONG_LINE) -> list[str]:
     pieces of about ``limit`` characters or more: ``" ".join`` of the pieces is ``line``. Time
     linear in its length; a line of ``limit`` characters or fewer is its only piece."""
     pieces, start = [], 0
-    while (cut := _SINGLE_SPACE.search(line, start + limit)) is not None:
+    while (cut := SINGLE_SPACE.search(line, start + limit)) is not None:
         pieces.append(line[start : cut.start()])
         start = cut.end()
     return [*pieces, line[start:]]
