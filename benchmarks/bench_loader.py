@@ -123,7 +123,7 @@ def resume_cost(split: Path, workers: int, batch_size: int) -> tuple[float, floa
     next(iter(fresh))
     t_fresh = time.perf_counter() - start
     state = fresh.state_dict()
-    state["batch"] = len(fresh) // 2 + 1
+    state["steps"] = fresh.steps_per_epoch // 2 + 1
     resumed = TrainLoader(split, batch_size=batch_size, num_workers=workers)
     resumed.load_state_dict(state)
     start = time.perf_counter()

@@ -38,7 +38,7 @@ import lzma
 import re
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import reduce
 from itertools import groupby
@@ -155,11 +155,17 @@ def strip_gutenberg(text: str, repairs: list[str]) -> str:
     return text[start.end() if start else 0 : end.start() if end else len(text)]
 
 
-def fix_paragraph(paragraph: str) -> str:
+def fix_paragraph(paragraph: str, advance: Callable[[int], None] = lambda _n: None) -> str:
     """``ftfy.fix_text`` with its default settings, skipping the work where it can change nothing;
-    a paragraph longer than ``LONG_LINE`` fixed in pieces cut at spaces, as if it were paragraphs."""
+    a paragraph longer than ``LONG_LINE`` fixed in pieces cut at spaces, as if it were paragraphs.
+    ``advance(characters)`` is called as each piece is done (a progress bar's update)."""
     if len(paragraph) > LONG_LINE:
-        return " ".join(map(_fix_piece, cut_at_spaces(paragraph)))
+        pieces = []
+        for piece in cut_at_spaces(paragraph):
+            pieces.append(_fix_piece(piece))
+            advance(len(piece) + 1)
+        return " ".join(pieces)
+    advance(len(paragraph))
     return _fix_piece(paragraph)
 
 
@@ -179,8 +185,15 @@ def normalize(text: str, lowercase: bool) -> str:
     return "\n".join(line.lower() if lowercase else line for line in lines)
 
 
-def clean_text(text: str, repairs: list[str], lowercase: bool = False, gutenberg: bool = True) -> str:
-    """Decoded text → cleaned document: one paragraph per line."""
+def clean_text(
+    text: str,
+    repairs: list[str],
+    lowercase: bool = False,
+    gutenberg: bool = True,
+    advance: Callable[[int], None] = lambda _n: None,
+) -> str:
+    """Decoded text → cleaned document: one paragraph per line; ``advance(characters)`` as the
+    paragraphs are fixed (the slow part: a progress bar moves inside a long book)."""
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
         repairs.append("crlf")
@@ -197,7 +210,7 @@ def clean_text(text: str, repairs: list[str], lowercase: bool = False, gutenberg
             paragraphs.pop(0)
         if paragraphs and _PG_TRAILER.match(paragraphs[-1]):
             paragraphs.pop()
-    fixed = [p for p in (fix_paragraph(p).strip() for p in paragraphs) if p]
+    fixed = [p for p in (fix_paragraph(p, advance).strip() for p in paragraphs) if p]
     return "\n".join(p.lower() if lowercase else p for p in fixed)
 
 
@@ -221,13 +234,21 @@ def iter_documents(
         yield f"{doc_id}-{index:06d}", body, len(body.encode()), list(repairs)
 
 
-def clean_file(path: Path, doc_id: str, docs_dir: Path, args: argparse.Namespace) -> list[DocResult]:
-    """Clean one input file into one or more documents; never raises on bad input."""
+def clean_file(
+    path: Path,
+    doc_id: str,
+    docs_dir: Path,
+    args: argparse.Namespace,
+    advance: Callable[[int], None] = lambda _n: None,
+) -> list[DocResult]:
+    """Clean one input file into one or more documents; never raises on bad input.
+    ``advance(characters)`` as its text is fixed."""
     separator = re.compile(args.doc_separator)
     results = []
     try:
         for did, text, n_in, repairs in iter_documents(path, doc_id, args.format, separator):
-            cleaned = clean_text(text, repairs, args.lowercase, gutenberg=args.format == "books")
+            books = args.format == "books"
+            cleaned = clean_text(text, repairs, args.lowercase, gutenberg=books, advance=advance)
             if cleaned:
                 atomic_write_text(docs_dir / f"{did}.txt", cleaned)
             skipped = None if cleaned else "empty after cleaning"
@@ -292,8 +313,15 @@ def run(args: argparse.Namespace, comm: Comm) -> dict | None:
     results: list[DocResult] = []
     bar = progress(sum(sizes[i] for i in mine), "clean", comm, args.quiet)
     for i in mine:
-        results.extend(clean_file(files[i], ids[i], out / "docs", args))
-        bar.update(sizes[i])
+        left = sizes[i]  # the bar in bytes of input, moved by characters fixed, never past the file
+
+        def advance(n: int) -> None:
+            nonlocal left
+            bar.update(min(n, left))
+            left -= min(n, left)
+
+        results.extend(clean_file(files[i], ids[i], out / "docs", args, advance))
+        bar.update(left)
     bar.close()
     for r in results:
         if r.skipped:

@@ -176,11 +176,9 @@ class RunConfig(Settings, Safeguards):
     in-process GPT-1's 8 sequences per rank a few tens of µs (``benchmarks/bench_step.py``,
     ``bench_loader.py``); workers pay off only where reading stalls (remote shards, slow disks)."""
     shuffle_window: int = 4096
-    """Sequences shuffled together in the loader."""
-    data_slots: int | None = None
-    """Parallel ranges the loader reads each epoch (default: ranks × workers). The data order
-    depends on it, not on the world size: fix it to resume on another number of ranks
-    (any that divides it) or to compare runs across world sizes."""
+    """Sequences shuffled together in the loader, over the global batch's slots (each slot shuffles
+    windows of ``shuffle_window / train_batch_size``). A step's sequences do not depend on the world
+    size, micro-batch or workers, so a run resumes exactly on any world size that splits the batch."""
     data_on_error: str = "raise"
     """A training shard that cannot be read (missing, truncated, a member failing its checksum or
     holding ids outside the vocabulary): ``raise`` (an error naming rank, worker, shard and member)
@@ -242,6 +240,8 @@ def read_settings(cls: type, path: str | Path | None, overrides: list[str] | Non
 
     known = [f.name for f in fields(cls)]
     for name in data:
+        if name in REMOVED:
+            raise ValueError(f"setting {name!r} ({source(name)}) is gone: {REMOVED[name]}")
         if name not in known:
             raise ValueError(f"unknown setting {name!r} ({source(name)}){unknown_hint(name, known)}")
     hints = typing.get_type_hints(cls)
@@ -249,6 +249,13 @@ def read_settings(cls: type, path: str | Path | None, overrides: list[str] | Non
         if f.name in data and not _fits(data[f.name], hints[f.name]):
             raise ValueError(f"setting {f.name} ({source(f.name)}) must be {f.type}, got {data[f.name]!r}")
     return data
+
+
+REMOVED = {
+    "data_slots": "a step's sequences depend on train_batch_size alone now, and a run resumes exactly "
+    "on any world size that splits it; remove the setting",
+}
+"""Settings that no longer exist, with what to do instead."""
 
 
 def unknown_hint(name: str, known: list[str]) -> str:

@@ -1,30 +1,28 @@
 """Streaming loader: WebDataset shards → batches, split by rank and worker, equal steps, exact resume.
 
-The layout of an epoch is a pure function of the manifest, the seed, the epoch, the world size, the
-number of workers and the batch size, so every rank computes the same one without talking to the others:
+The layout of an epoch is a pure function of the manifest, the seed, the epoch and the global batch G
+(sequences per optimiser step), so every rank computes the same one without talking to the others,
+and an optimiser step trains on the same G sequences whatever the world size, micro-batch and loader
+workers (the idea of Megatron-LM's consumed-samples index):
 
 1. the shards, in an order shuffled by (seed, epoch), form one stream of sequences;
-2. the stream is cut into ``slots`` contiguous ranges (default: world size × DataLoader workers per
-   rank) of ``L`` sequences each, ``L`` the largest multiple of the batch size B that fits; the
-   remainder (fewer than ``slots × B`` sequences) is left out of that epoch, a different remainder
-   each epoch since the shard order changes;
-3. within a slot, consecutive windows of ``shuffle_window`` sequences are permuted by
-   (seed, epoch, slot, window): a bounded shuffle buffer;
-4. micro-batch t of the epoch is batch ``t // slots`` of slot ``t % slots``: the slots are read side
-   by side. Rank r takes the micro-batches with ``t % world_size == r`` and its DataLoader workers take
-   turns, each reading its own slots sequentially. Every rank yields ``slots × L / B / world_size``
-   micro-batches per epoch whatever the shard sizes, so no rank ever waits in a collective for one
-   that ran dry; and the micro-batches of an optimiser step (``world_size × accumulation``
-   consecutive t) are the same whatever the world size, for a given number of slots.
+2. the stream is cut into G slots: contiguous ranges of ``L = total // G`` sequences each; the
+   remainder (fewer than G sequences) is left out of that epoch, a different one each epoch since the
+   shard order changes;
+3. within a slot, consecutive windows of ``ceil(shuffle_window / G)`` sequences are permuted by
+   (seed, epoch, slot, window): a bounded shuffle buffer, ``shuffle_window`` sequences over all slots;
+4. step s of the epoch (of L) is sequence s of each slot, in slot order. Rank r of W takes slots
+   ``r·G/W … (r+1)·G/W - 1``, cut into micro-batches in that order; its DataLoader workers split
+   those slots between them, each reading its own slots sequentially, and the rank joins their parts.
+   Every slot is read once per epoch, by one worker of one rank; every rank has L steps per epoch
+   whatever the shard sizes, so no rank ever waits in a collective for one that ran dry.
 
-Resume: ``state_dict()`` is (epoch, micro-batches consumed across ranks) plus the settings the order
-depends on. ``load_state_dict`` makes the next batch the one the uninterrupted run would have yielded:
-each worker seeks (local files: by byte offset, computed from the manifest; URLs: by reading through
-the shard) to the window holding its next batch, so a resume costs reading about one window per slot,
-not the epoch. The world size and worker count may change at a resume when the saved slot count is a
-multiple of the new world size × workers (the order, and so the epoch's coverage, is then unchanged);
-otherwise, and for a different seed, batch size or dataset, it is refused with an error naming both
-values.
+Resume: ``state_dict()`` is (epoch, steps done) plus the settings the order depends on.
+``load_state_dict`` makes the next step the one the uninterrupted run would have taken: each worker
+seeks (local files: by byte offset, computed from the manifest; URLs: by reading through the shard)
+to the window holding it, so a resume costs reading about one window per slot, not the epoch. The
+world size, micro-batch and workers may change at a resume (any that split G); a different seed,
+global batch, shuffle window or dataset is refused with an error naming both values.
 
 Bad shards: every member is checked as it streams, its bytes against the manifest's CRC-32 and its
 token ids against the vocabulary. A missing, truncated or corrupt shard is an error naming the
@@ -40,9 +38,8 @@ import bisect
 import logging
 import tarfile
 import time
-from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +61,7 @@ from gpt1_ds.model import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 1: an order that depended on the world size and micro-batch
 TAR_BLOCK = 512
 
 
@@ -340,35 +337,42 @@ class _Stream:
         raise ShardError(f"{self.where}: no readable shard left")
 
 
-def to_batch(seqs: np.ndarray, seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """[B, ≥ seq_len + 1] uint16 → input_ids and targets [B, seq_len] (int64; padding → IGNORE_INDEX)."""
+def to_batch(seqs: np.ndarray, seq_len: int, pad_id: int) -> dict[str, Any]:
+    """[B, ≥ seq_len + 1] uint16 → input_ids and targets [B, seq_len] (int64; padding → IGNORE_INDEX),
+    and ``counted``: the targets that count, an int (no tensor read)."""
     x = torch.from_numpy(seqs[:, :seq_len].astype(np.int64))
+    pad = seqs[:, 1 : seq_len + 1] == pad_id
     y = torch.from_numpy(seqs[:, 1 : seq_len + 1].astype(np.int64))
-    y[y == pad_id] = IGNORE_INDEX
-    return {"input_ids": x, "targets": y}
+    y[torch.from_numpy(pad)] = IGNORE_INDEX
+    return {"input_ids": x, "targets": y, "counted": int(pad.size - pad.sum())}
 
 
 RESUME_KEYS = {
     "tokenizer_sha256": "tokenizer sha256",
     "total_sequences": "training sequences",
-    "batch_size": "micro_batch_size",
-    "window": "shuffle_window",
+    "global_batch": "train_batch_size",
 }
 """What the loader state's keys are to a user: the run setting, or what of the dataset."""
 
 
 @dataclass(frozen=True)
 class Layout:
-    """Everything the order of the micro-batches depends on (not the world size)."""
+    """Everything the order of an epoch's steps depends on: not the world size, the micro-batch
+    or the workers."""
 
     seed: int
-    slots: int  # contiguous ranges of the epoch's stream, read in parallel
-    batch_size: int
+    global_batch: int  # sequences per optimiser step, and slots: a step takes one sequence of each
     shuffle: bool
-    window: int  # shuffle window in sequences, a multiple of batch_size
+    shuffle_window: int  # sequences shuffled together, over all the slots
 
-    def slot_len(self, total: int) -> int:
-        return total // (self.slots * self.batch_size) * self.batch_size
+    @property
+    def window(self) -> int:
+        """Each slot's shuffle window, in sequences (= steps)."""
+        return max(1, -(-self.shuffle_window // self.global_batch))
+
+    def steps(self, total: int) -> int:
+        """Optimiser steps per epoch: each slot's length."""
+        return total // self.global_batch
 
     def order(self, n_shards: int, epoch: int) -> np.ndarray:
         if not self.shuffle:
@@ -376,64 +380,56 @@ class Layout:
         return np.random.default_rng([self.seed, epoch]).permutation(n_shards)
 
 
-class _Slots:
-    """One epoch's micro-batches by (slot, index in the slot), read window by window, one stream per slot."""
-
-    def __init__(self, dataset: Dataset, layout: Layout, epoch: int, seq_len: int, on_error: str, where: str):
-        self.layout, self.epoch, self.seq_len = layout, epoch, seq_len
-        self.slot_len = layout.slot_len(dataset.total_sequences)
-        order = layout.order(len(dataset.shards), epoch)
-        self.readers: dict[int, _Stream] = defaultdict(lambda: _Stream(dataset, order, on_error, where))
-        self.windows: dict[int, tuple[int, np.ndarray]] = {}
-
-    def batch(self, slot: int, index: int) -> dict[str, Any]:
-        lay, B = self.layout, self.layout.batch_size
-        start = index * B
-        w_start = start // lay.window * lay.window
-        cached = self.windows.get(slot)
-        if cached is None or cached[0] != w_start:
-            n = min(lay.window, self.slot_len - w_start)
-            seqs = np.concatenate(list(self.readers[slot].read(slot * self.slot_len + w_start, n)))
-            if lay.shuffle:
-                seqs = seqs[np.random.default_rng([lay.seed, self.epoch, slot, w_start]).permutation(n)]
-            self.windows[slot] = cached = (w_start, seqs)
-        # uint16 as stored: 4× less to move from a worker than the int64 batch (to_batch makes it)
-        seqs = np.ascontiguousarray(cached[1][start - w_start : start - w_start + B, : self.seq_len + 1])
-        return {
-            "tokens": torch.from_numpy(seqs.view(np.int16)),
-            "skipped_shards": sum(r.skipped for r in self.readers.values()),
-        }
+def read_slots(
+    dataset: Dataset, layout: Layout, epoch: int, slots: range, first_step: int, seq_len: int,
+    on_error: str, where: str,
+) -> Iterator[tuple[np.ndarray, int]]:  # fmt: skip
+    """Steps ``first_step``… of one epoch for ``slots``: ([len(slots), seq_len + 1] uint16, shards
+    skipped so far), read a shuffle window at a time, each slot through its own stream."""
+    steps, w = layout.steps(dataset.total_sequences), layout.window
+    order = layout.order(len(dataset.shards), epoch)
+    streams = [_Stream(dataset, order, on_error, where) for _ in slots]
+    for start in range(first_step // w * w, steps, w):
+        n = min(w, steps - start)
+        block = np.empty((len(slots), n, seq_len + 1), np.uint16)  # [slot, step, token]
+        for i, (slot, stream) in enumerate(zip(slots, streams, strict=True)):
+            seqs = np.concatenate(list(stream.read(slot * steps + start, n)))
+            if layout.shuffle:
+                seqs = seqs[np.random.default_rng([layout.seed, epoch, slot, start]).permutation(n)]
+            block[i] = seqs[:, : seq_len + 1]
+        skipped = sum(s.skipped for s in streams)
+        for step in range(max(first_step, start), start + n):
+            yield np.ascontiguousarray(block[:, step - start]), skipped
 
 
 class _RankDataset(IterableDataset):
-    """A loader's micro-batches from its (epoch, batch) on, epoch after epoch (order: see the module doc)."""
+    """A rank's share of every step from its (epoch, step) on, epoch after epoch: one item per step
+    and worker, the worker's slots (a contiguous part of the rank's)."""
 
     def __init__(self, loader: TrainLoader) -> None:
         super().__init__()
         self.dataset, self.layout, self.rank = loader.dataset, loader.layout, loader.rank
-        self.world_size, self.workers, self.seq_len = loader.world_size, loader.workers, loader.seq_len
-        self.on_error, self.start_epoch, self.start_batch = loader.on_error, loader.epoch, loader.batch
+        self.slots, self.workers, self.seq_len = loader.slots, loader.workers, loader.seq_len
+        self.on_error, self.start_epoch, self.start_step = loader.on_error, loader.epoch, loader.step
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        physical = info.id if info is not None else 0
-        # The DataLoader asks worker 0 first; after a resume at rank batch k, the next
-        # batch belongs to logical worker k mod W, so worker ids are rotated by that.
-        lay, world, W, epoch = self.layout, self.world_size, self.workers, self.start_epoch
-        worker = (physical + self.start_batch) % W
-        j = max(0, -(-(self.start_batch - worker) // W))  # ceil((k - w) / W): this worker's batches done
+        worker = info.id if info is not None else 0
+        per = len(self.slots) // self.workers
+        mine = self.slots[worker * per : (worker + 1) * per]
         where = f"rank {self.rank} worker {worker}"
-        per_epoch = lay.slots * lay.slot_len(self.dataset.total_sequences) // lay.batch_size
+        epoch, step = self.start_epoch, self.start_step
         while True:
-            slots = _Slots(self.dataset, lay, epoch, self.seq_len, self.on_error, where)
-            while (t := (j * W + worker) * world + self.rank) < per_epoch:
-                yield slots.batch(t % lay.slots, t // lay.slots)
-                j += 1
-            epoch, j = epoch + 1, 0
+            args = (self.dataset, self.layout, epoch, mine, step, self.seq_len, self.on_error, where)
+            for seqs, skipped in read_slots(*args):
+                # uint16 as stored: 4× less to move from a worker than the int64 batch (to_batch makes it)
+                yield {"tokens": torch.from_numpy(seqs.view(np.int16)), "skipped_shards": skipped}
+            epoch, step = epoch + 1, 0
 
 
 class TrainLoader:
-    """Shuffled training micro-batches for one rank; iterate for the rest of the current epoch.
+    """Shuffled training micro-batches for one rank: ``next_step()`` gives an optimiser step's,
+    iterating gives them one by one to the end of the current epoch.
 
     ``len(loader)`` is the number of micro-batches per epoch, the same on every rank.
     ``state_dict()`` / ``load_state_dict()`` give exact resume (see the module doc).
@@ -441,14 +437,14 @@ class TrainLoader:
 
     def __init__(
         self,
-        source: str | Path,
+        source: str | Path | Dataset,
         batch_size: int,
         *,
+        global_batch: int | None = None,
         rank: int = 0,
         world_size: int = 1,
         seed: int = 0,
         num_workers: int = 0,
-        slots: int | None = None,
         shuffle: bool = True,
         shuffle_window: int = 4096,
         on_error: str = "raise",
@@ -465,36 +461,45 @@ class TrainLoader:
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        self.dataset = open_dataset(
-            source, tokenizer_sha256, vocab_size, seq_len, verify, retries, retry_wait
+        self.dataset = (
+            source
+            if isinstance(source, Dataset)
+            else open_dataset(source, tokenizer_sha256, vocab_size, seq_len, verify, retries, retry_wait)
         )
         self.seq_len = seq_len or self.dataset.seq_len
-        self.world_size, self.workers = world_size, max(1, num_workers)
-        slots = slots or world_size * self.workers
-        if slots % (world_size * self.workers):
+        global_batch = global_batch or batch_size * world_size
+        per_rank, self.workers = global_batch // world_size, max(1, num_workers)
+        if global_batch % world_size or per_rank % batch_size:
             raise ValueError(
-                f"slots {slots} is not a multiple of world_size {world_size} × workers {self.workers}"
+                f"the global batch of {global_batch} sequences does not split into micro-batches of "
+                f"{batch_size} over {world_size} ranks"
             )
-        window = max(1, -(-shuffle_window // batch_size)) * batch_size
-        self.layout = Layout(seed, slots, batch_size, shuffle, window)
-        if (slot_len := self.layout.slot_len(self.dataset.total_sequences)) == 0:
+        if per_rank % self.workers:
             raise ValueError(
-                f"{source}: {self.dataset.total_sequences} sequences cannot give one batch of {batch_size} "
-                f"to each of {slots} slots ({world_size} ranks × {self.workers} workers)"
+                f"num_workers {num_workers} does not divide the {per_rank} sequences a rank takes per step "
+                f"(each worker reads whole slots): use a divisor of {per_rank}"
             )
-        self.batches_per_epoch = slots * slot_len // batch_size // world_size
-        self.rank, self.num_workers, self.on_error = rank, num_workers, on_error
+        self.layout = Layout(seed, global_batch, shuffle, shuffle_window)
+        self.steps_per_epoch = self.layout.steps(self.dataset.total_sequences)
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{source}: {self.dataset.total_sequences} sequences cannot give one step of {global_batch}"
+            )
+        self.batch_size, self.accumulation = batch_size, per_rank // batch_size
+        self.slots = range(rank * per_rank, (rank + 1) * per_rank)
+        self.rank, self.world_size, self.num_workers, self.on_error = rank, world_size, num_workers, on_error
         self._dl_kw = dict(pin_memory=pin_memory, prefetch_factor=prefetch_factor, persistent_workers=False)
-        self.epoch, self.batch = 0, 0
+        self.epoch, self.step = 0, 0
+        self._pending: list[dict[str, Any]] = []  # this step's micro-batches not yet given
         self._iter: Iterator[dict[str, Any]] | None = None
         self._skipped: dict[int, int] = {}
 
     def __len__(self) -> int:
-        return self.batches_per_epoch
+        return self.steps_per_epoch * self.accumulation
 
     @property
     def skipped_shards(self) -> int:
-        """Shards skipped so far (``on_error="skip"``), summed over this rank's workers."""
+        """Shards skipped so far this epoch (``on_error="skip"``), summed over this rank's workers."""
         return sum(self._skipped.values())
 
     def _start(self) -> Iterator[dict[str, Any]]:
@@ -503,31 +508,54 @@ class TrainLoader:
             return iter(ds)
         return iter(DataLoader(ds, batch_size=None, num_workers=self.num_workers, **self._dl_kw))
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def next_step(self) -> list[dict[str, Any]]:
+        """The micro-batches of this rank's next optimiser step (the next epoch's first at an epoch's end)."""
+        if self._pending:
+            raise RuntimeError(f"{len(self._pending)} micro-batches of the current step were not taken")
+        if self.step == self.steps_per_epoch:
+            self.epoch, self.step = self.epoch + 1, 0
         if self._iter is None:  # one underlying iterator runs across epochs: the workers persist
             self._iter = self._start()
-        while self.batch < self.batches_per_epoch:
+        parts = []
+        for worker in range(self.workers):  # a DataLoader takes its workers' items in turn
             raw = next(self._iter)
-            worker = (self.batch + self.epoch * self.batches_per_epoch) % self.workers
             self._skipped[worker] = int(raw["skipped_shards"])
-            self.batch += 1
-            yield to_batch(raw["tokens"].numpy().view(np.uint16), self.seq_len, self.dataset.pad_id)
-        self.epoch, self.batch = self.epoch + 1, 0
+            parts.append(raw["tokens"].numpy().view(np.uint16))
+        seqs, b = np.concatenate(parts), self.batch_size
+        self.step += 1
+        return [to_batch(seqs[i : i + b], self.seq_len, self.dataset.pad_id) for i in range(0, len(seqs), b)]
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while self._pending or self.step < self.steps_per_epoch:
+            if not self._pending:
+                self._pending = self.next_step()
+            yield self._pending.pop(0)
+        self.epoch, self.step = self.epoch + 1, 0
 
     def state_dict(self) -> dict[str, Any]:
-        """Where the epoch stands, in world-size-free terms, and what the order depends on."""
+        """Where the epoch stands, in steps, and what the order depends on; taken between steps."""
+        if self._pending:
+            raise RuntimeError(f"loader state taken inside a step ({len(self._pending)} micro-batches to go)")
+        epoch, step = (self.epoch + 1, 0) if self.step == self.steps_per_epoch else (self.epoch, self.step)
         return {
             "version": STATE_VERSION,
-            "epoch": self.epoch,
-            "micro_batches": self.batch * self.world_size,
-            **asdict(self.layout),  # seed, slots, batch_size, shuffle, window
+            "epoch": epoch,
+            "steps": step,
+            **asdict(self.layout),  # seed, global_batch, shuffle, shuffle_window
             "total_sequences": self.dataset.total_sequences,
             "tokenizer_sha256": self.dataset.manifest["tokenizer_sha256"],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly where ``state`` was taken. The world size and the workers may change if the
-        saved slot count is a multiple of world size × workers; the other settings of the order must match."""
+        """Continue exactly where ``state`` was taken, on any world size, micro-batch and workers
+        that split its global batch; the dataset and the settings of the order must match."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(
+                f"the checkpoint's loader state is version {state.get('version')}, whose data order depended "
+                f"on the world size and micro-batch; this gpt1-ds orders each step by train_batch_size "
+                f"alone (version {STATE_VERSION}) and cannot continue it exactly: train on from its weights "
+                "in a new run (init=CHECKPOINT with another --run-dir)"
+            )
         mine = self.state_dict()
         for key in ("tokenizer_sha256", "total_sequences"):  # the dataset itself first
             if state.get(key) != mine[key]:
@@ -537,27 +565,16 @@ class TrainLoader:
                     f"tokenizer sha256 {mine['tokenizer_sha256'][:12]}): resume with the run's own --data, "
                     "or start a new run (resume=new, or another --run-dir)"
                 )
-        for key in (k for k in mine if k not in ("epoch", "micro_batches", "slots")):
+        for key in (k for k in mine if k not in ("epoch", "steps")):
             if state.get(key) != mine[key]:
                 setting = RESUME_KEYS.get(key, key)
                 raise ValueError(
                     f"the checkpoint's batch order was made with {setting}={state.get(key)!r}, this run has "
                     f"{mine[key]!r}: set {setting}={state.get(key)!r} to resume it exactly"
                 )
-        slots, consumed = state["slots"], state["micro_batches"]
-        if slots % (self.world_size * self.workers) or consumed % self.world_size:
-            raise ValueError(
-                f"loader state has slots={slots}, micro_batches={consumed}: world_size {self.world_size} × "
-                f"workers {self.workers} cannot continue it exactly (slots must be a multiple of "
-                "world_size × workers, micro_batches of world_size)"
-            )
-        if slots != self.layout.slots:
-            self.layout = replace(self.layout, slots=slots)
-            slot_len = self.layout.slot_len(self.dataset.total_sequences)
-            self.batches_per_epoch = slots * slot_len // self.layout.batch_size // self.world_size
-        if not 0 <= consumed // self.world_size < self.batches_per_epoch:
-            raise ValueError(f"loader state micro_batches {consumed} is outside this epoch")
-        self.epoch, self.batch = int(state["epoch"]), consumed // self.world_size
+        if not 0 <= state["steps"] < self.steps_per_epoch:
+            raise ValueError(f"loader state steps {state['steps']} is outside this epoch")
+        self.epoch, self.step = int(state["epoch"]), int(state["steps"])
         self._iter = None
 
 

@@ -147,7 +147,7 @@ class Finetuning(runner.Loop):
         self.dev_set = encode(self.dev_examples, self.data, self.tok, n_ctx, cfg.truncation)
         per_rank = len(self.train_set) // ctx.world // cfg.micro_batch_size
         self.ds_cfg, self.steps_per_epoch = runner.deepspeed_config(
-            ds_path, cfg, ds_over, ctx, per_rank, cfg.train
+            ds_path, cfg, ds_over, ctx, lambda _batch, accum: per_rank // accum, cfg.train
         )
         model = TaskModel(
             gpt, self.data, cfg.lm_coef, cfg.clf_pdrop, cfg.lm_loss_average, cfg.clf_dropout_mask

@@ -264,13 +264,17 @@ def _head_loss_sum(
 
 
 def chunked_lm_loss(
-    head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor, chunk: int
+    head: Callable[[torch.Tensor], torch.Tensor],
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    chunk: int,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """The mean next-token loss of ``hidden`` [B, T, C] against ``targets`` [B, T], ``chunk``
-    positions at a time, each chunk's logits recomputed in the backward pass: the [B·T, V] fp32
-    logits (and their softmax) never exist at once, only [chunk, V]. The same value and gradients
-    as the whole-logits loss, up to the order of the sums. ``head`` (``GPT.logits``) calls the head
-    as a module, so that ZeRO-3 gathers its weight."""
+    """The mean (``reduction="sum"``: summed) next-token loss of ``hidden`` [B, T, C] against
+    ``targets`` [B, T], ``chunk`` positions at a time, each chunk's logits recomputed in the
+    backward pass: the [B·T, V] fp32 logits (and their softmax) never exist at once, only
+    [chunk, V]. The same value and gradients as the whole-logits loss, up to the order of the sums.
+    ``head`` (``GPT.logits``) calls the head as a module, so that ZeRO-3 gathers its weight."""
     flat, flat_targets = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)  # [N, C], [N]
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, flat.size(0), chunk):
@@ -278,7 +282,7 @@ def chunked_lm_loss(
         total = total + torch_checkpoint(
             _head_loss_sum, head, flat[part], flat_targets[part], use_reentrant=False
         )
-    return total / (flat_targets != IGNORE_INDEX).sum()
+    return total if reduction == "sum" else total / (flat_targets != IGNORE_INDEX).sum()
 
 
 class GPT(nn.Module):
@@ -354,20 +358,28 @@ class GPT(nn.Module):
         return logits if logits.size(-1) == V else logits[..., :V]
 
     def forward(
-        self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        reduction: str = "mean",
     ) -> torch.Tensor | tuple[torch.Tensor | None, torch.Tensor]:
         """Logits [B, T, V]; with ``targets`` [B, T] (next tokens, IGNORE_INDEX to skip),
-        returns ``(logits, loss)`` where loss is the mean cross-entropy over counted targets
-        (``(None, loss)`` when ``loss_chunk`` is set: the logits are never whole).
+        returns ``(logits, loss)`` where loss is the mean cross-entropy over counted targets, or
+        their sum with ``reduction="sum"`` (``(None, loss)`` when ``loss_chunk`` is set: the logits
+        are never whole).
         With ``cache`` (inference), the tokens continue the cached ones (see ``hidden_states``)."""
         hidden = self.hidden_states(input_ids, cache)  # [B, T, C]
         if targets is not None and self.loss_chunk and torch.is_grad_enabled():
-            return None, chunked_lm_loss(self.logits, hidden, targets, self.loss_chunk)
+            return None, chunked_lm_loss(self.logits, hidden, targets, self.loss_chunk, reduction)
         logits = self.logits(hidden)  # [B, T, V]
         if targets is None:
             return logits
         loss = F.cross_entropy(
-            logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX
+            logits.float().view(-1, logits.size(-1)),
+            targets.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction=reduction,
         )
         return logits, loss
 

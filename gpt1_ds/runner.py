@@ -215,27 +215,32 @@ def batch_settings(cfg: Settings, ds_path: str, ds_over: list[str], ctx: Context
 
 
 def deepspeed_config(
-    path: str, cfg: Settings, ds_over: list[str], ctx: Context, micro_batches: int, source: str
+    path: str,
+    cfg: Settings,
+    ds_over: list[str],
+    ctx: Context,
+    steps_per_epoch: Callable[[int, int], int],
+    source: str,
 ) -> tuple[dict[str, Any], int]:
     """The DeepSpeed JSON at ``path`` with the profile's ``ds`` values and the command line's
     ``ds.key=value`` applied, its ``"auto"`` values filled and checked (``resolve_ds_config``);
-    and the optimiser steps per epoch, from the ``micro_batches`` each rank gets of ``source``."""
+    and the optimiser steps per epoch: ``steps_per_epoch(train_batch_size, accumulation)`` of ``source``."""
     raw = load_ds_config(path, {**cfg.ds, **parse_overrides(ds_over, "ds.")})
-    ds_cfg = resolve_ds_config(
-        raw, cfg, ctx.world, lambda accum: micro_batches // accum, path, ctx.device.type
-    )
-    accum = ds_cfg["gradient_accumulation_steps"]
-    if micro_batches < accum:
+    per_epoch = lambda accum: steps_per_epoch(raw["train_batch_size"], accum)  # noqa: E731
+    ds_cfg = resolve_ds_config(raw, cfg, ctx.world, per_epoch, path, ctx.device.type)
+    batch, accum = ds_cfg["train_batch_size"], ds_cfg["gradient_accumulation_steps"]
+    steps = steps_per_epoch(batch, accum)
+    if steps < 1:
         raise ValueError(
-            f"{source} gives {micro_batches} micro-batches per rank per epoch, fewer than one step's {accum} "
-            f"(train_batch_size {ds_cfg['train_batch_size']})"
+            f"{source} holds less than one optimiser step of train_batch_size {batch} per epoch "
+            f"({cfg.micro_batch_size} per micro-batch × accumulation {accum} × {ctx.world} ranks)"
         )
     failed = ops.build_once(ops.needed(ds_cfg, ctx.device.type), ctx.node_leader, ctx.device)
     if failed.get("cpu_adam"):
         raise RuntimeError(
             f"DeepSpeed's CPU Adam, which optimiser offload needs, cannot be built: {failed['cpu_adam']}"
         )
-    return adam_fallback(ds_cfg, ctx.device.type, lambda: failed.get("fused_adam")), micro_batches // accum
+    return adam_fallback(ds_cfg, ctx.device.type, lambda: failed.get("fused_adam")), steps
 
 
 def adam_fallback(

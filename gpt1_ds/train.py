@@ -33,7 +33,7 @@ from tqdm import tqdm
 from gpt1_ds import distributed, metrics, runner
 from gpt1_ds.checkpoint import ClientState
 from gpt1_ds.config import RunConfig
-from gpt1_ds.data import EvalLoader, TrainLoader
+from gpt1_ds.data import EvalLoader, TrainLoader, open_dataset
 from gpt1_ds.generate import sample
 from gpt1_ds.loading import init_from
 from gpt1_ds.metrics import device_peak_flops, flops_per_token
@@ -96,21 +96,30 @@ class Pretraining(runner.Loop):
         model_cfg = run.model_config()
         common = dict(rank=ctx.rank, world_size=ctx.world, seq_len=model_cfg.n_positions)
         common.update(vocab_size=model_cfg.vocab_size, tokenizer_sha256=self.tok.sha256)
-        reading = dict(
-            num_workers=run.num_workers, pin_memory=ctx.device.type == "cuda", slots=run.data_slots
+        train_set = open_dataset(
+            data_dir / "train", self.tok.sha256, model_cfg.vocab_size, model_cfg.n_positions
         )
-        reading.update(seed=run.seed, shuffle_window=run.shuffle_window, on_error=run.data_on_error)
-        self.train_loader = TrainLoader(data_dir / "train", run.micro_batch_size, **reading, **common)
+        steps_per_epoch = lambda batch, _accum: train_set.total_sequences // batch  # noqa: E731
+        self.ds_cfg, self.steps_per_epoch = runner.deepspeed_config(
+            ds_path, run, ds_over, ctx, steps_per_epoch, f"{data_dir}/train"
+        )
+        self.train_loader = TrainLoader(
+            train_set,
+            run.micro_batch_size,
+            global_batch=self.ds_cfg["train_batch_size"],
+            num_workers=run.num_workers,
+            pin_memory=ctx.device.type == "cuda",
+            seed=run.seed,
+            shuffle_window=run.shuffle_window,
+            on_error=run.data_on_error,
+            **common,
+        )
         self.val_loader = EvalLoader(
             data_dir / "val", run.micro_batch_size, max_batches=run.eval_batches, **common
-        )
-        self.ds_cfg, self.steps_per_epoch = runner.deepspeed_config(
-            ds_path, run, ds_over, ctx, len(self.train_loader), f"{data_dir}/train"
         )
         engine, scheduler = self._build_engine(model_cfg)
         state = ClientState("pretrain", seed=run.seed, config=asdict(run), model_config=model_cfg.to_dict())
         super().__init__(run, ctx, engine, scheduler, state)
-        self.batches = iter(())
         self.model_cfg, self.seq_len = model_cfg, model_cfg.n_positions
         self.tokens_per_step = self.ds_cfg["train_batch_size"] * self.seq_len
         self.first_ppl: float | None = None
@@ -148,9 +157,13 @@ class Pretraining(runner.Loop):
                     f"checkpoint {path} holds another model than the run config asks for: {differ} "
                     "(checkpoint, run config)"
                 )
+        self.check_resume(state, path)  # the data order too, before any rank loads the checkpoint
 
     def check_resume(self, state: ClientState, path: Path) -> None:
-        self.train_loader.load_state_dict(state.loader)
+        try:
+            self.train_loader.load_state_dict(state.loader)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}".replace("init=CHECKPOINT", f"init={path}")) from None
 
     def describe(self) -> None:
         ds, ctx, cfg = self.ds_cfg, self.ctx, self.cfg
@@ -169,21 +182,27 @@ class Pretraining(runner.Loop):
             + (f"; loss in chunks of {cfg.loss_chunk_size} positions" if cfg.loss_chunk_size else "")
         )
 
-    def next_batch(self, _micro: int) -> dict[str, torch.Tensor]:
-        batch = next(self.batches, None)
-        if batch is None:
-            self.batches = iter(self.train_loader)  # the next epoch (the loader keeps its workers)
-            batch = next(self.batches)
-        return batch
+    def token_scale(self, batches: list[dict[str, Any]]) -> torch.Tensor:
+        """accumulation × world size / the step's targets on all ranks, on the device: a micro-batch's
+        summed loss times it, averaged by DeepSpeed over micro-batches and ranks, is the step's loss
+        averaged over its tokens (a sequence padded at a document's end weighs what it holds)."""
+        count = sum(b["counted"] for b in batches)  # counted by the loader: no tensor read
+        total = torch.tensor([float(count)]).to(self.ctx.device, non_blocking=True)
+        if self.ctx.world > 1:
+            dist.all_reduce(total)
+        return self.accum * self.ctx.world / total.clamp(min=1.0)
 
-    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(self, batch: dict[str, torch.Tensor], scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.ctx.device
         x, y = (batch[k].to(device, non_blocking=True) for k in ("input_ids", "targets"))
-        _, loss = self.engine(x, y)
+        _, summed = self.engine(x, y, reduction="sum")
+        loss = summed * scale
         return loss, loss.detach().float().reshape(1)
 
     def train_step(self) -> torch.Tensor:
-        values = self.micro_steps(self.next_batch, self.loss)
+        batches = self.train_loader.next_step()
+        scale = self.token_scale(batches)
+        values = self.micro_steps(batches.__getitem__, lambda b: self.loss(b, scale))
         self.state.tokens_seen += self.tokens_per_step
         return values
 

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_train import SMALL
+from test_train import SMALL, scalars
 
 from gpt1_ds import checkpoint
 from gpt1_ds.env import free_port
@@ -150,27 +149,27 @@ def legacy_launch(module: str, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_a_legacy_pretraining_checkpoint_resumes_to_the_uninterrupted_losses(prepared, tmp_path):
-    """Resumed with today's code, the 3-step legacy run continues as the 6-step run did."""
+def test_a_legacy_pretraining_checkpoint_is_refused_naming_why_and_its_weights_train_on(prepared, tmp_path):
+    """A checkpoint whose loader state predates the order by global batch (version 1) is refused
+    before DeepSpeed loads it, naming the way out; that way out (init=) trains from its weights."""
     run = legacy_copy("pretrain_zero2", tmp_path)
-    out = legacy_launch(
-        "gpt1_ds.train",
-        *("--deepspeed_config", "ds_configs/zero2.json", "--data", str(prepared), "--run-dir", str(run)),
-        *LEGACY_TINY,
-        *("max_steps=6", "checkpoint_interval=3", "keep_checkpoints=2", "ds.bf16.enabled=false"),
+    common = [*LEGACY_TINY, "max_steps=6", "ds.bf16.enabled=false"]
+    args = ["--deepspeed_config", "ds_configs/zero2.json", "--data", str(prepared)]
+    env = {**os.environ, "MASTER_PORT": str(free_port())}
+    cmd = [sys.executable, "-m", "gpt1_ds.train", *args, "--run-dir", str(run), *common]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    saved = run / "checkpoints" / "step00000003"
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert (
+        f"{saved}: the checkpoint's loader state is version 1, whose data order depended on the world size "
+        f"and micro-batch" in out.stderr
     )
-    assert "at step 3" in out.stderr
-    reference = json.loads((LEGACY / "pretrain_zero2_reference.json").read_text())["train/loss"]
-    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
-    acc.Reload()
-    losses = {e.step: e.value for e in acc.Scalars("train/loss")}
-    assert sorted(losses) == [4, 5, 6]
-    for step, value in reference.items():
-        assert losses[int(step)] == pytest.approx(value, abs=1e-5), step
-    states = torch.load(
-        run / "checkpoints" / "step00000006" / "mp_rank_00_model_states.pt", weights_only=False
-    )
-    assert states["format_version"] == checkpoint.FORMAT_VERSION and states["step"] == 6
+    assert f"train on from its weights in a new run (init={saved} with another --run-dir)" in out.stderr
+    assert sorted(p.name for p in (run / "checkpoints").glob("step*")) == ["step00000003"]  # untouched
+    legacy_launch("gpt1_ds.train", *args, "--run-dir", str(tmp_path / "new"), *common, f"init={saved}")
+    model, _ = load_model(tmp_path / "new" / "checkpoints")
+    assert sorted(scalars(tmp_path / "new", "train/loss")) == [1, 2, 3, 4, 5, 6]
+    assert model.config.n_embd == 32
 
 
 @pytest.mark.slow

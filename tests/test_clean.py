@@ -170,7 +170,9 @@ def test_a_book_that_is_one_long_line_is_fixed_in_pieces_as_its_paragraphs_would
     paragraphs = [" ".join(p.split()) for p in text.split("\n\n") if p.strip()]
     line = " ".join(paragraphs) + " It\u00e2\u20ac\u2122s here"  # mojibake past the first piece
     assert len(line) > 3 * clean.LONG_LINE
-    fixed = clean.fix_paragraph(line)
+    moves: list[int] = []  # what a progress bar is moved by, piece after piece
+    fixed = clean.fix_paragraph(line, moves.append)
+    assert len(moves) >= 3 and sum(moves) == len(line) + 1  # the bar moves inside the one line
     assert fixed.endswith(" It's here")
     assert fixed == " ".join(clean.fix_paragraph(p) for p in clean.cut_at_spaces(line))
     assert len(fixed.split()) == len(line.split())

@@ -48,6 +48,11 @@ def test_yaml_and_overrides(tmp_path):
         ),
         (["n_head=2"], r"unknown setting 'n_head' .*; it is a model field: model_overrides.n_head=VALUE"),
         (
+            ["data_slots=16"],
+            r"setting 'data_slots' \(given on the command line\) is gone: a step's sequences depend on "
+            r"train_batch_size alone now.*; remove the setting",
+        ),
+        (
             ["model_overrides.n_layr=1"],
             r"unknown model field 'n_layr': did you mean 'n_layer'\? the fields are vocab_size",
         ),

@@ -102,16 +102,20 @@ def test_batches_are_inputs_and_shifted_targets(prepared):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_exact_resume(numbered, workers):
-    kw = dict(batch_size=6, seed=7, num_workers=workers, shuffle_window=12)
+    kw = dict(batch_size=6, global_batch=12, seed=7, num_workers=workers, shuffle_window=24)
     full = TrainLoader(numbered, **kw)
-    assert len(full) < 50  # the 50 batches cross an epoch boundary
+    assert len(full) < 50  # the 50 micro-batches (25 steps of 2) cross an epoch boundary
     reference = take(full, 50)
     first = TrainLoader(numbered, **kw)
-    head = take(first, 21)  # odd: with 2 workers the next batch is worker 1's
+    head = take(first, 21)
+    with pytest.raises(RuntimeError, match="loader state taken inside a step"):
+        first.state_dict()
+    head += take(first, 1)
     state = json.loads(json.dumps(first.state_dict()))  # as a checkpoint would carry it
+    assert (state["epoch"], state["steps"]) == (0, 11)
     second = TrainLoader(numbered, **kw)
     second.load_state_dict(state)
-    assert head + take(second, 29) == reference
+    assert head + take(second, 28) == reference
     assert len(set(reference[: len(full)])) == len(full)  # no batch twice within an epoch
 
 
@@ -216,9 +220,9 @@ def test_ids_outside_the_vocabulary_are_caught_with_or_without_checksums(prepare
 
 
 def test_a_low_bit_flip_is_seen_only_by_the_checksum(numbered):
-    clean = take(TrainLoader(numbered, batch_size=4, shuffle=False), 20)
+    clean = take(TrainLoader(numbered, batch_size=1, shuffle=False), 60)  # the stream in order
     flip(numbered / shard_name(2), 3 * MEMBER_STRIDE + 512 + 6, 0x01)  # one id of member 3, still valid
-    unchecked = take(TrainLoader(numbered, batch_size=4, shuffle=False, verify=False), 20)
+    unchecked = take(TrainLoader(numbered, batch_size=1, shuffle=False, verify=False), 60)
     assert unchecked != clean and sum(a != b for a, b in zip(unchecked, clean, strict=True)) == 1
     with pytest.raises(ShardError, match=r"rank 0 worker 0: shard .*shard-000002\.tar: member 3: crc32 "):
         list(TrainLoader(numbered, batch_size=4, rank=0, world_size=2, shuffle=False))
@@ -288,18 +292,16 @@ def test_a_manifest_with_wrong_types_or_missing_keys_names_the_file_and_key(numb
         TrainLoader(numbered, batch_size=4)
 
 
-def test_state_from_another_world_size_is_refused_unless_the_slots_allow_it(numbered):
+def test_a_state_of_another_order_or_dataset_is_refused_naming_the_setting(numbered):
     state = TrainLoader(numbered, batch_size=4, world_size=1).state_dict()
-    with pytest.raises(ValueError, match=r"slots=1.*world_size 2"):
+    with pytest.raises(
+        ValueError, match=r"made with train_batch_size=4, this run has 8: set train_batch_size=4"
+    ):
         TrainLoader(numbered, batch_size=4, world_size=2).load_state_dict(state)
     with pytest.raises(
         ValueError, match=r"made with seed=0, this run has 5: set seed=0 to resume it exactly"
     ):
         TrainLoader(numbered, batch_size=4, seed=5).load_state_dict(state)
-    with pytest.raises(
-        ValueError, match=r"made with micro_batch_size=4, this run has 8: set micro_batch_size=4"
-    ):
-        TrainLoader(numbered, batch_size=8).load_state_dict(state)
     other = {**state, "total_sequences": state["total_sequences"] + 1}  # another dataset, same tokenizer
     with pytest.raises(ValueError) as e:
         TrainLoader(numbered, batch_size=4).load_state_dict(other)
@@ -308,19 +310,50 @@ def test_state_from_another_world_size_is_refused_unless_the_slots_allow_it(numb
         r"has \d+, tokenizer sha256 [0-9a-f]{12}\): resume with the run's own --data, or start a new run",
         str(e.value),
     )
+    # a state written before the order depended on the global batch alone
+    old = {"version": 1, "epoch": 0, "micro_batches": 4, "slots": 1, "batch_size": 4, "window": 4096}
+    with pytest.raises(
+        ValueError, match=r"loader state is version 1.*init=CHECKPOINT with another --run-dir"
+    ):
+        TrainLoader(numbered, batch_size=4).load_state_dict(old)
 
 
-def test_global_order_does_not_depend_on_the_world_size(numbered):
-    """With the same slots, 1 rank and 2 ranks see the same micro-batches per step, and a
-    2-rank run resumes on 1 rank exactly."""
-    one = TrainLoader(numbered, batch_size=4, slots=4)
-    two = [TrainLoader(numbered, batch_size=4, rank=r, world_size=2, slots=4) for r in range(2)]
-    single = take(one, 40)
-    pairs = [take(t, 20) for t in two]
-    assert single == [h for pair in zip(*pairs, strict=True) for h in pair]
-    elastic = TrainLoader(numbered, batch_size=4, num_workers=2, slots=4)
-    elastic.load_state_dict(two[0].state_dict())
-    assert take(elastic, 10) == take(one, 10)
+def test_workers_that_do_not_split_a_ranks_share_are_refused(numbered):
+    with pytest.raises(
+        ValueError, match="num_workers 2 does not divide the 3 sequences a rank takes per step"
+    ):
+        TrainLoader(numbered, batch_size=3, num_workers=2)
+    with pytest.raises(ValueError, match="does not split into micro-batches of 3 over 2 ranks"):
+        TrainLoader(numbered, batch_size=3, global_batch=8, world_size=2)
+
+
+def step_ids(loaders: list[TrainLoader], steps: int) -> list[list[int]]:
+    """The sequence numbers of each step: every rank's micro-batches, rank after rank."""
+    return [[i for loader in loaders for b in loader.next_step() for i in seq_ids(b)] for _ in range(steps)]
+
+
+def test_a_steps_sequences_do_not_depend_on_world_size_micro_batch_or_workers(numbered):
+    """The global batch of 8 over 1 rank (micro-batches of 1, 4 or 8, 0 or 2 workers), 2 ranks and
+    8 ranks: the same sequences in every step, across an epoch's end (32 steps per epoch); a state
+    taken on 2 ranks resumes on 1 rank with 2 workers and on 8 ranks."""
+    kw = dict(global_batch=8, seed=3, shuffle_window=16)
+    reference = step_ids([TrainLoader(numbered, batch_size=8, **kw)], 40)
+    assert len({i for step in reference[:32] for i in step}) == 32 * 8  # nothing twice in the epoch
+    for micro, world, workers in ((1, 1, 0), (4, 1, 2), (4, 2, 0), (2, 2, 2), (1, 8, 0)):
+        ranks = [
+            TrainLoader(numbered, batch_size=micro, rank=r, world_size=world, num_workers=workers, **kw)
+            for r in range(world)
+        ]
+        assert step_ids(ranks, 40) == reference, (micro, world, workers)
+    two = [TrainLoader(numbered, batch_size=4, rank=r, world_size=2, **kw) for r in range(2)]
+    assert step_ids(two, 30) == reference[:30]
+    state = json.loads(json.dumps(two[0].state_dict()))
+    one = TrainLoader(numbered, batch_size=2, num_workers=2, **kw)
+    one.load_state_dict(state)
+    eight = [TrainLoader(numbered, batch_size=1, rank=r, world_size=8, **kw) for r in range(8)]
+    for loader in eight:
+        loader.load_state_dict(state)
+    assert step_ids([one], 10) == step_ids(eight, 10) == reference[30:]
 
 
 def test_shorter_model_context_crops_sequences(prepared):
@@ -460,7 +493,7 @@ def _rank_main(rank: int, world: int, port: int, source: str, out_dir: str) -> N
     first = TrainLoader(source, **kw)
     head = take(first, 21)
     second = TrainLoader(source, **kw)
-    second.load_state_dict(first.state_dict())
+    second.load_state_dict(first.state_dict())  # accumulation 1: any micro-batch ends a step
     resumed = head + take(second, 29)
     lengths = [None] * world
     dist.all_gather_object(lengths, len(second))

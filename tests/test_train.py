@@ -15,10 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, run_prepare
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gpt1_ds import checkpoint
+from gpt1_ds.data import TrainLoader
 from gpt1_ds.env import free_port
 from gpt1_ds.runner import PREEMPTED_EXIT
 
@@ -171,7 +172,7 @@ def test_schedule_read_back_from_the_engine(tmp_path):
 
 
 def test_one_rank_and_two_ranks_and_zero_stages_give_the_same_losses(prepared, tmp_path):
-    common = ["max_steps=4", "data_slots=2", *FP32_NO_DROPOUT]
+    common = ["max_steps=4", *FP32_NO_DROPOUT]
     train(prepared, tmp_path / "one", *common, launcher="python")
     reference = scalars(tmp_path / "one", "train/loss")
     assert sorted(reference) == [1, 2, 3, 4]
@@ -191,24 +192,26 @@ def test_one_rank_and_two_ranks_and_zero_stages_give_the_same_losses(prepared, t
 
 
 def test_sixteen_ranks_give_one_ranks_losses_and_their_checkpoint_resumes_on_four(prepared, tmp_path):
-    """Large world sizes, simulated: 16 CPU ranks of a small model (one sequence each, no
-    accumulation) against 1 rank (16 micro-batches accumulated) and 2 (8 each), with the same
-    data_slots; then the 16 ranks' ZeRO-2 checkpoint of step 2 resumed by 4 ranks (through
+    """A step's batch depends on the step alone: 1 rank (micro-batches of 4, accumulated 4 times),
+    2 ranks (automatic micro-batches of 8, 2 loader workers each) and 16 CPU ranks (one sequence each)
+    train a global batch of 16 to the same losses, the loss averaged over the step's tokens; then the
+    16 ranks' ZeRO-2 checkpoint of step 2 resumed by 4 ranks (micro-batches of 4, through
     DeepSpeed's universal format) trains steps 3 and 4 to the same losses."""
     common = [
         "max_steps=4",
-        "data_slots=16",
-        "micro_batch_size=1",
         "ds.train_batch_size=16",
+        "micro_batch_size=auto",
         "ds.optimizer.params.lr=0.01",
         "ds.scheduler.params.warmup_num_steps=1",
         *FP32_NO_DROPOUT,
     ]
-    train(prepared, tmp_path / "one", *common, launcher="python")
+    out = train(prepared, tmp_path / "one", *common, "max_micro_batch_size=4", launcher="python")
+    assert "micro-batch 4 × accumulation 4 × 1 ranks = 16 sequences" in out.stderr
     reference = scalars(tmp_path / "one", "train/loss")
     # large updates: the losses after the resume depend on the weights and moments it restored
     assert sorted(reference) == [1, 2, 3, 4] and reference[1] - reference[4] > 0.15
-    train(prepared, tmp_path / "two", *common)
+    out = train(prepared, tmp_path / "two", *common, "num_workers=2")
+    assert "micro-batch 8 × accumulation 1 × 2 ranks = 16 sequences" in out.stderr
     out = train(prepared, tmp_path / "sixteen", *common, "checkpoint_interval=2", ranks=16)
     assert "micro-batch 1 × accumulation 1 × 16 ranks = 16 sequences" in out.stderr
     saved = tmp_path / "sixteen" / "checkpoints" / "step00000002"
@@ -220,6 +223,26 @@ def test_sixteen_ranks_give_one_ranks_losses_and_their_checkpoint_resumes_on_fou
         assert sorted(losses) == steps, run
         for step in steps:
             assert losses[step] == pytest.approx(reference[step], abs=1e-5), (run, step)
+
+
+def test_padded_sequences_weigh_their_tokens_whatever_the_micro_batch(tmp_path):
+    """Shards of a few sequences each, so that many sequences end padded: one micro-batch of 16 and
+    16 of 1 accumulated give the same losses, the loss averaged over the step's counted targets."""
+    data = tmp_path / "small_shards"
+    run_prepare(data, extra=["--shard-bytes", "1500"])
+    kw = dict(batch_size=16, seq_len=64, seed=1234, shuffle_window=4096)
+    loader = TrainLoader(data / "train", **kw)
+    counted = [loader.next_step()[0]["counted"] for _ in range(3)]
+    assert min(counted) < 16 * 64  # padded targets in the steps trained
+    common = ["max_steps=3", "ds.train_batch_size=16", "ds.optimizer.params.lr=0.01", *FP32_NO_DROPOUT]
+    runs = {}
+    for micro in (16, 1):
+        run = tmp_path / f"micro{micro}"
+        train(data, run, *common, f"micro_batch_size={micro}", launcher="python")
+        runs[micro] = scalars(run, "train/loss")
+    assert sorted(runs[16]) == [1, 2, 3]
+    for step, value in runs[16].items():
+        assert runs[1][step] == pytest.approx(value, abs=1e-5), step
 
 
 def test_the_chunked_loss_trains_to_the_same_losses_under_zero3(prepared, tmp_path):
@@ -411,7 +434,7 @@ def test_launchers_run_two_ranks(prepared, tmp_path, launcher):
 
 
 def test_two_nodes_over_loopback_match_one_node(prepared, tmp_path):
-    common = ["max_steps=3", "data_slots=2", *FP32_NO_DROPOUT]
+    common = ["max_steps=3", *FP32_NO_DROPOUT]
     train(prepared, tmp_path / "one_node", *common, port=free_port())
     reference = scalars(tmp_path / "one_node", "train/loss")
     port = free_port()  # one rendezvous for the two nodes of this launch
@@ -639,7 +662,7 @@ def test_zero2_tuned_for_speed_gives_deepspeeds_default_bf16_losses_bit_for_bit(
     """zero2.json's speed settings (no bf16 overflow check, an all-reduce instead of a reduce-scatter)
     change no arithmetic: 2 ranks in bf16 give the same losses and gradient norms, to the bit, as
     DeepSpeed's defaults for them."""
-    common = ("max_steps=4", "data_slots=2")
+    common = ("max_steps=4",)
     train(prepared, tmp_path / "tuned", *common)
     defaults = ("ds.bf16.check_grad_overflow=true", "ds.zero_optimization.reduce_scatter=true")
     train(prepared, tmp_path / "defaults", *common, *defaults)
