@@ -32,8 +32,8 @@ import numpy as np
 import webdataset as wds
 from torch.utils.data import DataLoader
 
-from data_prep.manifest import read_manifest
 from gpt1_ds.data import TrainLoader, open_dataset, to_batch
+from gpt1_ds.manifest import read_manifest
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -32,7 +32,7 @@ import sentencepiece as spm
 
 from data_prep import clean, shard, tokenizer
 from data_prep.common import Comm
-from data_prep.manifest import read_manifest
+from gpt1_ds.manifest import read_manifest
 from gpt1_ds.tokenizer import GPT1_VOCAB_SIZE, MODEL_NAME
 
 REPO = Path(__file__).resolve().parent.parent

@@ -27,10 +27,7 @@ input files, balanced by bytes; rank 0 writes the split and the report.
 from __future__ import annotations
 
 import argparse
-import bz2
-import contextlib
 import glob
-import gzip
 import hashlib
 import json
 import logging
@@ -38,42 +35,23 @@ import lzma
 import re
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import reduce
-from itertools import groupby
 from pathlib import Path
-
-import ftfy
 
 from data_prep.common import Comm, balance, fraction, launch, progress, remove_stale, run_command, step_parser
 from gpt1_ds.files import atomic_write_text
-from gpt1_ds.tokenizer import LONG_LINE, cut_at_spaces
+from gpt1_ds.manifest import SPLITS_NAME
+from gpt1_ds.text import clean_text, iter_documents
 
 log = logging.getLogger("data_prep.clean")
 
 FORMAT_VERSION = 1
-SPLITS_NAME = "splits.json"
-"""``DATASET/clean/splits.json``: the settings, each split's document ids, each document's size."""
 SPLITS = ("train", "val", "test")
 SETTINGS = ("format", "lowercase", "val_fraction", "test_fraction", "split_seed")
 """The flags recorded in ``splits.json`` and ``report.json``."""
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".txt.bz2", ".txt.xz")
-_OPENERS = {".gz": gzip.decompress, ".bz2": bz2.decompress, ".xz": lzma.decompress}
-
-_FTFY = ftfy.TextFixerConfig(explain=False)
-# ftfy's uncurl_quotes mapping; a paragraph that is ASCII once uncurled (and holds no
-# HTML entity) is left unchanged by every other ftfy fix, so it skips the slow path.
-_SINGLE_QUOTES = re.compile("[\u02bc\u2018-\u201b]")
-_DOUBLE_QUOTES = re.compile("[\u201c-\u201f]")
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # C0 controls but \t and \n (\r is gone by then)
-_C1 = re.compile(r"[\x80-\x9f]")
-_BLANK_LINES = re.compile(r"\n[ \t]*(?:\n[ \t]*)+")
-_SPACES = re.compile(r"[ \t\n]+")
-_PG_START = re.compile(r"^\*\*\* ?START OF (?:THE|THIS) PROJECT GUTENBERG.*$", re.M | re.I)
-_PG_END = re.compile(r"^\*\*\* ?END OF (?:THE|THIS) PROJECT GUTENBERG.*$", re.M | re.I)
-_PG_TRAILER = re.compile(r"end of (?:the )?project gutenberg", re.I)
-_TEXT_BYTES = bytes(sorted({*range(0x20, 0x7F), 0x09, 0x0A, 0x0C, 0x0D, *range(0x80, 0x100)}))
 
 
 @dataclass
@@ -117,121 +95,6 @@ def doc_ids_for(files: list[Path]) -> list[str]:
         s if counts[s] == 1 else f"{s}-{hashlib.sha1(str(f).encode()).hexdigest()[:8]}"
         for s, f in zip(stems, files, strict=True)
     ]
-
-
-def looks_binary(raw: bytes) -> bool:
-    """Many NUL or control bytes that text never holds in the first 64 KiB: more than 5%
-    (random bytes have about 11%), or 30% of a file shorter than 256 bytes."""
-    head = raw[:65536]
-    bad = len(head.translate(None, _TEXT_BYTES))  # what is left once text bytes are deleted
-    return bad > (0.05 if len(head) >= 256 else 0.30) * len(head)
-
-
-def decode(raw: bytes, repairs: list[str]) -> str:
-    """UTF-8 (BOM dropped); lines that are not UTF-8 fall back to cp1252, then latin-1."""
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
-        repairs.append("bom")
-    with contextlib.suppress(UnicodeDecodeError):
-        return raw.decode("utf-8")
-    repairs.append("encoding_fallback")
-    return "\n".join(_decode_line(line) for line in raw.split(b"\n"))
-
-
-def _decode_line(line: bytes) -> str:
-    for encoding in ("utf-8", "cp1252"):
-        with contextlib.suppress(UnicodeDecodeError):
-            return line.decode(encoding)
-    return line.decode("latin-1")
-
-
-def strip_gutenberg(text: str, repairs: list[str]) -> str:
-    """Keep what lies between the START and END marker lines, when they are there."""
-    start, end = _PG_START.search(text), _PG_END.search(text)
-    if start and end and end.start() < start.end():
-        end = _PG_END.search(text, start.end())
-    if start or end:
-        repairs.append("gutenberg")
-    return text[start.end() if start else 0 : end.start() if end else len(text)]
-
-
-def fix_paragraph(paragraph: str, advance: Callable[[int], None] = lambda _n: None) -> str:
-    """``ftfy.fix_text`` with its default settings, skipping the work where it can change nothing;
-    a paragraph longer than ``LONG_LINE`` fixed in pieces cut at spaces, as if it were paragraphs.
-    ``advance(characters)`` is called as each piece is done (a progress bar's update)."""
-    if len(paragraph) > LONG_LINE:
-        pieces = []
-        for piece in cut_at_spaces(paragraph):
-            pieces.append(_fix_piece(piece))
-            advance(len(piece) + 1)
-        return " ".join(pieces)
-    advance(len(paragraph))
-    return _fix_piece(paragraph)
-
-
-def _fix_piece(paragraph: str) -> str:
-    if paragraph.isascii():
-        return paragraph if "&" not in paragraph else ftfy.fix_text(paragraph, _FTFY)
-    uncurled = _DOUBLE_QUOTES.sub('"', _SINGLE_QUOTES.sub("'", paragraph))
-    if uncurled.isascii() and "&" not in uncurled:
-        return uncurled
-    return _C1.sub("", ftfy.fix_text(paragraph, _FTFY))
-
-
-def normalize(text: str, lowercase: bool) -> str:
-    """A short text (a fine-tuning example, a prompt) as the documents' paragraphs are cleaned:
-    each line fixed (``fix_paragraph``: ftfy, quotes uncurled), lower-cased when the corpus was."""
-    lines = (fix_paragraph(line) for line in text.split("\n"))
-    return "\n".join(line.lower() if lowercase else line for line in lines)
-
-
-def clean_text(
-    text: str,
-    repairs: list[str],
-    lowercase: bool = False,
-    gutenberg: bool = True,
-    advance: Callable[[int], None] = lambda _n: None,
-) -> str:
-    """Decoded text → cleaned document: one paragraph per line; ``advance(characters)`` as the
-    paragraphs are fixed (the slow part: a progress bar moves inside a long book)."""
-    if "\r" in text:
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
-        repairs.append("crlf")
-    if "\x00" in text:
-        repairs.append("nul")
-    text, n = _CONTROL.subn("", text)
-    if n:
-        repairs.append("control")
-    if gutenberg:
-        text = strip_gutenberg(text, repairs)
-    paragraphs = [p for p in (_SPACES.sub(" ", b).strip() for b in _BLANK_LINES.split(text)) if p]
-    if paragraphs and "gutenberg" in repairs:
-        if paragraphs[0].startswith("Produced by"):
-            paragraphs.pop(0)
-        if paragraphs and _PG_TRAILER.match(paragraphs[-1]):
-            paragraphs.pop()
-    fixed = [p for p in (fix_paragraph(p, advance).strip() for p in paragraphs) if p]
-    return "\n".join(p.lower() if lowercase else p for p in fixed)
-
-
-def iter_documents(
-    path: Path, doc_id: str, fmt: str, separator: re.Pattern[str]
-) -> Iterator[tuple[str, str, int, list[str]]]:
-    """(doc_id, decoded text, bytes in, repairs) for each document of one input file."""
-    opener = _OPENERS.get(path.suffix)  # decompress by suffix
-    raw = opener(path.read_bytes()) if opener else path.read_bytes()
-    if looks_binary(raw):
-        raise ValueError("binary file")
-    repairs: list[str] = []
-    text = decode(raw, repairs)
-    if fmt == "books":
-        yield doc_id, text, len(raw), repairs
-        return
-    # bookscorpus: sentences one a line, books separated by separator lines
-    runs = groupby(text.splitlines(), key=lambda line: separator.fullmatch(line) is not None)
-    for index, book in enumerate(list(lines) for is_separator, lines in runs if not is_separator):
-        body = "\n\n".join(book)  # each sentence line its own paragraph
-        yield f"{doc_id}-{index:06d}", body, len(body.encode()), list(repairs)
 
 
 def clean_file(
@@ -404,17 +267,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--split-seed", type=int, default=0, help="seed of the hash that assigns each document its split"
     )
-
-
-def read_splits(dataset_dir: str | Path) -> dict:
-    """``clean/splits.json`` of a dataset directory."""
-    path = Path(dataset_dir) / "clean" / SPLITS_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: run data_prep.clean first")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> None:

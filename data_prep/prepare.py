@@ -23,14 +23,14 @@ from pathlib import Path
 
 from data_prep import clean, shard, tokenizer, verify
 from data_prep.common import launch, run_command, step_parser
-from data_prep.manifest import MANIFEST_NAME, read_manifest
+from gpt1_ds.manifest import MANIFEST_NAME, SPLITS_NAME, read_manifest, read_splits
 from gpt1_ds.tokenizer import MODEL_NAME, info_file
 
 log = logging.getLogger("data_prep.prepare")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command (``gpt1-ds-prepare``): its exit code, bad input in one line (``run_command``)."""
+    """The command (``gpt1-ds prepare``): its exit code, bad input in one line (``run_command``)."""
     return run_command(lambda: prepare(argv))
 
 
@@ -86,14 +86,14 @@ def check_out(args: Namespace) -> None:
 def differences(out: Path, args: Namespace) -> list[str] | None:
     """How the dataset in ``out`` differs from what ``args`` would make (empty: the same), from
     what its steps recorded; None where ``out`` holds no dataset."""
-    splits_file = out / "clean" / clean.SPLITS_NAME
+    splits_file = out / "clean" / SPLITS_NAME
     manifests = [out / split / MANIFEST_NAME for split in ("train", "val", "test")]
     info = info_file(out)
     if not ((out / "clean").is_dir() or (out / MODEL_NAME).is_file() or any(m.is_file() for m in manifests)):
         return None
     found = []
     if splits_file.is_file():
-        splits = clean.read_splits(out)
+        splits = read_splits(out)
         report = out / "clean" / "report.json"
         skipped = json.loads(report.read_text())["skipped"] if report.is_file() else []
         had = {Path(d["source"]).name for d in splits["docs"].values()} | {

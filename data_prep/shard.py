@@ -7,7 +7,7 @@ text size). A shard's token stream is its documents' tokens, each followed by
 one, so that each sequence trains ``seq_len`` next-token targets and every token
 but the stream's first is a target exactly once; the last sequence is padded.
 Blocks of ``--sequences-per-sample`` sequences are stored as raw uint16 tar
-members (format: ``data_prep.manifest``).
+members (format: ``gpt1_ds.manifest``).
 
 The shard plan depends only on the documents and the settings, not on the
 number of processes: ``mpirun -np N python -m data_prep.shard ...`` gives the
@@ -36,7 +36,6 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
-from data_prep.clean import read_splits
 from data_prep.common import (
     Comm,
     balance,
@@ -47,7 +46,8 @@ from data_prep.common import (
     run_command,
     step_parser,
 )
-from data_prep.manifest import (
+from gpt1_ds.files import atomic_write_text, atomic_writer, sha256_file
+from gpt1_ds.manifest import (
     CHECKSUM,
     DTYPE,
     FORMAT_VERSION,
@@ -55,10 +55,11 @@ from data_prep.manifest import (
     SAMPLE_EXT,
     checksum,
     encode_block,
+    read_splits,
     shard_name,
 )
-from gpt1_ds.files import atomic_write_text, atomic_writer, sha256_file
-from gpt1_ds.tokenizer import MODEL_NAME, SINGLE_SPACE, Tokenizer, load_tokenizer
+from gpt1_ds.text import SINGLE_SPACE
+from gpt1_ds.tokenizer import MODEL_NAME, Tokenizer, load_tokenizer
 
 log = logging.getLogger("data_prep.shard")
 

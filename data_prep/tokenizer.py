@@ -17,7 +17,6 @@ and ``OUT/tokenizer_info.json`` (sha256, vocab size, special ids, settings).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import logging
@@ -29,9 +28,9 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from data_prep.clean import read_splits
 from data_prep.common import Comm, launch, positive_int, run_command, step_parser
 from gpt1_ds.files import atomic_write_bytes, atomic_write_text
+from gpt1_ds.manifest import read_splits, train_docs
 from gpt1_ds.tokenizer import (
     CONTROL,
     EOD,
@@ -188,16 +187,7 @@ def _train_sentencepiece(sentences: list[str], vocab_size: int, num_threads: int
 def text_settings(lowercase: bool) -> dict:
     """How the training text was prepared, recorded with the tokenizer (``text`` in its info), so
     that text encoded later (fine-tuning) is prepared the same way (``gpt1_ds.tokenizer``)."""
-    return {"normalize": "data_prep.clean.normalize", "lowercase": bool(lowercase)}
-
-
-def train_docs(dataset_dir: Path) -> tuple[list[Path], str]:
-    """The cleaned train documents listed in ``clean/splits.json``, and a fingerprint of them."""
-    splits = read_splits(dataset_dir)
-    train_ids = splits["splits"]["train"]
-    fingerprint = json.dumps([splits["settings"], [(d, splits["docs"][d]["bytes"]) for d in train_ids]])
-    docs = [dataset_dir / "clean" / "docs" / f"{d}.txt" for d in train_ids]
-    return docs, hashlib.sha256(fingerprint.encode()).hexdigest()
+    return {"normalize": "gpt1_ds.text.normalize", "lowercase": bool(lowercase)}
 
 
 def ensure_tokenizer(dataset_dir: str | Path, force: bool = False, **settings) -> SentencePieceTokenizer:

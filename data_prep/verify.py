@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.common import step_parser
-from data_prep.manifest import CHECKSUM, MANIFEST_NAME, SAMPLE_EXT, checksum, decode_block, read_manifest
 from gpt1_ds.files import sha256_file
+from gpt1_ds.manifest import CHECKSUM, MANIFEST_NAME, SAMPLE_EXT, checksum, decode_block, read_manifest
 from gpt1_ds.tokenizer import MODEL_NAME, load_tokenizer
 
 

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_prep.manifest import (
+from gpt1_ds.manifest import (
     CHECKSUM,
     MANIFEST_NAME,
     SAMPLE_EXT,

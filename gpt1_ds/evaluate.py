@@ -49,15 +49,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gpt1_ds.env import REPO
+from gpt1_ds import harness
+from gpt1_ds.checkpoint import RunDir, complete_tags
+from gpt1_ds.files import atomic_write_text
+from gpt1_ds.loading import find_tokenizer, fit_vocab, load_model, model_from_checkpoint, resolve_tag
+from gpt1_ds.manifest import read_splits, train_docs
+from gpt1_ds.metrics import Monitor
 from gpt1_ds.model import GPT
+from gpt1_ds.tasks import GLUE, SST2_WORDS, TaskData
+from gpt1_ds.text import clean_text, iter_documents
 from gpt1_ds.tokenizer import MODEL_NAME, SentencePieceTokenizer, info_file, load_tokenizer
 
 log = logging.getLogger("gpt1_ds.evaluate")
-
-GLUE = REPO / "data" / "glue"
-"""The embedded SST-2 and RTE files (``data/glue/README.md``)."""
-SST2_WORDS = ("negative", "positive")  # label 0, label 1
 
 
 class EvalError(ValueError):
@@ -91,8 +94,6 @@ class TextScore:
 
 def read_text(path: Path, lowercase: bool = False) -> str:
     """A raw text file cleaned as pretraining text is; binary, unreadable or empty is an error."""
-    from data_prep.clean import clean_text, iter_documents
-
     try:
         ((_, text, _, repairs),) = iter_documents(path, path.stem, "books", re.compile(""))
     except (OSError, EOFError, ValueError) as e:
@@ -149,8 +150,6 @@ def score_text(model: GPT, tok: SentencePieceTokenizer, name: str, text: str, st
 
 def held_out_texts(dataset: Path) -> dict[str, str]:
     """The cleaned documents of a dataset's test split (as data prep wrote them), by name."""
-    from data_prep.clean import read_splits
-
     docs = read_splits(dataset)["splits"].get("test", [])
     if not docs:
         raise EvalError(f"{dataset}: the dataset has no test split (prepared with --test-fraction 0)")
@@ -162,8 +161,6 @@ def held_out_texts(dataset: Path) -> dict[str, str]:
 
 def unigram_nats(tok: SentencePieceTokenizer, dataset: Path, texts: list[str]) -> list[float]:
     """For each text, its summed -log p under a unigram model of ``dataset``'s train split."""
-    from data_prep.tokenizer import train_docs
-
     docs, _ = train_docs(dataset)
     counts = np.ones(tok.vocab_size, dtype=np.float64)  # add-one
     for ids in tok.encode_batch([d.read_text(encoding="utf-8") for d in docs]):
@@ -208,8 +205,6 @@ def choice_logprobs(
 
 def zero_shot_sst2(model: GPT, tok: SentencePieceTokenizer, path: Path, limit: int | None = None) -> dict:
     """GPT-1's SST-2 heuristic over the file ``path`` (``LABEL SENTENCE`` lines)."""
-    from gpt1_ds.tasks import TaskData
-
     examples = TaskData("sst2").read(path)[:limit]
     labels = np.array([int(e.label) for e in examples])
     scores = choice_logprobs(model, tok, [f"{e.texts[0]} very" for e in examples], SST2_WORDS)
@@ -251,8 +246,6 @@ def check_tokenizer(source: Path, model: GPT, path: Path | None) -> SentencePiec
             f"{path}: sha256 {tok.sha256[:12]}, but the model was trained with the tokenizer that "
             f"{recorded[0]} records ({recorded[1][:12]}): they do not belong together"
         )
-    from gpt1_ds.loading import fit_vocab
-
     try:
         fit_vocab(model, tok)
     except ValueError as e:
@@ -328,10 +321,6 @@ def scalars(results: dict) -> dict[str, float]:
 
 def every_checkpoint(args: argparse.Namespace, texts: dict[str, str]) -> list[dict]:
     """Evaluate each complete checkpoint of a run, oldest first; scalars into the run's TensorBoard."""
-    from gpt1_ds.checkpoint import RunDir, complete_tags
-    from gpt1_ds.loading import find_tokenizer, model_from_checkpoint, resolve_tag
-    from gpt1_ds.metrics import Monitor
-
     ckpt_dir, _ = resolve_tag(args.model)
     run = RunDir(ckpt_dir.parent)
     monitor, out = Monitor(str(run.tensorboard)), []
@@ -410,8 +399,6 @@ def main(argv: list[str] | None = None) -> int:
         log.error("error: %s", e)
         return 1
     if args.out:
-        from gpt1_ds.files import atomic_write_text
-
         atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
         log.info("wrote %s", args.out)
     return 0
@@ -419,9 +406,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def one_model(args: argparse.Namespace, texts: dict[str, str]) -> dict:
     """Every evaluation asked for, on MODEL (``--tag``)."""
-    from gpt1_ds import harness
-    from gpt1_ds.loading import load_model
-
     model, found = load_model(args.model, args.tag)
     tok = check_tokenizer(args.model, model, args.tokenizer or found)
     model = model.to(args.device)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from gpt1_ds.loading import fit_vocab, load_model
 from gpt1_ds.model import GPT, describe
 from gpt1_ds.tokenizer import Tokenizer, load_tokenizer
 
@@ -148,8 +149,6 @@ def _model_and_tokenizer(
 ) -> tuple[GPT, Tokenizer]:
     """The model of ``args.source`` on ``device`` and its tokenizer (found with it, or
     ``--tokenizer``), checked against each other; a problem is a command-line error."""
-    from gpt1_ds.loading import fit_vocab, load_model
-
     try:
         model, tok_path = load_model(args.source, args.tag)
         tok_path = args.tokenizer or tok_path

@@ -15,8 +15,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from gpt1_ds.evaluate import GLUE, SST2_WORDS, EvalError
+from gpt1_ds.hf import CONFIG_NAME, HF_TOKENIZER_CONFIG_NAME, export_hf, export_hf_tokenizer
 from gpt1_ds.model import GPT
+from gpt1_ds.tasks import GLUE, SST2_WORDS, TaskData
 from gpt1_ds.tokenizer import SentencePieceTokenizer
 
 TASKS = ("gpt1_sst2", "gpt1_rte", "gpt1_text")
@@ -62,8 +63,6 @@ def _jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 def write_tasks(dest: Path, glue: Path = GLUE, texts: dict[str, str] | None = None) -> Path:
     """lm-evaluation-harness task definitions over local files, in ``dest`` (its ``--include_path``):
     ``gpt1_sst2`` and ``gpt1_rte`` from ``glue``'s dev files, ``gpt1_text`` from ``texts``."""
-    from gpt1_ds.tasks import TaskData
-
     dest.mkdir(parents=True, exist_ok=True)
     sst2 = TaskData("sst2").read(glue / "sst2" / "stsa.binary.dev")
     rte = TaskData("rte").read(glue / "rte" / "dev.tsv")
@@ -95,8 +94,6 @@ def write_tasks(dest: Path, glue: Path = GLUE, texts: dict[str, str] | None = No
 
 def hf_directory(source: Path, model: GPT, tok: SentencePieceTokenizer, scratch: Path) -> Path:
     """``source`` when it is an HF directory with its tokenizer, else one written to ``scratch``."""
-    from gpt1_ds.hf import CONFIG_NAME, HF_TOKENIZER_CONFIG_NAME, export_hf, export_hf_tokenizer
-
     if (source / CONFIG_NAME).is_file() and (source / HF_TOKENIZER_CONFIG_NAME).is_file():
         return source
     export_hf(model, scratch)
@@ -116,7 +113,9 @@ def run(hf_dir: Path, tasks: list[str], include: Path, limit: int | None, device
     manager = TaskManager(include_path=str(include))
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        raise EvalError(f"unknown harness task(s) {unknown}: ours are {list(TASKS)} (gpt1_text needs --text)")
+        raise ValueError(
+            f"unknown harness task(s) {unknown}: ours are {list(TASKS)} (gpt1_text needs --text)"
+        )
     args = f"pretrained={hf_dir},dtype=float32"
     out = lm_eval.simple_evaluate(
         model="hf",

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save
 
 from gpt1_ds.files import atomic_write_bytes, atomic_write_text
 from gpt1_ds.model import GPT, LM_HEAD, TOKENS_EMBED, GPTConfig
+from gpt1_ds.openai_bpe import TASK_TOKENS
 from gpt1_ds.tokenizer import EOD, NEWLINE, PAD, UNK, SentencePieceTokenizer
 
 HF_PREFIX = "transformer."
@@ -245,8 +246,6 @@ def export_openai_tokenizer(tok: Any, path: str | Path, n_positions: int) -> Pat
     tokens at their ids. transformers' tokenizer splits words its own way, not by GPT-1's pipeline:
     ``python -m gpt1_ds.openai_bpe compare`` measures how often the ids differ."""
     path = Path(path)
-    from gpt1_ds.openai_bpe import TASK_TOKENS
-
     names = dict(zip(tok.appended, TASK_TOKENS, strict=True))
     added = {
         str(i): {"content": name, "special": True, "lstrip": False, "rstrip": False, "normalized": False}

@@ -92,7 +92,7 @@ def _load(file: Path) -> dict[str, Any]:
         raise CheckpointError(f"{file}: unreadable checkpoint file ({type(e).__name__}: {e})") from None
 
 
-def _model_states(tag_dir: Path) -> dict[str, Any]:
+def model_states(tag_dir: Path) -> dict[str, Any]:
     """Rank 0's model-states file (any ZeRO stage)."""
     for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
         if (tag_dir / name).is_file():
@@ -213,7 +213,7 @@ def _fp32_weights(
 def consolidate(source: str | Path, tag: str | None = None) -> tuple[dict[str, torch.Tensor], Checkpoint]:
     """fp32 weights (gpt1-ds names, ``lm_head.weight`` tied) of a checkpoint, and the checkpoint."""
     ckpt_dir, tag = resolve_tag(source, tag)
-    states = _model_states(ckpt_dir / tag)
+    states = model_states(ckpt_dir / tag)
     client = ClientState.from_dict(states, ckpt_dir / tag)
     weights = _fp32_weights(ckpt_dir, tag, states, client)
     for name, other in (states.get("shared_params") or {}).items():  # tied tensors, stored once

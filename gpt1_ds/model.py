@@ -1,5 +1,7 @@
-"""GPT-1 (Radford et al., 2018), as openai/finetune-transformer-lm built it (its embedding dropout
-applies to the summed embeddings, as in HF's port, not to the table: docs/FIDELITY.md).
+"""GPT-1 (Radford et al., 2018), as openai/finetune-transformer-lm built it; run, each preset's size.
+
+Its embedding dropout applies to the summed embeddings, as in HF's port, not to the table
+(docs/FIDELITY.md).
 
 Post-LayerNorm blocks, learned token and position tables, tanh GELU, no final LayerNorm, LM head tied
 to the token table, N(0, 0.02) init. With the ``gpt1`` preset the model has 116,534,784 parameters and

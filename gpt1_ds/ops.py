@@ -1,5 +1,7 @@
-"""DeepSpeed's compiled ops, built once per node: FusedAdam (CUDA's, or the CPU's build), CPU Adam
-for optimiser offload, and on the CPU the shared-memory collectives op ``init_distributed`` loads.
+"""DeepSpeed's compiled ops, built once per node (``make setup`` builds those of a CPU run).
+
+FusedAdam (CUDA's, or the CPU's build), CPU Adam for optimiser offload, and on the CPU the
+shared-memory collectives op ``init_distributed`` loads.
 
 DeepSpeed compiles an op the first time a process needs it, into torch's extension cache
 (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``, often on a home directory that
@@ -31,6 +33,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from gpt1_ds.env import quiet_libraries
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +134,6 @@ def build_once(names: list[str], node_leader: bool, device: torch.device) -> dic
 def prebuild() -> int:
     """Build into the cache every op a CPU run loads (``make setup`` where torch has no CUDA):
     the shared-memory collectives, FusedAdam's and CPU Adam's CPU builds; the exit code."""
-    from gpt1_ds.env import quiet_libraries
-
     quiet_libraries()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     names = ["shm_comm", "fused_adam", "cpu_adam"] if not torch.cuda.is_available() else []

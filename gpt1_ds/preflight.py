@@ -32,6 +32,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpt1_ds.env import TESTED, setup_logging, untested_versions
+from gpt1_ds.runlock import Holder, RunLock
+
+# Modules that import torch (DeepSpeed, matplotlib) are imported where a check needs them:
+# ``wait`` and ``report`` run on a login node without loading torch, and a check whose import
+# fails becomes a FAIL row of the table rather than a traceback.
+
 PASS, WARN, FAIL, INFO, SKIP = "PASS", "WARN", "FAIL", "INFO", "SKIP"
 CHECKS, VERDICT_MD, VERDICT_JSON = "checks.json", "verdict.md", "verdict.json"
 CHECKPOINT_BYTES_PER_PARAM = 14
@@ -148,8 +155,6 @@ class Checker:
 
     def versions(self) -> Row:
         import deepspeed
-
-        from gpt1_ds.env import TESTED, untested_versions
 
         torch = self.torch
         mine = {"torch": torch.__version__, "deepspeed": deepspeed.__version__}
@@ -276,8 +281,6 @@ class Checker:
 
     def held_by(self) -> str | None:
         """Who holds the run directory, if a run that is alive does (``gpt1_ds.runlock``)."""
-        from gpt1_ds.runlock import Holder, RunLock
-
         lock, now = RunLock(self.cfg.run_dir), time.time()
         holder = lock.read()
         if holder is None or holder.gone(Holder.me(now), now):
@@ -554,8 +557,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["check"]:
         return check(argv[1:])
-    from gpt1_ds.env import setup_logging
-
     setup_logging()
     logging.getLogger("tensorboard").setLevel(logging.WARNING)  # its event reader's chatter
     parser = argparse.ArgumentParser(

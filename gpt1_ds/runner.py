@@ -55,8 +55,9 @@ from gpt1_ds.env import (
     setup_logging,
 )
 from gpt1_ds.files import atomic_write_text
+from gpt1_ds.loading import model_states
 from gpt1_ds.metrics import Monitor
-from gpt1_ds.model import GPTConfig, param_groups
+from gpt1_ds.model import GPT, GPTConfig, param_groups
 from gpt1_ds.runlock import RunLock
 from gpt1_ds.tokenizer import Tokenizer, copy_tokenizer
 
@@ -166,8 +167,6 @@ def out_of_memory(e: BaseException) -> bool:
 
 def memory_advice(e: BaseException, cfg: Settings, ctx: Context) -> str:
     """One line for an allocation that failed: the model, its training state's size, what shrinks it."""
-    from gpt1_ds.model import GPT
-
     with torch.device("meta"):
         params = GPT(cfg.model_config()).num_parameters()
     state = 18 * params  # bf16 weights, fp32 master weights and gradients, Adam's two moments
@@ -498,9 +497,7 @@ class Loop:
             log.info("resumed from %s at step %d", path, saved.step)
 
     def _check_saved(self, path: Path) -> None:
-        from gpt1_ds.loading import _model_states
-
-        self.check_saved(ClientState.from_dict(_model_states(path), path), path)
+        self.check_saved(ClientState.from_dict(model_states(path), path), path)
 
     def start(self, config_yaml: str) -> None:
         """Write the run's files (rank 0) and open its TensorBoard log. The tokenizer is kept

@@ -31,9 +31,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from gpt1_ds.env import REPO
 from gpt1_ds.model import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
+
+GLUE = REPO / "data" / "glue"
+"""The embedded SST-2 and RTE files (``data/glue/README.md``)."""
+SST2_WORDS = ("negative", "positive")  # GPT-1's zero-shot SST-2 words: label 0, label 1
 
 KINDS = ("classification", "entailment", "similarity", "multiple_choice")
 TASKS = {"sst2": "classification", "rte": "entailment", **{k: k for k in KINDS}}

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 from itertools import chain
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+
+from gpt1_ds.openai_bpe import MERGES_NAME, VOCAB_NAME, OpenAIBPETokenizer
+from gpt1_ds.text import cut_at_spaces, normalize
 
 MODEL_NAME = "tokenizer.model"
 """The sentencepiece model, in a dataset, a run directory and an export."""
@@ -34,23 +36,6 @@ CONTROL = ("<start>", "<delim>", "<extract>")
 NEWLINE = "\n"
 GPT1_VOCAB_SIZE = 40478
 """GPT-1's vocabulary: 40,000 BPE merges plus the base symbols (the ``gpt1`` preset's vocab_size)."""
-
-LONG_LINE = 1 << 14
-"""Characters past which a line is worked on in pieces (``cut_at_spaces``): a book that is one
-long line costs what the same text in paragraphs does."""
-SINGLE_SPACE = re.compile(r"(?<=[^ \n]) (?=[^ \n])")
-"""A space between two characters that are neither spaces nor newlines: where a text may be cut."""
-
-
-def cut_at_spaces(line: str, limit: int = LONG_LINE) -> list[str]:
-    """``line`` cut at single spaces (a space between two non-spaces, which is dropped) into
-    pieces of about ``limit`` characters or more: ``" ".join`` of the pieces is ``line``. Time
-    linear in its length; a line of ``limit`` characters or fewer is its only piece."""
-    pieces, start = [], 0
-    while (cut := SINGLE_SPACE.search(line, start + limit)) is not None:
-        pieces.append(line[start : cut.start()])
-        start = cut.end()
-    return [*pieces, line[start:]]
 
 
 class Tokenizer(Protocol):
@@ -124,14 +109,12 @@ class SentencePieceTokenizer:
         return text if isinstance(text, dict) else None
 
     def normalize(self, text: str) -> str:
-        """``text`` prepared as the tokenizer's training text was (``data_prep.clean.normalize``:
+        """``text`` prepared as the tokenizer's training text was (``gpt1_ds.text.normalize``:
         ftfy, and lower-casing when the corpus was lower-cased), for text that did not go through
         data prep: fine-tuning examples, prompts, zero-shot sentences. Unchanged for a tokenizer
         whose metadata does not say."""
         if self.text is None:
             return text
-        from data_prep.clean import normalize
-
         return normalize(text, bool(self.text.get("lowercase")))
 
     def special_ids(self) -> dict[str, int]:
@@ -196,8 +179,6 @@ def copy_tokenizer(model: Path, folder: Path) -> None:
     """Copy the tokenizer at ``model`` into ``folder``: a sentencepiece model with its metadata
     (as ``INFO_NAME``), or GPT-1's ``vocab.json`` and ``merges.txt`` (``model`` their folder)."""
     if model.is_dir():
-        from gpt1_ds.openai_bpe import MERGES_NAME, VOCAB_NAME
-
         sources: dict[str, Path | None] = {name: model / name for name in (VOCAB_NAME, MERGES_NAME)}
     else:
         sources = {MODEL_NAME: model, INFO_NAME: info_file(model.parent)}
@@ -210,8 +191,6 @@ def copy_tokenizer(model: Path, folder: Path) -> None:
 def find_in(folder: str | Path) -> Path | None:
     """The tokenizer in ``folder``: its ``tokenizer.model``, else the folder itself when it holds
     GPT-1's ``vocab.json`` or ``merges.txt`` (an ``openai-gpt`` directory), else None."""
-    from gpt1_ds.openai_bpe import MERGES_NAME, VOCAB_NAME
-
     folder = Path(folder)
     if (folder / MODEL_NAME).is_file():
         return folder / MODEL_NAME
@@ -228,7 +207,5 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             raise FileNotFoundError(f"{path}: no tokenizer: neither {MODEL_NAME} nor vocab.json + merges.txt")
         path = found
     if path.is_dir():
-        from gpt1_ds.openai_bpe import OpenAIBPETokenizer
-
         return OpenAIBPETokenizer(path)
     return SentencePieceTokenizer(path)

@@ -9,9 +9,7 @@ import json
 import lzma
 import os
 
-import ftfy
 import pytest
-from conftest import SAMPLE_BOOKS
 
 from data_prep import clean
 from data_prep.common import Comm
@@ -147,32 +145,3 @@ def test_splits_are_deterministic_by_document_and_never_empty():
         clean.assign_splits(["x", "y"], 0.001, 0.001, seed=0)
     with pytest.raises(ValueError, match="fractions"):
         clean.assign_splits(ids, 0.6, 0.5, seed=0)
-
-
-def test_ftfy_shortcut_gives_what_ftfy_gives_on_real_books():
-    checked = 0
-    for book in SAMPLE_BOOKS:
-        text = gzip.decompress(book.read_bytes()).decode("utf-8").replace("\r\n", "\n")
-        for para in text.split("\n\n"):
-            para = " ".join(para.split("\n"))
-            assert clean.fix_paragraph(para) == ftfy.fix_text(para), para[:80]
-            checked += 1
-    assert checked > 1000
-
-
-def test_ftfy_repairs_mojibake():
-    assert clean.fix_paragraph("The caf\u00c3\u00a9 is \u00e2\u20ac\u0153open\u00e2\u20ac\ufffd.") != ""
-    assert clean.fix_paragraph("It\u00e2\u20ac\u2122s here") == "It's here"
-
-
-def test_a_book_that_is_one_long_line_is_fixed_in_pieces_as_its_paragraphs_would_be():
-    text = gzip.decompress(SAMPLE_BOOKS[0].read_bytes()).decode("utf-8").replace("\r\n", "\n")
-    paragraphs = [" ".join(p.split()) for p in text.split("\n\n") if p.strip()]
-    line = " ".join(paragraphs) + " It\u00e2\u20ac\u2122s here"  # mojibake past the first piece
-    assert len(line) > 3 * clean.LONG_LINE
-    moves: list[int] = []  # what a progress bar is moved by, piece after piece
-    fixed = clean.fix_paragraph(line, moves.append)
-    assert len(moves) >= 3 and sum(moves) == len(line) + 1  # the bar moves inside the one line
-    assert fixed.endswith(" It's here")
-    assert fixed == " ".join(clean.fix_paragraph(p) for p in clean.cut_at_spaces(line))
-    assert len(fixed.split()) == len(line.split())

@@ -18,9 +18,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import webdataset as wds
 
-from data_prep.manifest import CHECKSUM, FORMAT_VERSION, MANIFEST_NAME, checksum, encode_block, shard_name
 from gpt1_ds.data import EvalLoader, ShardError, TrainLoader
 from gpt1_ds.env import free_port
+from gpt1_ds.manifest import CHECKSUM, FORMAT_VERSION, MANIFEST_NAME, checksum, encode_block, shard_name
 from gpt1_ds.model import IGNORE_INDEX
 
 SEQ = 8  # sequence length of the numbered test shards

@@ -17,9 +17,7 @@ from conftest import REPO, SAMPLE_BOOKS
 from test_train import scalars, train
 
 from data_prep.tokenizer import train as train_tokenizer
-from data_prep.tokenizer import train_docs
 from gpt1_ds.evaluate import (
-    GLUE,
     choice_logprobs,
     main,
     read_text,
@@ -29,8 +27,10 @@ from gpt1_ds.evaluate import (
 )
 from gpt1_ds.harness import write_tasks
 from gpt1_ds.hf import export_hf, export_hf_tokenizer
+from gpt1_ds.manifest import train_docs
 from gpt1_ds.model import GPT, GPTConfig
 from gpt1_ds.plot import plot
+from gpt1_ds.tasks import GLUE
 from gpt1_ds.tokenizer import MODEL_NAME, copy_tokenizer, load_tokenizer
 
 SST2_DEV = GLUE / "sst2" / "stsa.binary.dev"

@@ -21,11 +21,10 @@ from gpt1_ds.heads import TaskModel
 from gpt1_ds.hf import export_hf
 from gpt1_ds.loading import load_model
 from gpt1_ds.model import GPT, GPTConfig
-from gpt1_ds.tasks import Encoded, Example, TaskData, collate, encode
+from gpt1_ds.tasks import GLUE, Encoded, Example, TaskData, collate, encode
 from gpt1_ds.tokenizer import MODEL_NAME, load_tokenizer
 
 BIN = Path(sys.executable).parent
-GLUE = REPO / "data" / "glue"
 TINY = dict(vocab_size=2000, n_positions=64, n_embd=64, n_layer=2, n_head=2, n_inner=256)
 
 

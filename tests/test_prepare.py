@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import SAMPLE_BOOKS, run_prepare
 
-from data_prep.manifest import MANIFEST_NAME
+from gpt1_ds.manifest import MANIFEST_NAME
 
 
 def dataset_bytes(out: Path) -> dict[str, bytes]:

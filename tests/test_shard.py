@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from conftest import REPO, SAMPLE_BOOKS, run_prepare
 
-from data_prep.manifest import CHECKSUM, MANIFEST_NAME, decode_block, read_manifest
 from data_prep.shard import encode_in_parts, pack
 from data_prep.verify import verify
+from gpt1_ds.manifest import CHECKSUM, MANIFEST_NAME, decode_block, read_manifest
 from gpt1_ds.tokenizer import MODEL_NAME, load_tokenizer
 
 

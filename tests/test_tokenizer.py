@@ -8,14 +8,14 @@ import shutil
 import pytest
 from conftest import run_prepare
 
-from data_prep.tokenizer import _chunks, ensure_tokenizer, text_settings, train, train_docs
+from data_prep.tokenizer import _chunks, ensure_tokenizer, text_settings, train
+from gpt1_ds.manifest import train_docs
 from gpt1_ds.tasks import TaskData, encode
+from gpt1_ds.text import LONG_LINE
 from gpt1_ds.tokenizer import (
     INFO_NAME,
     LEGACY_INFO_NAME,
-    LONG_LINE,
     MODEL_NAME,
-    cut_at_spaces,
     info_file,
     load_tokenizer,
 )
@@ -52,19 +52,6 @@ def test_a_book_on_one_line_is_encoded_in_pieces_to_the_ids_of_the_whole_line(pr
     expected = [*whole[0], tok.newline_id, *whole[1], tok.newline_id, *whole[2]]
     assert tok.encode(text) == expected
     assert tok.decode(expected) == text
-
-
-@pytest.mark.parametrize("limit", [1, 3, 8])
-def test_cut_at_spaces_cuts_only_single_spaces_and_joins_back(limit):
-    for line in ["", "a", "ab cd  ef gh", " a b ", "abcdefghij k", "a  b  c", "x y" * 20]:
-        pieces = cut_at_spaces(line, limit)
-        assert " ".join(pieces) == line
-        assert all(len(p) >= limit for p in pieces[:-1])
-        for p in pieces[1:]:  # a cut never leaves a space beside it
-            assert not p.startswith(" ")
-        for p in pieces[:-1]:
-            assert not p.endswith(" ")
-    assert cut_at_spaces("a b c d", LONG_LINE) == ["a b c d"]
 
 
 def test_training_pieces_of_a_long_paragraph_are_bounded_and_keep_its_words():

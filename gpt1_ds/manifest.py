@@ -13,6 +13,7 @@ the shard streams; datasets prepared before it existed lack the key and stream u
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ except ImportError:
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+SPLITS_NAME = "splits.json"
+"""``DATASET/clean/splits.json``: the settings, each split's document ids, each document's size."""
 SAMPLE_EXT = "tokens"
 DTYPE = "uint16"
 # Every key the loader (gpt1_ds.data) and data_prep.verify read, with its type, at the top and
@@ -144,3 +147,23 @@ def check_compatible(
         raise ValueError(f"{where}: vocab_size {manifest['vocab_size']} exceeds the model's {vocab_size}")
     if seq_len is not None and manifest["seq_len"] < seq_len:
         raise ValueError(f"{where}: seq_len {manifest['seq_len']} is shorter than the model's {seq_len}")
+
+
+def read_splits(dataset_dir: str | Path) -> dict:
+    """``clean/splits.json`` of a dataset directory."""
+    path = Path(dataset_dir) / "clean" / SPLITS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: run data_prep.clean first")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON: {e}") from None
+
+
+def train_docs(dataset_dir: Path) -> tuple[list[Path], str]:
+    """The cleaned train documents listed in ``clean/splits.json``, and a fingerprint of them."""
+    splits = read_splits(dataset_dir)
+    train_ids = splits["splits"]["train"]
+    fingerprint = json.dumps([splits["settings"], [(d, splits["docs"][d]["bytes"]) for d in train_ids]])
+    docs = [dataset_dir / "clean" / "docs" / f"{d}.txt" for d in train_ids]
+    return docs, hashlib.sha256(fingerprint.encode()).hexdigest()
