@@ -103,7 +103,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 
 test: setup lint
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=25
 
 test-fast: setup lint
 	$(PY) -m pytest -m "not slow"

@@ -136,27 +136,26 @@ class Finetuning(runner.Loop):
 
     def __init__(self, cfg: FinetuneConfig, ctx: runner.Context, ds_path: str, ds_over: list[str]) -> None:
         """Data, model and config are checked before any compute."""
-        self.cfg = cfg
         self.data = TaskData(cfg.task, cfg.fields, cfg.label_field, cfg.labels, cfg.similarity, cfg.on_error)
         self.train_examples = self.data.read(cfg.train, train=True)[: cfg.max_train_examples]
         self.dev_examples = self.data.read(cfg.dev)
         torch.manual_seed(cfg.seed)
-        gpt, self.tok = load_backbone(cfg)
+        gpt, tok = load_backbone(cfg)
         n_ctx = gpt.config.n_positions
-        self.train_set = encode(self.train_examples, self.data, self.tok, n_ctx, cfg.truncation)
-        self.dev_set = encode(self.dev_examples, self.data, self.tok, n_ctx, cfg.truncation)
+        self.train_set = encode(self.train_examples, self.data, tok, n_ctx, cfg.truncation)
+        self.dev_set = encode(self.dev_examples, self.data, tok, n_ctx, cfg.truncation)
         per_rank = len(self.train_set) // ctx.world // cfg.micro_batch_size
-        self.ds_cfg, self.steps_per_epoch = runner.deepspeed_config(
+        ds_cfg, steps = runner.deepspeed_config(
             ds_path, cfg, ds_over, ctx, lambda _batch, accum: per_rank // accum, cfg.train
         )
         model = TaskModel(
             gpt, self.data, cfg.lm_coef, cfg.clf_pdrop, cfg.lm_loss_average, cfg.clf_dropout_mask
         )
-        engine, scheduler = runner.build_engine(model, self.ds_cfg)
+        engine, scheduler = runner.build_engine(model, ds_cfg)
         layout = {
             "world_size": ctx.world,
             "micro_batch_size": cfg.micro_batch_size,
-            "accumulation": self.ds_cfg["gradient_accumulation_steps"],
+            "accumulation": ds_cfg["gradient_accumulation_steps"],
             "train_examples": len(self.train_set),
             "labels": self.data.labels,
         }
@@ -169,7 +168,7 @@ class Finetuning(runner.Loop):
             task=task,
             layout=layout,
         )
-        super().__init__(cfg, ctx, engine, scheduler, state)
+        super().__init__(cfg, ctx, runner.Built(engine, scheduler, ds_cfg, tok, steps, state))
         self.order: list[list[int]] = []
         self.order_epoch = -1
         self.key = main_metric(self.data)
@@ -289,11 +288,11 @@ class Finetuning(runner.Loop):
             "epoch %d (step %d): dev %s%s", self.epoch, step, metrics_text, " (best)" if improved else ""
         )
 
-    def acts_now(self) -> bool:
-        return self.due(self.steps_per_epoch)
+    def actions(self) -> list[str]:
+        return ["validate", "save"] if self.due(self.steps_per_epoch) else []
 
-    def after_step(self, preempted: bool) -> None:
-        end_of_epoch = self.due(self.steps_per_epoch)
+    def after_step(self, actions: list[str], preempted: bool) -> None:
+        end_of_epoch = "validate" in actions
         if end_of_epoch:
             self.validate()
         if not (end_of_epoch or preempted):

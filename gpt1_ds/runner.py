@@ -360,9 +360,27 @@ class Window:
         self.first_step, self.steps, self.seconds = 0, 0, 0.0
 
 
+@dataclass
+class Built:
+    """What a loop's subclass builds before the first step, and ``Loop`` runs."""
+
+    engine: Any
+    """DeepSpeed's engine, the model and optimiser inside."""
+    scheduler: Any
+    """Its learning-rate scheduler (None without one)."""
+    ds_cfg: dict[str, Any]
+    """The resolved DeepSpeed JSON (``deepspeed_config``), as written into the run directory."""
+    tok: Tokenizer
+    """The tokenizer, copied into the run directory."""
+    steps_per_epoch: int
+    """Optimiser steps per epoch."""
+    state: ClientState
+    """The state a checkpoint carries, before any resume."""
+
+
 class Loop:
-    """The step loop of a run (see the module docstring); a subclass supplies the steps and
-    sets ``ds_cfg`` (the resolved DeepSpeed JSON) and ``tok`` before calling ``__init__``."""
+    """The step loop of a run (see the module docstring); a subclass builds what it runs
+    (``Built``), supplies the step and says which of its actions a step calls for (``actions``)."""
 
     name = "train"
     prog: str
@@ -372,18 +390,12 @@ class Loop:
     config_help: str
     flags: ClassVar[dict[str, str]]
     config_class: type[Settings]
-    ds_cfg: dict[str, Any]
-    steps_per_epoch: int
-    tok: Tokenizer
 
-    def __init__(self, cfg: Settings, ctx: Context, engine: Any, scheduler: Any, state: ClientState) -> None:
-        """``ds_cfg`` and ``steps_per_epoch`` are set (``deepspeed_config``) before this is called."""
-        self.cfg, self.ctx, self.engine, self.scheduler = cfg, ctx, engine, scheduler
-        self.run_dir, self.total_steps, self.state = (
-            RunDir(cfg.run_dir),
-            cfg.total_steps(self.steps_per_epoch),
-            state,
-        )
+    def __init__(self, cfg: Settings, ctx: Context, built: Built) -> None:
+        self.cfg, self.ctx, self.engine, self.scheduler = cfg, ctx, built.engine, built.scheduler
+        self.ds_cfg, self.tok, self.state = built.ds_cfg, built.tok, built.state
+        self.steps_per_epoch = built.steps_per_epoch
+        self.run_dir, self.total_steps = RunDir(cfg.run_dir), cfg.total_steps(self.steps_per_epoch)
         self.accum = self.ds_cfg["gradient_accumulation_steps"]
         self.preempt: Preemption | None = None
         self.monitor = Monitor(None)
@@ -397,8 +409,14 @@ class Loop:
     def log_window(self, means: list[float], step_time: float) -> None:
         raise NotImplementedError
 
-    def after_step(self, preempted: bool) -> None:
-        """Evaluation, samples and checkpoints after a step (a checkpoint when ``preempted``)."""
+    def actions(self) -> list[str]:
+        """What the step just taken calls for (``"validate"``, ``"sample"``, ``"save"``, …): the one
+        place a schedule is decided. The loop agrees on its flags before any, so that nothing is
+        done, or saved, after a non-finite loss."""
+        return []
+
+    def after_step(self, actions: list[str], preempted: bool) -> None:
+        """Do ``actions`` after a step (and save when ``preempted``)."""
         raise NotImplementedError
 
     def check_saved(self, state: ClientState, path: Path) -> None:
@@ -543,11 +561,6 @@ class Loop:
         log.info("checkpoint %s (%s)", self.run_dir.checkpoints / tag, reason)
         return tag
 
-    def acts_now(self) -> bool:
-        """Whether ``after_step`` does anything at this step (evaluation, samples, a checkpoint):
-        the flags are checked then, so that nothing is saved after a non-finite loss."""
-        return False
-
     def grad_norm(self) -> Any:
         """The gradient norm of the step just taken, as DeepSpeed holds it (a tensor on the device, or a
         float), for the window's non-finite check; None under fp16, whose loss scaling skips steps that
@@ -587,7 +600,8 @@ class Loop:
             self.state.step += 1
             self.window.add(self.state.step, values, self.grad_norm(), time.perf_counter() - start)
             bar.update(1)
-            if not (self.due(self.cfg.log_interval) or self.acts_now()):
+            actions = self.actions()
+            if not (self.due(self.cfg.log_interval) or actions):
                 continue  # the same steps on every rank: the agreement below is a collective
             start = time.perf_counter()
             bad, preempted = self._agree_to_stop()
@@ -605,7 +619,7 @@ class Loop:
                 self.window.reset()
             self.watchdog.beat(f"evaluation, samples or checkpoint after step {self.state.step}")
             try:
-                self.after_step(preempted)
+                self.after_step(actions, preempted)
             except checkpoint.SaveFailed as e:  # raised on every rank alike
                 if self.ctx.rank == 0:
                     log.error("step %d: %s", self.state.step, e)

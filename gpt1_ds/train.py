@@ -76,6 +76,25 @@ def generate_text(engine: Any, tok: Tokenizer, run: RunConfig, device: torch.dev
     return tok.decode([i for i in out[0].tolist() if i != tok.eod_id])
 
 
+def build_engine(
+    run: RunConfig, model_cfg: GPTConfig, ds_cfg: dict[str, Any], tok: Tokenizer
+) -> tuple[Any, Any]:
+    """The model (initialised from ``run.init`` if set) under DeepSpeed's engine, and its scheduler."""
+    import deepspeed
+
+    if run.activation_checkpointing and "activation_checkpointing" in ds_cfg:
+        deepspeed.checkpointing.configure(None, deepspeed_config=ds_cfg)
+    torch.manual_seed(run.seed)
+    model = GPT(model_cfg)
+    model.loss_chunk = run.loss_chunk_size
+    if run.init:
+        init_from(model, run.init, tok)
+    engine, scheduler = runner.build_engine(model, ds_cfg)
+    if run.compile:
+        engine.compile()  # in place, after ZeRO has wrapped the parameters (not torch.compile(model))
+    return engine, scheduler
+
+
 class Pretraining(runner.Loop):
     """GPT-1's language-modelling loop over the dataset's shards."""
 
@@ -92,21 +111,18 @@ class Pretraining(runner.Loop):
         """Everything that can contradict is checked before any compute: dataset, tokenizer,
         model, DeepSpeed config, world size."""
         data_dir = Path(run.data)
-        self.cfg, self.tok = run, load_tokenizer(data_dir / MODEL_NAME)
-        model_cfg = run.model_config()
+        tok, model_cfg = load_tokenizer(data_dir / MODEL_NAME), run.model_config()
         common = dict(rank=ctx.rank, world_size=ctx.world, seq_len=model_cfg.n_positions)
-        common.update(vocab_size=model_cfg.vocab_size, tokenizer_sha256=self.tok.sha256)
-        train_set = open_dataset(
-            data_dir / "train", self.tok.sha256, model_cfg.vocab_size, model_cfg.n_positions
-        )
+        common.update(vocab_size=model_cfg.vocab_size, tokenizer_sha256=tok.sha256)
+        train_set = open_dataset(data_dir / "train", tok.sha256, model_cfg.vocab_size, model_cfg.n_positions)
         steps_per_epoch = lambda batch, _accum: train_set.total_sequences // batch  # noqa: E731
-        self.ds_cfg, self.steps_per_epoch = runner.deepspeed_config(
+        ds_cfg, steps = runner.deepspeed_config(
             ds_path, run, ds_over, ctx, steps_per_epoch, f"{data_dir}/train"
         )
         self.train_loader = TrainLoader(
             train_set,
             run.micro_batch_size,
-            global_batch=self.ds_cfg["train_batch_size"],
+            global_batch=ds_cfg["train_batch_size"],
             num_workers=run.num_workers,
             pin_memory=ctx.device.type == "cuda",
             seed=run.seed,
@@ -117,31 +133,16 @@ class Pretraining(runner.Loop):
         self.val_loader = EvalLoader(
             data_dir / "val", run.micro_batch_size, max_batches=run.eval_batches, **common
         )
-        engine, scheduler = self._build_engine(model_cfg)
+        engine, scheduler = build_engine(run, model_cfg, ds_cfg, tok)
         state = ClientState("pretrain", seed=run.seed, config=asdict(run), model_config=model_cfg.to_dict())
-        super().__init__(run, ctx, engine, scheduler, state)
+        super().__init__(run, ctx, runner.Built(engine, scheduler, ds_cfg, tok, steps, state))
         self.model_cfg, self.seq_len = model_cfg, model_cfg.n_positions
-        self.tokens_per_step = self.ds_cfg["train_batch_size"] * self.seq_len
+        self.tokens_per_step = ds_cfg["train_batch_size"] * self.seq_len
         self.first_ppl: float | None = None
         gpu = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else ""
         peak = run.peak_flops or device_peak_flops(gpu)
         self.peak_flops = peak * ctx.world if peak else None
         self.flops_per_token = flops_per_token(model_cfg, model_cfg.n_positions)
-
-    def _build_engine(self, model_cfg: Any) -> tuple[Any, Any]:
-        import deepspeed
-
-        if self.cfg.activation_checkpointing and "activation_checkpointing" in self.ds_cfg:
-            deepspeed.checkpointing.configure(None, deepspeed_config=self.ds_cfg)
-        torch.manual_seed(self.cfg.seed)
-        model = GPT(model_cfg)
-        model.loss_chunk = self.cfg.loss_chunk_size
-        if self.cfg.init:
-            init_from(model, self.cfg.init, self.tok)
-        engine, scheduler = runner.build_engine(model, self.ds_cfg)
-        if self.cfg.compile:
-            engine.compile()  # in place, after ZeRO has wrapped the parameters (not torch.compile(model))
-        return engine, scheduler
 
     def check_saved(self, state: ClientState, path: Path) -> None:
         if state.model_config is not None:
@@ -256,16 +257,20 @@ class Pretraining(runner.Loop):
         if step == 0:
             self.first_ppl = self.state.val_ppl
 
-    def acts_now(self) -> bool:
+    def actions(self) -> list[str]:
         run = self.cfg
-        sampling = run.sample_interval and self.due(run.sample_interval)
-        return self.due(run.eval_interval) or self.due(run.checkpoint_interval) or bool(sampling)
+        due = {
+            "validate": self.due(run.eval_interval),
+            "sample": bool(run.sample_interval) and self.due(run.sample_interval),
+            "save": self.due(run.checkpoint_interval),
+        }
+        return [action for action, now in due.items() if now]
 
-    def after_step(self, preempted: bool) -> None:
+    def after_step(self, actions: list[str], preempted: bool) -> None:
         run, step = self.cfg, self.state.step
-        if self.due(run.eval_interval):
+        if "validate" in actions:
             self.validate()
-        if run.sample_interval and self.due(run.sample_interval):
+        if "sample" in actions:
             try:  # an auxiliary step: a failure is logged, never the end of the run
                 text = generate_text(self.engine, self.tok, run, self.ctx.device, step)
                 self.monitor.text("sample", text, step)
@@ -274,7 +279,7 @@ class Pretraining(runner.Loop):
                 log.warning("step %d: no sample (%s: %s); training goes on", step, type(e).__name__, e)
         if preempted:
             self.save(f"signal {self.preempt.signal}" if self.preempt.signal else "signal on another rank")
-        elif self.due(run.checkpoint_interval):
+        elif "save" in actions:
             self.save("interval" if step < self.total_steps else "end")
 
     def save(self, reason: str) -> str:
