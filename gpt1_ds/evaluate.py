@@ -266,7 +266,7 @@ def baselines(model: GPT, tok: SentencePieceTokenizer, args: argparse.Namespace,
     return out
 
 
-def evaluate(
+def evaluate_model(
     model: GPT, tok: SentencePieceTokenizer, args: argparse.Namespace, texts: dict[str, str]
 ) -> dict:
     """Every evaluation the arguments ask for, on one model; results by kind, with their seconds."""
@@ -327,7 +327,7 @@ def every_checkpoint(args: argparse.Namespace, texts: dict[str, str]) -> list[di
     for tag in complete_tags(ckpt_dir):
         model, ckpt = model_from_checkpoint(ckpt_dir, tag)
         tok = check_tokenizer(ckpt.path, model, args.tokenizer or find_tokenizer(ckpt_dir, ckpt))
-        results = evaluate(model.to(args.device), tok, args, texts)
+        results = evaluate_model(model.to(args.device), tok, args, texts)
         out.append({"tag": tag, "step": ckpt.state.step, **results})
         for line in summary(results):
             log.info("step %d: %s", ckpt.state.step, line)
@@ -409,7 +409,7 @@ def one_model(args: argparse.Namespace, texts: dict[str, str]) -> dict:
     model, found = load_model(args.model, args.tag)
     tok = check_tokenizer(args.model, model, args.tokenizer or found)
     model = model.to(args.device)
-    results = evaluate(model, tok, args, texts)
+    results = evaluate_model(model, tok, args, texts)
     if args.tasks:
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="gpt1_eval_") as scratch:

@@ -39,7 +39,7 @@ from gpt1_ds.files import atomic_write_text
 from gpt1_ds.heads import TaskModel, predictions, task_loss_of
 from gpt1_ds.loading import fit_vocab, load_model
 from gpt1_ds.model import GPT, GPTConfig
-from gpt1_ds.tasks import Encoded, TaskData, collate, encode, main_metric, metrics
+from gpt1_ds.tasks import Encoded, TaskData, collate, encode, main_metric
 from gpt1_ds.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger("gpt1_ds.finetune")
@@ -54,7 +54,7 @@ def epoch_batches(n: int, micro: int, rank: int, world: int, seed: int, epoch: i
     return [mine[i : i + micro] for i in range(0, count, micro)]
 
 
-def evaluate(
+def dev_scores(
     engine: Any, dev: list[Encoded], data: TaskData, batch: int, pad_id: int, device: torch.device
 ) -> dict[str, float]:
     """Dev metrics (and the task loss) over every rank's share; every rank gets the same numbers."""
@@ -79,7 +79,7 @@ def evaluate(
     rows = sorted(r for part in gathered for r in part)
     preds = np.array([r[1] for r in rows])
     labels = np.array([dev[r[0]].label for r in rows])
-    result = metrics(preds, labels, data)
+    result = scores(preds, labels, data)
     result["loss"] = float(np.mean([r[2] for r in rows]))
     return result
 
@@ -269,7 +269,7 @@ class Finetuning(runner.Loop):
             )
 
     def validate(self) -> None:
-        result = evaluate(
+        result = dev_scores(
             self.engine,
             self.dev_set,
             self.data,

@@ -331,7 +331,7 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     return pearson(_ranks(np.asarray(x, np.float64)), _ranks(np.asarray(y, np.float64)))
 
 
-def metrics(predictions: np.ndarray, labels: np.ndarray, data: TaskData) -> dict[str, float]:
+def scores(predictions: np.ndarray, labels: np.ndarray, data: TaskData) -> dict[str, float]:
     """accuracy (+ F1 of class 1 for two classes); Pearson and Spearman for regression."""
     if data.regression:
         return {"pearson": pearson(predictions, labels), "spearman": spearman(predictions, labels)}

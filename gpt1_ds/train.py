@@ -43,7 +43,7 @@ from gpt1_ds.tokenizer import MODEL_NAME, Tokenizer, load_tokenizer
 log = logging.getLogger("gpt1_ds.train")
 
 
-def evaluate(engine: Any, loader: EvalLoader, device: torch.device) -> tuple[float, float]:
+def validation_loss(engine: Any, loader: EvalLoader, device: torch.device) -> tuple[float, float]:
     """Mean next-token loss and perplexity over the validation batches of every rank."""
     engine.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, target count
@@ -241,7 +241,7 @@ class Pretraining(runner.Loop):
             self.validate()
 
     def validate(self) -> None:
-        val_loss, self.state.val_ppl = evaluate(self.engine, self.val_loader, self.ctx.device)
+        val_loss, self.state.val_ppl = validation_loss(self.engine, self.val_loader, self.ctx.device)
         step = self.state.step
         values = {"val/loss": val_loss, "val/ppl": self.state.val_ppl}
         # The split's bytes per token (its manifest) turn nats per token into bits per byte, the

@@ -18,8 +18,8 @@ from gpt1_ds.tasks import (
     encode,
     fit_segments,
     frame,
-    metrics,
     pearson,
+    scores,
     segment_budget,
     spearman,
 )
@@ -186,16 +186,16 @@ def test_unknown_label_lists_the_label_set(tmp_path):
 
 def test_metrics():
     data = TaskData("sst2")
-    m = metrics(np.array([1, 1, 0, 0]), np.array([1, 0, 0, 1]), data)
+    m = scores(np.array([1, 1, 0, 0]), np.array([1, 0, 0, 1]), data)
     assert m["accuracy"] == 0.5 and m["f1"] == pytest.approx(0.5)
-    assert metrics(np.array([1, 1]), np.array([1, 1]), data)["f1"] == 1.0
+    assert scores(np.array([1, 1]), np.array([1, 1]), data)["f1"] == 1.0
     x = np.array([1.0, 2.0, 3.0, 4.0])
     assert pearson(x, 2 * x + 1) == pytest.approx(1.0)
     assert spearman(x, x**3) == pytest.approx(1.0) and pearson(x, x**3) < 0.99
     assert spearman(np.array([1, 2, 2, 3]), np.array([1, 2, 3, 4])) == pytest.approx(0.9486833)
-    sim = metrics(x, -x, TaskData("similarity"))
+    sim = scores(x, -x, TaskData("similarity"))
     assert sim == {"pearson": pytest.approx(-1.0), "spearman": pytest.approx(-1.0)}
-    mc = metrics(np.array([0, 2, 1]), np.array([0, 2, 2]), TaskData("multiple_choice"))
+    mc = scores(np.array([0, 2, 1]), np.array([0, 2, 2]), TaskData("multiple_choice"))
     assert mc == {"accuracy": pytest.approx(2 / 3)}
 
 
