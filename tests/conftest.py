@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import webdataset as wds
+
+from gpt1_ds.manifest import CHECKSUM, FORMAT_VERSION, MANIFEST_NAME, checksum, encode_block, shard_name
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_DIR = REPO / "data" / "sample"
@@ -108,3 +113,50 @@ def openai_gpt_dir(openai_dir, tmp_path_factory) -> Path:
     config = transformers.OpenAIGPTConfig(vocab_size=vocab, **OPENAI_GPT_SHAPE)
     transformers.OpenAIGPTLMHeadModel(config).save_pretrained(out)
     return out
+
+
+SEQ = 8  # sequence length of the numbered test shards
+
+
+def write_numbered_split(root: Path, sequences_per_shard: list[int], per_sample: int = 4) -> Path:
+    """A split whose sequence g holds tokens (g, g+1, …): every sequence names itself.
+    Written with webdataset's TarWriter in the shard format, with its manifest."""
+    root.mkdir(parents=True, exist_ok=True)
+    shards, g = [], 1
+    for index, n in enumerate(sequences_per_shard):
+        seqs = (np.arange(g, g + n)[:, None] * 16 + np.arange(SEQ + 1)[None, :]) % 60000 + 1
+        g += n
+        blocks = [encode_block(seqs[b : b + per_sample]) for b in range(0, n, per_sample)]
+        with open(root / shard_name(index), "wb") as f, wds.TarWriter(f, mtime=0) as w:
+            for b, block in enumerate(blocks):
+                w.write({"__key__": f"{index:06d}-{b:06d}", "tokens": block})
+        data = (root / shard_name(index)).read_bytes()
+        shards.append(
+            {
+                "name": shard_name(index),
+                "samples": -(-n // per_sample),
+                "sequences": n,
+                "tokens": n * SEQ + 1,
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+                CHECKSUM: [checksum(b) for b in blocks],
+            }
+        )
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "tokenizer_sha256": "0" * 64,
+        "vocab_size": 65536,
+        "seq_len": SEQ,
+        "dtype": "uint16",
+        "sequences_per_sample": per_sample,
+        "pad_id": 0,
+        "total_tokens": sum(s["tokens"] for s in shards),
+        "shards": shards,
+    }
+    (root / MANIFEST_NAME).write_text(json.dumps(manifest))
+    return root
+
+
+@pytest.fixture
+def numbered(tmp_path) -> Path:
+    return write_numbered_split(tmp_path / "numbered", [37, 3, 100, 61, 12, 45])

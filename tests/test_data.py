@@ -11,58 +11,16 @@ import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import webdataset as wds
+from conftest import write_numbered_split
 
 from gpt1_ds.data import EvalLoader, ShardError, TrainLoader
 from gpt1_ds.env import free_port
-from gpt1_ds.manifest import CHECKSUM, FORMAT_VERSION, MANIFEST_NAME, checksum, encode_block, shard_name
+from gpt1_ds.manifest import CHECKSUM, MANIFEST_NAME, shard_name
 from gpt1_ds.model import IGNORE_INDEX
-
-SEQ = 8  # sequence length of the numbered test shards
-
-
-def write_numbered_split(root: Path, sequences_per_shard: list[int], per_sample: int = 4) -> Path:
-    """A split whose sequence g holds tokens (g, g+1, …): every sequence names itself.
-    Written with webdataset's TarWriter in the shard format, with its manifest."""
-    root.mkdir(parents=True, exist_ok=True)
-    shards, g = [], 1
-    for index, n in enumerate(sequences_per_shard):
-        seqs = (np.arange(g, g + n)[:, None] * 16 + np.arange(SEQ + 1)[None, :]) % 60000 + 1
-        g += n
-        blocks = [encode_block(seqs[b : b + per_sample]) for b in range(0, n, per_sample)]
-        with open(root / shard_name(index), "wb") as f, wds.TarWriter(f, mtime=0) as w:
-            for b, block in enumerate(blocks):
-                w.write({"__key__": f"{index:06d}-{b:06d}", "tokens": block})
-        data = (root / shard_name(index)).read_bytes()
-        shards.append(
-            {
-                "name": shard_name(index),
-                "samples": -(-n // per_sample),
-                "sequences": n,
-                "tokens": n * SEQ + 1,
-                "bytes": len(data),
-                "sha256": hashlib.sha256(data).hexdigest(),
-                CHECKSUM: [checksum(b) for b in blocks],
-            }
-        )
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "tokenizer_sha256": "0" * 64,
-        "vocab_size": 65536,
-        "seq_len": SEQ,
-        "dtype": "uint16",
-        "sequences_per_sample": per_sample,
-        "pad_id": 0,
-        "total_tokens": sum(s["tokens"] for s in shards),
-        "shards": shards,
-    }
-    (root / MANIFEST_NAME).write_text(json.dumps(manifest))
-    return root
 
 
 def seq_ids(batch: dict[str, torch.Tensor]) -> list[int]:
@@ -84,11 +42,6 @@ def take(loader: TrainLoader, n: int) -> list[str]:
             if len(out) == n:
                 break
     return out
-
-
-@pytest.fixture
-def numbered(tmp_path) -> Path:
-    return write_numbered_split(tmp_path / "numbered", [37, 3, 100, 61, 12, 45])
 
 
 def test_batches_are_inputs_and_shifted_targets(prepared):
@@ -272,24 +225,6 @@ def test_manifest_mismatch_is_a_clear_error(numbered, prepared):
         TrainLoader(prepared / "train", batch_size=4, seq_len=128)
     with pytest.raises(FileNotFoundError, match="manifest"):
         TrainLoader(numbered / "nowhere", batch_size=4)
-
-
-@pytest.mark.parametrize(
-    ("edit", "message"),
-    [
-        (lambda m: m.pop("seq_len"), r"missing keys \['seq_len'\]"),
-        (lambda m: m.update(vocab_size="2000"), r"vocab_size must be int, got '2000'"),
-        (lambda m: m.update(shards={}), r"shards must be list"),
-        (lambda m: m["shards"][1].update(sequences=None), r"shards\[1\]: sequences must be int, got None"),
-        (lambda m: m["shards"][0][CHECKSUM].pop(), r"shards\[0\]\.crc32 must list one integer per sample"),
-    ],
-)
-def test_a_manifest_with_wrong_types_or_missing_keys_names_the_file_and_key(numbered, edit, message):
-    manifest = json.loads((numbered / MANIFEST_NAME).read_text())
-    edit(manifest)
-    (numbered / MANIFEST_NAME).write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match=rf"{numbered / MANIFEST_NAME}: {message}"):
-        TrainLoader(numbered, batch_size=4)
 
 
 def test_a_state_of_another_order_or_dataset_is_refused_naming_the_setting(numbered):

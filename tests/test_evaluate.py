@@ -25,7 +25,6 @@ from gpt1_ds.evaluate import (
     windows,
     zero_shot_sst2,
 )
-from gpt1_ds.harness import write_tasks
 from gpt1_ds.hf import export_hf, export_hf_tokenizer
 from gpt1_ds.manifest import train_docs
 from gpt1_ds.model import GPT, GPTConfig
@@ -160,16 +159,6 @@ def test_the_harness_runs_our_tasks_and_agrees_on_bits_per_byte(export, tmp_path
         assert harness[task]["sample_len"] == 24 and 0 <= harness[task]["acc,none"] <= 1
     assert results["zero_shot"]["sst2"]["examples"] == 24  # --limit applies to it too
     assert "zero-shot sst2: accuracy" in done.stderr and "harness gpt1_text" in done.stderr
-
-
-def test_harness_task_files_hold_the_embedded_dev_sets(tmp_path):
-    dest = write_tasks(tmp_path, texts={"a": "Some text."})
-    rows = [json.loads(line) for line in (dest / "gpt1_sst2.jsonl").read_text().splitlines()]
-    assert len(rows) == 872 and {r["label"] for r in rows} == {0, 1}
-    rte = [json.loads(line) for line in (dest / "gpt1_rte.jsonl").read_text().splitlines()]
-    assert len(rte) == 277 and sum(r["label"] == 0 for r in rte) == 146  # entailment: 146 of 277
-    assert "!function gpt1_text.process_results" in (dest / "gpt1_text.yaml").read_text()
-    assert str(dest / "gpt1_sst2.jsonl") in (dest / "gpt1_sst2.yaml").read_text()
 
 
 @pytest.mark.slow
