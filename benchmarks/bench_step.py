@@ -185,7 +185,8 @@ def host_loop(spec: str, first: int, last: int, log_interval: int, count: Path |
     import torch
     import torch.distributed as dist
 
-    from gpt1_ds.config import RunConfig, load_ds_config, parse_overrides, resolve_ds_config
+    from gpt1_ds.config import RunConfig, parse_overrides
+    from gpt1_ds.ds_config import load_ds_config, resolve_ds_config
     from gpt1_ds.model import GPT, GPTConfig, param_groups
 
     row = HostRow.parse(spec)

@@ -82,7 +82,8 @@ def build_variant(preset: str, variant: str, batch: int, seq_len: int, batches: 
     of ``batch`` × ``seq_len`` (at most the context); returns it and the sequence length used."""
     import torch
 
-    from gpt1_ds.config import RunConfig, load_ds_config, resolve_ds_config
+    from gpt1_ds.config import RunConfig
+    from gpt1_ds.ds_config import load_ds_config, resolve_ds_config
     from gpt1_ds.model import GPT, GPTConfig, param_groups
 
     ac = variant.endswith("+ac")

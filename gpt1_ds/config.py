@@ -1,21 +1,18 @@
 """Run configuration: a typed dataclass, read from YAML, overridden by ``key=value``.
 
 DeepSpeed owns what its JSON holds (batch, optimiser, schedule, precision, ZeRO,
-activation checkpointing); this config owns the model and the run. ``"auto"``
-values in the JSON are filled here (micro-batch, accumulation, total steps), and
-any contradiction between the two, the world size and the dataset's manifest is
-an error before any compute, naming the values.
+activation checkpointing; ``gpt1_ds.ds_config`` reads and resolves it); this config
+owns the model and the run. Any contradiction between the two, the world size and
+the dataset's manifest is an error before any compute, naming the values.
 """
 
 from __future__ import annotations
 
 import ast
-import copy
 import inspect
 import itertools
 import json
 import logging
-import math
 import textwrap
 import types
 import typing
@@ -23,10 +20,9 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
-from gpt1_ds.ds_keys import check_ds_keys, did_you_mean
+from gpt1_ds.ds_keys import did_you_mean
 from gpt1_ds.heads import CLF_DROPOUT_MASKS, LM_LOSS_AVERAGES
 from gpt1_ds.model import GPTConfig
 from gpt1_ds.tasks import TRUNCATIONS
@@ -426,25 +422,6 @@ def parse_value(text: str) -> Any:
         return yaml.safe_load(text) if text else ""
 
 
-def load_ds_config(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The DeepSpeed JSON at ``path`` with ``{"a.b": value}`` overrides applied, its keys checked
-    against what DeepSpeed reads (``gpt1_ds.ds_keys``): a misspelt key is refused, not ignored."""
-    try:
-        ds = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such DeepSpeed config") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON: {e}") from None
-    for key, value in (overrides or {}).items():
-        node = ds
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    check_ds_keys(ds, str(path), overrides or {})
-    return ds
-
-
 def parse_overrides(items: list[str], prefix: str = "") -> dict[str, Any]:
     """``key=value`` strings as {key: parsed value}; ``prefix`` names them in errors."""
     out = {}
@@ -454,132 +431,3 @@ def parse_overrides(items: list[str], prefix: str = "") -> dict[str, Any]:
             raise ValueError(f"override {prefix}{item!r} is not {prefix}key=value")
         out[key] = parse_value(value)
     return out
-
-
-def _fill(value: Any, computed: int, where: str) -> int:
-    """An ``"auto"`` (or absent) value takes the computed one; an explicit one must equal it."""
-    if value is None or value == "auto":
-        return computed
-    if value != computed:
-        raise ValueError(f"{where} is {value}, but the run needs {computed}")
-    return value
-
-
-SQRT_RULE = "√(new / old), the square-root rule for Adam (Malladi et al., 2022, arXiv:2205.10287)"
-
-
-def default_max_micro_batch(model: str, device: torch.device) -> int:
-    """Sequences of 512 one device holds in one pass of ``model`` (bf16, no activation checkpointing).
-    gpt1: about 0.35 GiB of activations and logits a sequence (Korthikanti et al. 2022: 34·d + 5·h·T
-    bytes a token and layer, plus the fp32 logits of 40,478 words), so 64 on 80 GiB, 32 on 40,
-    16 on 24, 8 below and on a CPU; tiny: 64."""
-    if model == "tiny":
-        return 64
-    if device.type != "cuda":
-        return 8
-    gib = torch.cuda.get_device_properties(device).total_memory / 2**30
-    return next((n for floor, n in ((75, 64), (38, 32), (22, 16)) if gib >= floor), 8)
-
-
-def world_sizes_for(batch: int, limit: int = 1024) -> list[int]:
-    """The world sizes over which ``batch`` sequences split evenly (its divisors up to ``limit``)."""
-    return [n for n in range(1, min(batch, limit) + 1) if batch % n == 0]
-
-
-def resolve_batch(
-    run: Any, ds: dict[str, Any], world: int, cap: int, where: str
-) -> tuple[int, dict[str, Any]]:
-    """(micro-batch, the DeepSpeed overrides the run's batch settings make). ``global_batch_size``
-    changes ``train_batch_size`` and scales the learning rate by ``SQRT_RULE``; ``micro_batch_size:
-    auto`` is the largest divisor of the batch per rank that is at most ``cap``. A batch that
-    the world size does not divide is an error naming the world sizes that can run it."""
-    batch, extra = ds.get("train_batch_size"), {}
-    if not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"{where}: train_batch_size must be a positive number (GPT-1: 64), got {batch!r}")
-    if run.global_batch_size is not None and run.global_batch_size != batch:
-        lr = ds.get("optimizer", {}).get("params", {}).get("lr")
-        if not isinstance(lr, (int, float)):
-            raise ValueError(f"{where}: global_batch_size needs a numeric optimizer.params.lr, got {lr!r}")
-        new_lr = lr * math.sqrt(run.global_batch_size / batch)
-        extra = {"train_batch_size": run.global_batch_size, "optimizer.params.lr": new_lr}
-        log.warning(
-            "the recipe changes: global batch %d → %d (global_batch_size), learning rate %.4g → %.4g by %s",
-            batch, run.global_batch_size, lr, new_lr, SQRT_RULE,
-        )  # fmt: skip
-        batch = run.global_batch_size
-    if batch % world:
-        near = " or ".join(
-            str(n) for n in sorted({world * (batch // world), world * (batch // world + 1)}) if n
-        )
-        raise ValueError(
-            f"{where}: the global batch of {batch} sequences does not split over {world} ranks; world "
-            f"sizes that can run it: {', '.join(map(str, world_sizes_for(batch)))}; or change the recipe "
-            f"with global_batch_size={near} (multiples of {world}), which scales the learning rate by "
-            "√(new / old)"
-        )
-    per_rank = batch // world
-    micro = run.micro_batch_size
-    if micro == "auto":
-        micro = max(n for n in range(1, min(per_rank, cap) + 1) if per_rank % n == 0)
-    return micro, extra
-
-
-def resolve_ds_config(
-    ds: dict[str, Any], run: Settings, world_size: int, steps_per_epoch_fn: Any, where: str, device: str
-) -> dict[str, Any]:
-    """A copy of the DeepSpeed config with its ``"auto"`` values filled and checked.
-
-    ``steps_per_epoch_fn(accumulation)`` gives the optimiser steps per epoch (from the
-    loader, hence the manifest), for ``total_num_steps``.
-    """
-    ds = copy.deepcopy(ds)
-    global_batch = ds.get("train_batch_size")
-    if not isinstance(global_batch, int):
-        raise ValueError(f"{where}: train_batch_size must be a number (GPT-1: 64), got {global_batch!r}")
-    where_micro = f"{where}: train_micro_batch_size_per_gpu (run setting micro_batch_size)"
-    micro = _fill(ds.get("train_micro_batch_size_per_gpu"), run.micro_batch_size, where_micro)
-    if global_batch % (micro * world_size):
-        raise ValueError(
-            f"{where}: train_batch_size {global_batch} is not a multiple of micro_batch_size {micro} "
-            f"× world size {world_size}"
-        )
-    accum = global_batch // (micro * world_size)
-    accum = _fill(ds.get("gradient_accumulation_steps"), accum, f"{where}: gradient_accumulation_steps")
-    ds.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum)
-    total = run.total_steps(steps_per_epoch_fn(accum))
-    sched = ds.get("scheduler", {}).get("params") or {}
-    if "total_num_steps" in sched:
-        sched["total_num_steps"] = _fill(
-            sched["total_num_steps"], total, f"{where}: scheduler.total_num_steps"
-        )
-    if sched.get("warmup_max_lr") == "auto":  # WarmupDecayLR's peak is the optimiser's lr
-        lr = ds.get("optimizer", {}).get("params", {}).get("lr")
-        if not isinstance(lr, (int, float)):
-            raise ValueError(f"{where}: scheduler.warmup_max_lr is auto, but optimizer.params.lr is {lr!r}")
-        sched["warmup_max_lr"] = lr
-    if sched.get("warmup_num_steps") == "auto":
-        fraction = getattr(run, "warmup_fraction", None)
-        if fraction is None:
-            raise ValueError(
-                f"{where}: scheduler.warmup_num_steps is auto, but this run sets no warm-up fraction"
-            )
-        sched["warmup_num_steps"] = max(1, math.ceil(fraction * total))
-    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-    if rank0 and isinstance(warmup := sched.get("warmup_num_steps"), int) and warmup > total:
-        log.warning(
-            "the warm-up (scheduler.params.warmup_num_steps=%d) is longer than the run's %d steps: "
-            "the learning rate never reaches its peak",
-            warmup,
-            total,
-        )
-    if ds.get("fp16", {}).get("enabled") and device == "cpu":
-        raise ValueError(f"{where}: fp16.enabled is true, but DeepSpeed has no fp16 on the CPU: use bf16")
-    if ds.get("fp16", {}).get("enabled") and "initial_scale_power" not in ds["fp16"]:
-        raise ValueError(f"{where}: fp16 needs an explicit initial_scale_power (e.g. 16)")
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if stage == 0 and ds.get("bf16", {}).get("enabled") and ds.get("data_types", {}).get("grad_accum_dtype"):
-        raise ValueError(  # DeepSpeed's own error comes from deep inside initialize()
-            f"{where}: ZeRO stage 0 with bf16 takes no data_types.grad_accum_dtype (DeepSpeed refuses the "
-            "mix): remove it, as ds_configs/zero0.json does"
-        )
-    return ds

@@ -62,7 +62,7 @@ def mpi_launched() -> bool:
 
 class _Answered(logging.Filter):
     """DeepSpeed's warnings that gpt1-ds answers in its own words (a warm-up longer than the run:
-    ``config.resolve_ds_config``) or that ask nothing of the user (its scheduler read before its
+    ``ds_config.resolve_ds_config``) or that ask nothing of the user (its scheduler read before its
     first step, as every run does)."""
 
     ANSWERED = ("is less than warmup_num_steps", "learning rate from scheduler before it has started")

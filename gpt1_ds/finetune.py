@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from gpt1_ds import distributed, runner
+from gpt1_ds import distributed, ds_config, runner
 from gpt1_ds.checkpoint import ClientState, tag_for
 from gpt1_ds.config import FinetuneConfig
 from gpt1_ds.files import atomic_write_text
@@ -134,7 +134,9 @@ class Finetuning(runner.Loop):
         flag: f"the config's {flag}" for flag in ("task", "train", "dev", "init", "run_dir", "tokenizer")
     }
 
-    def __init__(self, cfg: FinetuneConfig, ctx: runner.Context, ds_path: str, ds_over: list[str]) -> None:
+    def __init__(
+        self, cfg: FinetuneConfig, ctx: runner.Context, ds_path: str, ds_raw: dict[str, Any]
+    ) -> None:
         """Data, model and config are checked before any compute."""
         self.data = TaskData(cfg.task, cfg.fields, cfg.label_field, cfg.labels, cfg.similarity, cfg.on_error)
         self.train_examples = self.data.read(cfg.train, train=True)[: cfg.max_train_examples]
@@ -145,8 +147,8 @@ class Finetuning(runner.Loop):
         self.train_set = encode(self.train_examples, self.data, tok, n_ctx, cfg.truncation)
         self.dev_set = encode(self.dev_examples, self.data, tok, n_ctx, cfg.truncation)
         per_rank = len(self.train_set) // ctx.world // cfg.micro_batch_size
-        ds_cfg, steps = runner.deepspeed_config(
-            ds_path, cfg, ds_over, ctx, lambda _batch, accum: per_rank // accum, cfg.train
+        ds_cfg, steps = ds_config.deepspeed_config(
+            ds_raw, ds_path, cfg, ctx, lambda _batch, accum: per_rank // accum, cfg.train
         )
         model = TaskModel(
             gpt, self.data, cfg.lm_coef, cfg.clf_pdrop, cfg.lm_loss_average, cfg.clf_dropout_mask

@@ -127,11 +127,12 @@ class Checker:
     def __init__(self, args: argparse.Namespace, over: list[str], ds_over: list[str]) -> None:
         import torch
 
-        from gpt1_ds.config import RunConfig, load_ds_config, parse_overrides
+        from gpt1_ds import ds_config
+        from gpt1_ds.config import RunConfig
         from gpt1_ds.runner import Context
 
         self.cfg = RunConfig.from_yaml(args.config, over)
-        self.ds_raw = load_ds_config(args.ds_config, {**self.cfg.ds, **parse_overrides(ds_over, "ds.")})
+        self.ds_raw = ds_config.read(args.ds_config, self.cfg, ds_over)
         self.ctx = Context.start(self.cfg.collective_timeout)  # a binding that cannot work fails here
         self.args, self.torch = args, torch
         self.gather([None])  # every rank is up before any check is timed
@@ -298,7 +299,7 @@ class Checker:
     def bandwidth(self, where: list[tuple[str, str]]) -> list[Row]:
         """All-reduce of the model's gradients over the world, within each node and between nodes."""
         torch, dist = self.torch, self.torch.distributed
-        from gpt1_ds.runner import precision
+        from gpt1_ds.ds_config import precision
 
         kind = precision(self.ds_raw)  # DeepSpeed reduces gradients in the training precision
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(kind, torch.float32)

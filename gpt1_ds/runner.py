@@ -26,7 +26,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, ClassVar, TypeVar
@@ -35,15 +35,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from gpt1_ds import checkpoint, distributed, ops, watchdog
+from gpt1_ds import checkpoint, distributed, ds_config, watchdog
 from gpt1_ds.checkpoint import ClientState, RunDir, dropout_seed
 from gpt1_ds.config import (
     Settings,
-    default_max_micro_batch,
-    load_ds_config,
-    parse_overrides,
-    resolve_batch,
-    resolve_ds_config,
     settings_help,
 )
 from gpt1_ds.env import (
@@ -204,61 +199,6 @@ def build_engine(model: torch.nn.Module, ds_cfg: dict[str, Any]) -> tuple[Any, A
     return engine, scheduler
 
 
-def batch_settings(cfg: Settings, ds_path: str, ds_over: list[str], ctx: Context) -> tuple[Any, list[str]]:
-    """The run's micro-batch resolved for this world size (``config.resolve_batch``), and the
-    DeepSpeed overrides with what a changed global batch implies (its size, the scaled lr)."""
-    raw = load_ds_config(ds_path, {**cfg.ds, **parse_overrides(ds_over, "ds.")})
-    cap = cfg.max_micro_batch_size or default_max_micro_batch(cfg.model, ctx.device)
-    micro, extra = resolve_batch(cfg, raw, ctx.world, cap, ds_path)
-    return replace(cfg, micro_batch_size=micro), ds_over + [f"{k}={json.dumps(v)}" for k, v in extra.items()]
-
-
-def deepspeed_config(
-    path: str,
-    cfg: Settings,
-    ds_over: list[str],
-    ctx: Context,
-    steps_per_epoch: Callable[[int, int], int],
-    source: str,
-) -> tuple[dict[str, Any], int]:
-    """The DeepSpeed JSON at ``path`` with the profile's ``ds`` values and the command line's
-    ``ds.key=value`` applied, its ``"auto"`` values filled and checked (``resolve_ds_config``);
-    and the optimiser steps per epoch: ``steps_per_epoch(train_batch_size, accumulation)`` of ``source``."""
-    raw = load_ds_config(path, {**cfg.ds, **parse_overrides(ds_over, "ds.")})
-    per_epoch = lambda accum: steps_per_epoch(raw["train_batch_size"], accum)  # noqa: E731
-    ds_cfg = resolve_ds_config(raw, cfg, ctx.world, per_epoch, path, ctx.device.type)
-    batch, accum = ds_cfg["train_batch_size"], ds_cfg["gradient_accumulation_steps"]
-    steps = steps_per_epoch(batch, accum)
-    if steps < 1:
-        raise ValueError(
-            f"{source} holds less than one optimiser step of train_batch_size {batch} per epoch "
-            f"({cfg.micro_batch_size} per micro-batch × accumulation {accum} × {ctx.world} ranks)"
-        )
-    failed = ops.build_once(ops.needed(ds_cfg, ctx.device.type), ctx.node_leader, ctx.device)
-    if failed.get("cpu_adam"):
-        raise RuntimeError(
-            f"DeepSpeed's CPU Adam, which optimiser offload needs, cannot be built: {failed['cpu_adam']}"
-        )
-    return adam_fallback(ds_cfg, ctx.device.type, lambda: failed.get("fused_adam")), steps
-
-
-def adam_fallback(
-    ds_cfg: dict[str, Any], device_type: str, unavailable: Callable[[], str | None]
-) -> dict[str, Any]:
-    """The JSON to use: on CUDA, where DeepSpeed's FusedAdam cannot be built, its Adam(W) becomes
-    torch's fused AdamW (DeepSpeed's own ``torch_adam``, with ``fused``), the same update; said
-    in a warning. Unchanged on a CPU, with optimiser offload, or when ``torch_adam`` is set."""
-    optimizer = ds_cfg.get("optimizer") or {}
-    params = optimizer.get("params") or {}
-    if device_type != "cuda" or "fused_adam" not in ops.needed(ds_cfg, device_type) or "torch_adam" in params:
-        return ds_cfg
-    reason = unavailable()
-    if reason is None:
-        return ds_cfg
-    log.warning("DeepSpeed's FusedAdam cannot be built (%s): using torch.optim.AdamW(fused=True)", reason)
-    return {**ds_cfg, "optimizer": {**optimizer, "params": {**params, "torch_adam": True, "fused": True}}}
-
-
 def memory_metrics(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         gib = (torch.cuda.memory_allocated(device) / 2**30, torch.cuda.max_memory_allocated(device) / 2**30)
@@ -288,12 +228,6 @@ def optimizer_name(engine: Any) -> str:
     """The optimiser doing the update under DeepSpeed's wrappers: FusedAdam on CUDA,
     DeepSpeedCPUAdam with offload, torch's AdamW where neither was built."""
     return type(getattr(engine, "basic_optimizer", None) or engine.optimizer).__name__
-
-
-def precision(ds_cfg: dict[str, Any]) -> str:
-    if ds_cfg.get("bf16", {}).get("enabled"):
-        return "bf16"
-    return "fp16" if ds_cfg.get("fp16", {}).get("enabled") else "fp32"
 
 
 def seed_dropout(device: torch.device, seed: int) -> None:
@@ -471,8 +405,9 @@ class Loop:
             return SETUP_ERROR_EXIT
         try:
             try:
-                cfg, ds_over = batch_settings(cfg, args.ds_config, ds_over, ctx)
-                loop = cls(cfg, ctx, args.ds_config, ds_over)
+                raw = ds_config.read(args.ds_config, cfg, ds_over)  # the one read of the JSON
+                cfg, raw = ds_config.batch_settings(cfg, raw, args.ds_config, ctx.world, ctx.device)
+                loop = cls(cfg, ctx, args.ds_config, raw)
                 loop.resume(cfg.resume)
             except (ValueError, FileNotFoundError) as e:  # bad input, found before any step
                 log.error("%s", e)

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from gpt1_ds import distributed, metrics, runner
+from gpt1_ds import distributed, ds_config, metrics, runner
 from gpt1_ds.checkpoint import ClientState
 from gpt1_ds.config import RunConfig
 from gpt1_ds.data import EvalLoader, TrainLoader, open_dataset
@@ -107,7 +107,7 @@ class Pretraining(runner.Loop):
         "run_dir": "run directory (the config's run_dir)",
     }
 
-    def __init__(self, run: RunConfig, ctx: runner.Context, ds_path: str, ds_over: list[str]) -> None:
+    def __init__(self, run: RunConfig, ctx: runner.Context, ds_path: str, ds_raw: dict[str, Any]) -> None:
         """Everything that can contradict is checked before any compute: dataset, tokenizer,
         model, DeepSpeed config, world size."""
         data_dir = Path(run.data)
@@ -116,8 +116,8 @@ class Pretraining(runner.Loop):
         common.update(vocab_size=model_cfg.vocab_size, tokenizer_sha256=tok.sha256)
         train_set = open_dataset(data_dir / "train", tok.sha256, model_cfg.vocab_size, model_cfg.n_positions)
         steps_per_epoch = lambda batch, _accum: train_set.total_sequences // batch  # noqa: E731
-        ds_cfg, steps = runner.deepspeed_config(
-            ds_path, run, ds_over, ctx, steps_per_epoch, f"{data_dir}/train"
+        ds_cfg, steps = ds_config.deepspeed_config(
+            ds_raw, ds_path, run, ctx, steps_per_epoch, f"{data_dir}/train"
         )
         self.train_loader = TrainLoader(
             train_set,
@@ -173,7 +173,7 @@ class Pretraining(runner.Loop):
             f"gpt1-ds: {cfg.model}, {ctx.world} ranks ({runner.where(ctx)}), micro-batch "
             f"{cfg.micro_batch_size} × accumulation {self.accum} × {ctx.world} ranks = "
             f"{ds['train_batch_size']} sequences of {self.seq_len}; {self.total_steps} steps "
-            f"({self.steps_per_epoch} per epoch); ZeRO stage {stage}; {runner.precision(ds)}; "
+            f"({self.steps_per_epoch} per epoch); ZeRO stage {stage}; {ds_config.precision(ds)}; "
             f"optimizer {runner.optimizer_name(self.engine)}"
             + (
                 "; model compiled (torch.compile, inductor)"

@@ -12,14 +12,8 @@ import pytest
 import yaml
 from conftest import REPO
 
-from gpt1_ds.config import (
-    FinetuneConfig,
-    RunConfig,
-    load_ds_config,
-    parse_value,
-    resolve_batch,
-    resolve_ds_config,
-)
+from gpt1_ds.config import FinetuneConfig, RunConfig, parse_value
+from gpt1_ds.ds_config import load_ds_config, resolve_batch, resolve_ds_config
 
 
 def test_yaml_and_overrides(tmp_path):

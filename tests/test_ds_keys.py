@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gpt1_ds.config import load_ds_config
+from gpt1_ds.ds_config import load_ds_config
 
 JSONS = sorted(Path("ds_configs").glob("*.json"))
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import REPO
 
-from gpt1_ds.config import load_ds_config
-from gpt1_ds.runner import NEVER, Window, adam_fallback, seed_dropout
+from gpt1_ds.ds_config import adam_fallback, load_ds_config
+from gpt1_ds.runner import NEVER, Window, seed_dropout
 
 ZERO2 = load_ds_config(REPO / "ds_configs" / "zero2.json")
 

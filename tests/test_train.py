@@ -131,7 +131,8 @@ SCHEDULE_SCRIPT = textwrap.dedent(
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=sys.argv[1])
     import deepspeed
-    from gpt1_ds.config import RunConfig, load_ds_config, resolve_ds_config
+    from gpt1_ds.config import RunConfig
+    from gpt1_ds.ds_config import load_ds_config, resolve_ds_config
     from gpt1_ds.model import GPT, GPTConfig
     from gpt1_ds.runner import build_engine
     deepspeed.init_distributed(dist_backend="gloo")
@@ -277,7 +278,7 @@ def test_a_compiled_model_trains_to_the_eager_losses(prepared, tmp_path, stage):
 
 
 def test_torchs_fused_adamw_the_fallback_for_fused_adam_gives_the_same_losses(prepared, tmp_path):
-    """What runs where DeepSpeed's CUDA FusedAdam cannot be built (runner.adam_fallback)."""
+    """What runs where DeepSpeed's CUDA FusedAdam cannot be built (ds_config.adam_fallback)."""
     common = ["max_steps=6", "ds.optimizer.params.lr=2e-3", *FP32_NO_DROPOUT]
     train(prepared, tmp_path / "fused_adam", *common, launcher="python")
     out = train(
