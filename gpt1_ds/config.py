@@ -18,7 +18,7 @@ import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -30,28 +30,63 @@ from gpt1_ds.tasks import TRUNCATIONS
 log = logging.getLogger(__name__)
 
 
-class Settings:
-    """What the run configs share: YAML in and out, ``key=value`` overrides, checks."""
+@dataclass
+class Safeguards:
+    """The settings of both configs that guard a run on a cluster (versions, hangs)."""
 
-    what = "run"
-    positive: tuple[str, ...] = ()
+    allow_untested_versions: bool = False
+    """Run with a torch or DeepSpeed release other than the tested ones (``gpt1_ds.env.TESTED``)."""
+    collective_timeout: int = 600
+    """Seconds a collective may wait for the other ranks before it fails and the rank exits with 76
+    (``gpt1_ds.watchdog``): a dead or stuck rank ends the job instead of holding it."""
+    stall_timeout: int = 900
+    """Seconds without a finished step (or evaluation, checkpoint) before a rank logs its stacks and
+    exits with 76, saving nothing; SLURM jobs are then requeued from the last complete checkpoint.
+    0: no watchdog."""
+
+
+@dataclass
+class Settings(Safeguards):
+    """The settings pretraining and fine-tuning share, declared once (a config overrides a default),
+    and what both do with them: YAML in and out, ``key=value`` overrides, checks."""
+
+    what: ClassVar[str] = "run"
+    positive: ClassVar[tuple[str, ...]] = ()
     """Fields that must be positive integers."""
-    # Fields of both configs (documented there), which gpt1_ds.runner reads.
-    run_dir: str
-    seed: int
-    resume: str
-    model: str
-    micro_batch_size: int | str
-    max_micro_batch_size: int | None
-    global_batch_size: int | None
-    allow_untested_versions: bool
-    collective_timeout: int
-    stall_timeout: int
-    log_interval: int
-    keep_checkpoints: int
-    max_steps: int | None
-    epochs: int
-    ds: dict[str, Any]
+
+    model: str = "gpt1"
+    """Model preset (``GPTConfig.from_preset``): ``gpt1`` or ``tiny``; fine-tuning: of a random init."""
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    """GPTConfig fields to change from the preset, e.g. ``{n_layer: 6}`` (fine-tuning: random init only)."""
+    run_dir: str = "runs/gpt1"
+    """Where checkpoints/, tensorboard/ and config.yaml go (fine-tuning: and results.json)."""
+    micro_batch_size: int | str = "auto"
+    """Sequences (fine-tuning: examples) per rank per forward pass (the JSON's
+    ``train_micro_batch_size_per_gpu``); ``auto``: the largest that divides the global batch per rank
+    and is at most ``max_micro_batch_size`` (``resolve_batch``)."""
+    max_micro_batch_size: int | None = None
+    """The most sequences (examples) one forward pass may hold on a device, for ``micro_batch_size:
+    auto``; None: the preset's (``default_max_micro_batch``)."""
+    global_batch_size: int | None = None
+    """Change the recipe's global batch (the JSON's ``train_batch_size``), e.g. for a world size
+    that does not divide it; the learning rate is scaled by √(new / old) (``resolve_batch``)."""
+    epochs: int = 100
+    """Passes over the training data (GPT-1: 100 in pretraining, 3 in fine-tuning); ``max_steps``
+    wins when set."""
+    max_steps: int | None = None
+    """Stop after this many optimiser steps (overrides ``epochs``)."""
+    log_interval: int = 10
+    """Steps between console lines and TensorBoard training scalars."""
+    keep_checkpoints: int = 3
+    """Newest complete checkpoints kept (fine-tuning: besides the best one); older ones are deleted."""
+    seed: int = 1234
+    """Seed of the initialisation (fine-tuning: the head's), the data order and the dropout masks."""
+    resume: str = "auto"
+    """``auto`` (newest complete checkpoint in run_dir, else start), ``none`` (start afresh; refused
+    where run_dir holds checkpoints), ``new`` (move run_dir's contents into ``run_dir/previous-N/``,
+    then start afresh), or a checkpoint path."""
+    ds: dict[str, Any] = field(default_factory=dict)
+    """DeepSpeed JSON values this profile changes, by dotted key; ``ds.key=value`` come after."""
 
     @classmethod
     def from_yaml(cls, path: str | Path | None, overrides: list[str] | None = None) -> Any:
@@ -90,22 +125,7 @@ class Settings:
 
 
 @dataclass
-class Safeguards:
-    """The settings of both configs that guard a run on a cluster (versions, hangs)."""
-
-    allow_untested_versions: bool = False
-    """Run with a torch or DeepSpeed release other than the tested ones (``gpt1_ds.env.TESTED``)."""
-    collective_timeout: int = 600
-    """Seconds a collective may wait for the other ranks before it fails and the rank exits with 76
-    (``gpt1_ds.watchdog``): a dead or stuck rank ends the job instead of holding it."""
-    stall_timeout: int = 900
-    """Seconds without a finished step (or evaluation, checkpoint) before a rank logs its stacks and
-    exits with 76, saving nothing; SLURM jobs are then requeued from the last complete checkpoint.
-    0: no watchdog."""
-
-
-@dataclass
-class RunConfig(Settings, Safeguards):
+class RunConfig(Settings):
     """Everything about a pretraining run that is not in the DeepSpeed JSON."""
 
     positive = (
@@ -118,30 +138,12 @@ class RunConfig(Settings, Safeguards):
         "collective_timeout",
     )
 
-    model: str = "gpt1"
-    """Model preset (``GPTConfig.from_preset``): ``gpt1`` or ``tiny``."""
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-    """GPTConfig fields to change from the preset, e.g. ``{n_layer: 6}``."""
     data: str = ""
     """Dataset directory: ``tokenizer.model``, ``train/``, ``val/`` (from ``data_prep.prepare``)."""
     run_dir: str = "runs/gpt1"
     """Where checkpoints/, tensorboard/ and config.yaml go."""
-    micro_batch_size: int | str = "auto"
-    """Sequences per rank per forward pass (the JSON's ``train_micro_batch_size_per_gpu``); ``auto``:
-    the largest that divides the global batch per rank and is at most ``max_micro_batch_size``
-    (``resolve_batch``)."""
-    max_micro_batch_size: int | None = None
-    """The most sequences one forward pass may hold on a device, for ``micro_batch_size: auto``;
-    None: the preset's (``default_max_micro_batch``)."""
-    global_batch_size: int | None = None
-    """Change the recipe's global batch (the JSON's ``train_batch_size``), e.g. for a world size
-    that does not divide it; the learning rate is scaled by √(new / old) (``resolve_batch``)."""
     epochs: int = 100
     """Passes over the train split (GPT-1: 100); ``max_steps`` wins when set."""
-    max_steps: int | None = None
-    """Stop after this many optimiser steps (overrides ``epochs``)."""
-    log_interval: int = 10
-    """Steps between console lines and TensorBoard training scalars."""
     eval_interval: int = 1000
     """Steps between validation passes (also one at the start and one at the end)."""
     eval_batches: int = 50
@@ -150,12 +152,6 @@ class RunConfig(Settings, Safeguards):
     """Steps between checkpoints (also one at the end, and on SIGUSR1/SIGTERM)."""
     keep_checkpoints: int = 3
     """Complete checkpoints kept; older ones are deleted."""
-    seed: int = 1234
-    """Seed of the initialisation, the data order and the dropout masks."""
-    resume: str = "auto"
-    """``auto`` (newest complete checkpoint in run_dir, else start), ``none`` (start afresh; refused
-    where run_dir holds checkpoints), ``new`` (move run_dir's contents into ``run_dir/previous-N/``,
-    then start afresh), or a checkpoint path."""
     init: str | None = None
     """Start from these weights instead of a random init (continued pretraining): an HF
     directory, our safetensors export, or a run's checkpoints. Weights only: step, optimiser
@@ -191,9 +187,6 @@ class RunConfig(Settings, Safeguards):
     663 MB); 0: all at once. The same loss and gradients (``model.chunked_lm_loss``)."""
     peak_flops: float | None = None
     """Device peak FLOP/s for MFU; None: from the device name (H100, H200, A100), else no MFU."""
-    ds: dict[str, Any] = field(default_factory=dict)
-    """DeepSpeed JSON values this profile changes, by dotted key (``optimizer.params.lr: 5.0e-4``);
-    the command line's ``ds.key=value`` come after."""
     prep: list[str] = field(default_factory=list)
     """The ``data_prep.prepare`` flags that make ``data`` for this profile (``make demo`` and the
     benchmarks prepare with them; training itself reads the dataset's manifest)."""
@@ -315,7 +308,7 @@ def _fits(value: Any, hint: Any) -> bool:
 
 
 @dataclass
-class FinetuneConfig(Settings, Safeguards):
+class FinetuneConfig(Settings):
     """A fine-tuning run (``gpt1_ds.finetune``); GPT-1's recipe by default. Batch, learning rate
     (6.25e-5), schedule and precision are in the DeepSpeed JSON (ds_configs/finetune.json)."""
 
@@ -331,10 +324,6 @@ class FinetuneConfig(Settings, Safeguards):
     """Where checkpoints/, tensorboard/, config.yaml and results.json go."""
     tokenizer: str | None = None
     """tokenizer.model; default: the one found with the pretrained model."""
-    model: str = "gpt1"
-    """Preset of a random init (``init: none``)."""
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-    """GPTConfig fields changed from the preset (random init only)."""
     fields: list[str] | None = None
     """Text fields of jsonl/tsv rows; default per task (text; premise, hypothesis; ...)."""
     label_field: str = "label"
@@ -366,32 +355,14 @@ class FinetuneConfig(Settings, Safeguards):
     clf_dropout_mask: str = "sequence"
     """Classifier dropout masks: ``sequence`` (an independent mask for each of an example's sequences) or
     ``example`` (GPT-1: one mask per example, shared by its choices or its two orders)."""
-    micro_batch_size: int | str = "auto"
-    """Examples per rank per forward pass; ``auto`` as in pretraining (``resolve_batch``)."""
-    max_micro_batch_size: int | None = None
-    """The most examples one forward pass may hold, for ``micro_batch_size: auto`` (None: the
-    preset's, ``default_max_micro_batch``)."""
-    global_batch_size: int | None = None
-    """Change the recipe's batch (``train_batch_size``); the learning rate is scaled by √(new / old)."""
     epochs: int = 3
     """Passes over the training file (GPT-1: 3)."""
-    max_steps: int | None = None
-    """Stop after this many optimiser steps (overrides ``epochs``)."""
     warmup_fraction: float = 0.002
     """Warm-up as a fraction of all steps (GPT-1: 0.2%), for ``warmup_num_steps: "auto"``."""
     max_train_examples: int | None = None
     """Use only the first N training examples (quick runs, learning curves)."""
-    log_interval: int = 10
-    """Steps between console lines and TensorBoard training scalars."""
     keep_checkpoints: int = 1
     """Newest complete checkpoints kept besides the best one."""
-    seed: int = 1234
-    """Seed of the head's init, the data order and the dropout masks."""
-    resume: str = "auto"
-    """``auto`` (newest complete checkpoint in run_dir), ``none`` (refused where run_dir holds
-    checkpoints), ``new`` (run_dir's contents moved into ``run_dir/previous-N/`` first), or a path."""
-    ds: dict[str, Any] = field(default_factory=dict)
-    """DeepSpeed JSON values this profile changes, by dotted key; ``ds.key=value`` come after."""
 
     what = "fine-tuning"
     positive = ("micro_batch_size", "epochs", "log_interval", "keep_checkpoints", "collective_timeout")
