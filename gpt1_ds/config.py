@@ -313,9 +313,13 @@ class FinetuneConfig(Settings):
     (6.25e-5), schedule and precision are in the DeepSpeed JSON (ds_configs/finetune.json)."""
 
     task: str = "sst2"
-    """sst2 | rte | classification | entailment | similarity | multiple_choice."""
+    """A task of the paper read from its official files (``gpt1_ds.paper_tasks``: snli, mnli, qnli,
+    scitail, rte, storycloze, race, cola, sst2, mrpc, stsb, qqp: each with its labels, framing and
+    metric), or a framing over jsonl/tsv files: classification | entailment | similarity |
+    multiple_choice."""
     train: str = ""
-    """Training file (sst2: ``LABEL SENTENCE`` lines; rte: GLUE tsv; others: jsonl or tsv with a header)."""
+    """Training file as the task's release ships it (RACE: a folder, e.g. ``RACE/train``; sst2 also the
+    embedded ``LABEL SENTENCE`` lines; a framing: jsonl, or tsv with a header)."""
     dev: str = ""
     """Development file, evaluated after each epoch."""
     init: str = "none"

@@ -33,6 +33,7 @@ import torch
 
 from gpt1_ds.env import REPO
 from gpt1_ds.model import IGNORE_INDEX
+from gpt1_ds.paper_tasks import PAPER_TASKS
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +42,16 @@ GLUE = REPO / "data" / "glue"
 SST2_WORDS = ("negative", "positive")  # GPT-1's zero-shot SST-2 words: label 0, label 1
 
 KINDS = ("classification", "entailment", "similarity", "multiple_choice")
-TASKS = {"sst2": "classification", "rte": "entailment", **{k: k for k in KINDS}}
-"""Task name → framing. ``sst2`` and ``rte`` are classification and entailment with their file formats."""
+TASKS = {**{name: spec.kind for name, spec in PAPER_TASKS.items()}, **{k: k for k in KINDS}}
+"""Task name → framing: the paper's tasks read from their official files (``gpt1_ds.paper_tasks``),
+and the four framings over generic jsonl or tsv files."""
 DEFAULT_FIELDS = {
     "classification": ["text"],
     "entailment": ["premise", "hypothesis"],
     "similarity": ["sentence1", "sentence2"],
     "multiple_choice": ["context", "choices"],
 }
-FIXED_LABELS = {"sst2": ["0", "1"], "rte": ["entailment", "not_entailment"]}
+FIXED_LABELS = {name: spec.labels for name, spec in PAPER_TASKS.items() if spec.labels is not None}
 
 
 class DataError(ValueError):
@@ -69,7 +71,7 @@ class Example:
 class TaskData:
     """How a task's files are read: format, fields and the label set."""
 
-    task: str  # sst2 | rte | classification | entailment | similarity | multiple_choice
+    task: str  # a paper task (``PAPER_TASKS``: sst2, rte, mnli, …) or a framing (classification, …)
     fields: list[str] | None = None  # text fields of a jsonl/tsv row (default per framing: DEFAULT_FIELDS)
     label_field: str = "label"
     labels: list[str] | None = None  # class names in head order; None: the sorted labels of the training file
@@ -83,6 +85,8 @@ class TaskData:
             raise ValueError(f"on_error must be raise or skip, got {self.on_error!r}")
         if self.similarity not in ("regression", "binary"):
             raise ValueError(f"similarity must be regression or binary, got {self.similarity!r}")
+        if self.task in PAPER_TASKS and self.kind == "similarity":
+            self.similarity = PAPER_TASKS[self.task].similarity  # the task's head: MRPC and QQP binary
         if self.labels is None and self.task in FIXED_LABELS:
             self.labels = list(FIXED_LABELS[self.task])
         elif self.labels is not None:
@@ -90,7 +94,7 @@ class TaskData:
                 raise ValueError(f"labels {self.labels}: YAML read yes/no as booleans; quote them")
             self.labels = [str(x) for x in self.labels]  # labels=[0,1] as in the files' text
         self.fields = self.fields or list(DEFAULT_FIELDS[self.kind])
-        self.skipped = 0
+        self.skipped = self.dropped = 0
 
     @property
     def kind(self) -> str:
@@ -118,9 +122,12 @@ class TaskData:
             # the labels of the rows that are whole (a skipped row must not add a class)
             self.labels = sorted({str(row[self.label_field]) for _, row in raw if self._whole(row)})
             log.info("labels from %s: %s", path, self.labels)
-        out = []
+        out, dropped = [], []
         for line, row in raw:
-            where = f"{path}:{line}"
+            where = f"{path}/{line}" if isinstance(line, str) else f"{path}:{line}"
+            if "__dropped__" in row:
+                dropped.append(row["__dropped__"])
+                continue
             try:
                 example = self._example(row, where)
                 if out and self.kind == "multiple_choice" and len(example.texts[1]) != len(out[0].texts[1]):
@@ -134,6 +141,9 @@ class TaskData:
                     raise
                 self.skipped += 1
                 log.warning("skipping %s", e)
+        if dropped:
+            self.dropped += len(dropped)
+            log.info("%s: %d rows left out, as the task is scored (%s)", path, len(dropped), dropped[0])
         if not out:
             raise DataError(f"{path}: no examples")
         return out
@@ -145,6 +155,9 @@ class TaskData:
 
     def _rows(self, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         """(line number, row) pairs; format from the task or the file name."""
+        if self.task in PAPER_TASKS:
+            yield from PAPER_TASKS[self.task].read(path)
+            return
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such data file")
         opener = gzip.open if path.suffix == ".gz" else open
@@ -152,11 +165,7 @@ class TaskData:
         with opener(path, "rt", encoding="utf-8", newline="") as f:
             lines = list(enumerate(f, start=1))
         nonblank = [(n, text) for n, text in lines if text.strip()]
-        if self.task == "sst2":
-            for n, text in nonblank:
-                label, _, sentence = text.rstrip("\r\n").partition(" ")
-                yield n, {"label": label, "text": sentence}
-        elif name.endswith(".jsonl") or name.endswith(".json"):
+        if name.endswith(".jsonl") or name.endswith(".json"):
             for n, text in nonblank:
                 try:
                     row = json.loads(text)
@@ -168,8 +177,6 @@ class TaskData:
             header = next(rows, None)
             if header is None:
                 raise DataError(f"{path}: empty file")
-            if self.task == "rte":
-                header = ["index", "premise", "hypothesis", "label"] if len(header) == 4 else header
             for (n, _), cells in zip(lines[1:], rows, strict=True):
                 if not cells:
                     continue
@@ -332,7 +339,8 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def scores(predictions: np.ndarray, labels: np.ndarray, data: TaskData) -> dict[str, float]:
-    """accuracy (+ F1 of class 1 for two classes); Pearson and Spearman for regression."""
+    """accuracy (+ F1 of class 1 for two classes, and Matthews's correlation where it is the task's
+    metric); Pearson and Spearman for regression."""
     if data.regression:
         return {"pearson": pearson(predictions, labels), "spearman": spearman(predictions, labels)}
     predictions, labels = predictions.astype(np.int64), labels.astype(np.int64)
@@ -342,9 +350,21 @@ def scores(predictions: np.ndarray, labels: np.ndarray, data: TaskData) -> dict[
         fp = float(((predictions == 1) & (labels == 0)).sum())
         fn = float(((predictions == 0) & (labels == 1)).sum())
         out["f1"] = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+        if main_metric(data) == "matthews":
+            out["matthews"] = matthews(predictions, labels)
     return out
 
 
 def main_metric(data: TaskData) -> str:
-    """The metric that picks the best checkpoint."""
+    """The metric that picks the best checkpoint: the paper's for its tasks."""
+    if data.task in PAPER_TASKS:
+        return PAPER_TASKS[data.task].metric
     return "pearson" if data.regression else "accuracy"
+
+
+def matthews(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """Matthews correlation of two classes (0 where a class is never predicted or never true)."""
+    p, y = predictions.astype(bool), labels.astype(bool)
+    tp, tn, fp, fn = (float((a & b).sum()) for a, b in ((p, y), (~p, ~y), (p, ~y), (~p, y)))
+    denom = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return (tp * tn - fp * fn) / denom if denom else 0.0
