@@ -25,6 +25,7 @@ VERBS = {
     "preflight": "gpt1_ds.preflight",
     "train": "gpt1_ds.train",
     "finetune": "gpt1_ds.finetune",
+    "suite": "gpt1_ds.suite",
     "export": "gpt1_ds.export",
     "generate": "gpt1_ds.generate",
     "evaluate": "gpt1_ds.evaluate",

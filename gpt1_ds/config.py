@@ -322,6 +322,10 @@ class FinetuneConfig(Settings):
     embedded ``LABEL SENTENCE`` lines; a framing: jsonl, or tsv with a header)."""
     dev: str = ""
     """Development file, evaluated after each epoch."""
+    extra_dev: dict[str, str] = field(default_factory=dict)
+    """More development sets scored with ``dev`` after each epoch, by name (``extra_dev.mismatched=
+    MNLI/dev_mismatched.tsv``; RACE's ``middle`` and ``high``): their metrics go into the history as
+    ``NAME/metric``; the best checkpoint is still chosen on ``dev``."""
     init: str = "none"
     """Pretrained model: ``RUN/checkpoints`` (or a tag in it), an HF directory, or ``none`` (random)."""
     run_dir: str = "runs/finetune"

@@ -39,7 +39,7 @@ from gpt1_ds.files import atomic_write_text
 from gpt1_ds.heads import TaskModel, predictions, task_loss_of
 from gpt1_ds.loading import fit_vocab, load_model
 from gpt1_ds.model import GPT, GPTConfig
-from gpt1_ds.tasks import Encoded, TaskData, collate, encode, main_metric
+from gpt1_ds.tasks import Encoded, TaskData, collate, encode, main_metric, scores
 from gpt1_ds.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger("gpt1_ds.finetune")
@@ -67,11 +67,11 @@ def dev_scores(
         for chunk in runner.in_lockstep(chunks, len(chunks), device):
             idx = chunk or [0]  # None: a forward that counts nothing
             b = {k: v.to(device) for k, v in collate([dev[j] for j in idx], pad_id, data.regression).items()}
-            (scores,) = engine(b["input_ids"], b["extract_pos"])
+            (outputs,) = engine(b["input_ids"], b["extract_pos"])
             if chunk is None:
                 continue
-            pred = predictions(scores, data.regression).tolist()
-            losses = task_loss_of(scores, b["labels"], data.regression, reduction="none").tolist()
+            pred = predictions(outputs, data.regression).tolist()
+            losses = task_loss_of(outputs, b["labels"], data.regression, reduction="none").tolist()
             out += zip(idx, map(float, pred), losses, strict=True)
     engine.train()
     gathered: list[Any] = [None] * world
@@ -146,6 +146,10 @@ class Finetuning(runner.Loop):
         n_ctx = gpt.config.n_positions
         self.train_set = encode(self.train_examples, self.data, tok, n_ctx, cfg.truncation)
         self.dev_set = encode(self.dev_examples, self.data, tok, n_ctx, cfg.truncation)
+        self.extra_dev = {
+            name: encode(self.data.read(path), self.data, tok, n_ctx, cfg.truncation)
+            for name, path in cfg.extra_dev.items()
+        }
         per_rank = len(self.train_set) // ctx.world // cfg.micro_batch_size
         ds_cfg, steps = ds_config.deepspeed_config(
             ds_raw, ds_path, cfg, ctx, lambda _batch, accum: per_rank // accum, cfg.train
@@ -271,14 +275,13 @@ class Finetuning(runner.Loop):
             )
 
     def validate(self) -> None:
-        result = dev_scores(
-            self.engine,
-            self.dev_set,
-            self.data,
-            2 * self.cfg.micro_batch_size,
-            self.tok.pad_id,
-            self.ctx.device,
-        )
+        def score(examples: list[Encoded]) -> dict[str, float]:
+            batch = 2 * self.cfg.micro_batch_size
+            return dev_scores(self.engine, examples, self.data, batch, self.tok.pad_id, self.ctx.device)
+
+        result = score(self.dev_set)
+        for name, examples in self.extra_dev.items():
+            result.update({f"{name}/{k}": v for k, v in score(examples).items()})
         step, best = self.state.step, self.state.best
         self.state.history.append({"step": step, "epoch": self.epoch, **result})
         self.monitor.scalars({f"dev/{k}": v for k, v in result.items()}, step)
@@ -302,7 +305,9 @@ class Finetuning(runner.Loop):
         best = self.state.best
         self.save("signal" if preempted else "end of epoch", best and best["tag"])
         if self.ctx.rank == 0:
-            results = {"task": self.cfg.task, "majority_dev": self.majority, "history": self.state.history}
+            examples = {"train_examples": len(self.train_set), "dev_examples": len(self.dev_set)}
+            results = {"task": self.cfg.task, **examples, "majority_dev": self.majority}
+            results["history"] = self.state.history
             try:  # the checkpoint holds them too: a failed write is logged, not the end of the run
                 atomic_write_text(self.run_dir.path / "results.json", _json({**results, "best": best}))
                 if best is not None:

@@ -182,6 +182,8 @@ class Spec:
     ``all``) → value."""
     similarity: str = "regression"
     """A similarity task's head: ``binary`` (two classes) or ``regression`` (one score)."""
+    embedded: dict[str, str] = field(default_factory=dict)
+    """The splits as gpt1-ds embeds them (``data/glue``: SST-2 and RTE), found where the release's are not."""
 
 
 ENTAIL = ["entailment", "not_entailment"]
@@ -238,6 +240,7 @@ PAPER_TASKS: dict[str, Spec] = {
         "accuracy",
         {"train": "RTE/train.tsv", "dev": "RTE/dev.tsv"},
         {"test": 56.0},
+        embedded={"train": "rte/train.tsv", "dev": "rte/dev.tsv"},
     ),
     "storycloze": Spec(
         "multiple_choice",
@@ -273,6 +276,7 @@ PAPER_TASKS: dict[str, Spec] = {
         "accuracy",
         {"train": "SST-2/train.tsv", "dev": "SST-2/dev.tsv"},
         {"test": 91.3},
+        embedded={"train": "sst2/stsa.binary.train", "dev": "sst2/stsa.binary.dev"},
     ),
     "mrpc": Spec(
         "similarity",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from test_shard import dataset_files
 from test_train import SMALL, scalars
 
 from data_prep.verify import verify
+from gpt1_ds.tasks import GLUE
 
 pytestmark = pytest.mark.slow  # every test submits SLURM jobs
 
@@ -433,3 +435,33 @@ def test_the_deepspeed_launcher_runs_across_two_nodes_from_an_allocation(two_nod
     assert (tmp_path / "hostfile").read_text() == "gpt1n1 slots=1\ngpt1n2 slots=1\n"
     assert "ranks → hosts → devices: 0→gpt1n1:cpu, 1→gpt1n2:cpu" in text
     assert sorted(scalars(tmp_path / "run", "train/loss")) == [5, 10]
+
+
+def test_the_suite_runs_as_a_job_array_and_a_dependent_job_gathers_the_table(slurm_env, prepared, tmp_path):
+    """slurm/suite_cpu.sh: one task of the paper per array index (the embedded SST-2 and RTE; a third
+    index finds nothing to do), each a 2-rank fine-tuning under srun; then GATHER=1 writes the table."""
+    tasks, out = tmp_path / "tasks", tmp_path / "out"
+    for name in ("sst2", "rte"):
+        shutil.copytree(GLUE / name, tasks / name)
+    found = [sys.executable, "-m", "gpt1_ds.suite", "--tasks-dir", str(tasks), "--out", str(out), "--which"]
+    assert subprocess.run(found, cwd=REPO, capture_output=True, text=True).stdout.strip() == "2"
+    settings = dict(
+        INIT="none",
+        TASKS_DIR=str(tasks),
+        OUT=str(out),
+        OVERRIDES=f"tokenizer={prepared / 'tokenizer.model'} model=tiny model_overrides.vocab_size=2000 "
+        "model_overrides.n_layer=1 max_train_examples=64 epochs=1 ds.bf16.enabled=false",
+    )
+    array = sbatch(slurm_env, "slurm/suite_cpu.sh", tmp_path / "task-%a.out", "--array=0-2", **settings)
+    gather = sbatch(
+        slurm_env, "slurm/suite_cpu.sh", tmp_path / "gather.out", f"--dependency=afterany:{array}",
+        GATHER="1", **settings,
+    )  # fmt: skip
+    state = wait_done(slurm_env, gather, timeout=600)
+    logs = {p.name: read_log(p) for p in tmp_path.glob("*.out")}
+    assert state["JobState"] == "COMPLETED", logs
+    assert "array index 2: no task of the paper there" in logs["task-2.out"]
+    rows = json.loads((out / "suite.json").read_text())
+    assert [r["task"] for r in rows] == ["rte", "sst2"]  # the paper's order
+    assert all("error" not in r and r["train_examples"] == 64 for r in rows), rows
+    assert "| sst2 | accuracy |" in (out / "suite.md").read_text()
