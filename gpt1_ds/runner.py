@@ -4,10 +4,10 @@ the loop itself with its logging, preemption and teardown.
 
 ``Loop.run`` is the step loop: ``train_step`` (the subclass's optimiser step) → the ranks
 agree on whether to stop (a non-finite loss, a signal) → the window of logged values →
-``log_window`` every ``log_interval`` steps → ``after_step`` (evaluation, samples,
-checkpoints) → on a signal, exit 75 after the checkpoint. A subclass builds its data, model
-and engine (everything that can contradict is checked before any compute), then
-``main`` reads: setup → ``resume`` → ``start`` → ``run`` → ``finish``.
+``log_window`` every ``log_interval`` steps → ``after_step`` doing what ``actions`` says the step
+calls for (evaluation, samples, checkpoints) → on a signal, exit 75 after the checkpoint. A subclass
+builds its data, model and engine into a ``Built`` record (everything that can contradict is checked
+before any compute), then ``main`` reads: setup → ``resume`` → ``start`` → ``run`` → ``finish``.
 
 Exit codes: 0 done; 75 preempted (SIGUSR1 or SIGTERM: the steps up to the next log line were
 finished and a checkpoint saved; rerun with ``resume=auto`` to continue); 76 hung (no progress for
