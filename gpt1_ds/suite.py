@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import random
 import shlex
 import signal
@@ -36,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gpt1_ds.env import REPO, setup_logging
+from gpt1_ds.env import REPO, launched_rank, setup_logging
 from gpt1_ds.files import atomic_write_text
 from gpt1_ds.paper_tasks import PAPER_TASKS
 from gpt1_ds.runner import PREEMPTED_EXIT
@@ -164,7 +163,7 @@ def run_task(task: str, paths: dict[str, Path], args: argparse.Namespace) -> dic
 
 def first_rank() -> bool:
     """Whether this process writes the results: under srun the suite runs once per SLURM task."""
-    return int(os.environ.get("SLURM_PROCID", os.environ.get("RANK", "0"))) == 0
+    return launched_rank() == 0
 
 
 def table(rows: list[dict[str, Any]]) -> str:

@@ -113,7 +113,6 @@ class Pretraining(runner.Loop):
         data_dir = Path(run.data)
         tok, model_cfg = load_tokenizer(data_dir / MODEL_NAME), run.model_config()
         common = dict(rank=ctx.rank, world_size=ctx.world, seq_len=model_cfg.n_positions)
-        common.update(vocab_size=model_cfg.vocab_size, tokenizer_sha256=tok.sha256)
         train_set = open_dataset(data_dir / "train", tok.sha256, model_cfg.vocab_size, model_cfg.n_positions)
         steps_per_epoch = lambda batch, _accum: train_set.total_sequences // batch  # noqa: E731
         ds_cfg, steps = ds_config.deepspeed_config(
@@ -131,7 +130,12 @@ class Pretraining(runner.Loop):
             **common,
         )
         self.val_loader = EvalLoader(
-            data_dir / "val", run.micro_batch_size, max_batches=run.eval_batches, **common
+            data_dir / "val",
+            run.micro_batch_size,
+            max_batches=run.eval_batches,
+            vocab_size=model_cfg.vocab_size,
+            tokenizer_sha256=tok.sha256,
+            **common,
         )
         engine, scheduler = build_engine(run, model_cfg, ds_cfg, tok)
         state = ClientState("pretrain", seed=run.seed, config=asdict(run), model_config=model_cfg.to_dict())
