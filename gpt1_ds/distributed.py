@@ -67,6 +67,7 @@ def init(timeout: float | None = None) -> tuple[int, int, int]:
     port = int(os.environ.get("MASTER_PORT", "29500"))  # MPI discovery announces this port
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     limit = {"timeout": timedelta(seconds=timeout)} if timeout else {}
+    ops.quick_cpu_info()
     try:
         with printed_to_debug("deepspeed.init_distributed"), ops.signals_held():  # it loads the CPU shm op
             deepspeed.init_distributed(

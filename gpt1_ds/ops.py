@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import platform
 import signal
 import sys
 import time
@@ -59,9 +60,52 @@ def needed(ds_cfg: dict[str, Any], device_type: str) -> list[str]:
     return []
 
 
+PROC_CPUINFO = Path("/proc/cpuinfo")
+ARCHES = {"x86_64": ("X86_64", "flags"), "aarch64": ("ARM_8", "Features")}
+"""Linux's machine name → py-cpuinfo's ``arch`` and the ``/proc/cpuinfo`` line listing the flags."""
+
+
+def proc_cpu_info() -> dict[str, Any] | None:
+    """The two fields of py-cpuinfo's answer that DeepSpeed's op builders read (``arch``, ``flags``:
+    ``-march``, and AVX-512, AVX2, SVE or NEON code), from ``/proc/cpuinfo``; None where that file
+    or this architecture's line is missing."""
+    arch, key = ARCHES.get(platform.machine(), (None, None))
+    try:
+        lines = PROC_CPUINFO.read_text().splitlines() if arch else []
+    except OSError:
+        return None
+    for line in lines:
+        name, _, value = line.partition(":")
+        if name.strip() == key:
+            return {"arch": arch, "flags": value.split()}
+    return None
+
+
+def quick_cpu_info() -> None:
+    """Make py-cpuinfo's ``get_cpu_info`` (which DeepSpeed's builders import on each call) answer
+    from ``proc_cpu_info`` or, where that has no answer, from one call of its own per process."""
+    try:
+        import cpuinfo  # DeepSpeed's dependency; without it DeepSpeed runs lscpu instead
+    except ImportError:
+        return
+    if getattr(cpuinfo.get_cpu_info, "quick", False):
+        return
+    slow, answer = cpuinfo.get_cpu_info, proc_cpu_info()
+
+    def get_cpu_info() -> dict[str, Any]:
+        nonlocal answer
+        if answer is None:
+            answer = slow()
+        return {**answer, "flags": list(answer["flags"])}
+
+    get_cpu_info.quick = True  # type: ignore[attr-defined]
+    cpuinfo.get_cpu_info = get_cpu_info
+
+
 def _builder(name: str) -> Any:
     from deepspeed.accelerator import get_accelerator
 
+    quick_cpu_info()
     return get_accelerator().create_op_builder(BUILDERS[name])
 
 

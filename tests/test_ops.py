@@ -41,3 +41,40 @@ def test_usr1_to_every_process_during_a_cold_build_neither_kills_it_nor_is_lost(
     os.killpg(proc.pid, signal.SIGUSR1)  # as slurmstepd signals every process of the step
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0 and out.strip() == "built signals: 1", out
+
+
+def test_quick_cpu_info_gives_deepspeed_the_build_flags_py_cpuinfo_gives(monkeypatch):
+    """DeepSpeed's CPU builders derive -march and the SIMD width from py-cpuinfo; answered from
+    /proc/cpuinfo they derive the same flags (so a cached build still matches), without a process."""
+    import cpuinfo
+    from deepspeed.accelerator import get_accelerator
+
+    from gpt1_ds import ops
+
+    monkeypatch.setattr(cpuinfo, "get_cpu_info", cpuinfo.get_cpu_info)  # restored after the test
+    builders = [get_accelerator().create_op_builder(ops.BUILDERS[n]) for n in ("cpu_adam", "shm_comm")]
+    slow = [b.cxx_args() for b in builders]
+    calls = []
+    original = cpuinfo.get_cpu_info
+    monkeypatch.setattr(cpuinfo, "get_cpu_info", lambda: calls.append(1) or original())
+    ops.quick_cpu_info()
+    assert [b.cxx_args() for b in builders] == slow
+    assert calls == ([] if ops.proc_cpu_info() else [1])  # asked once at most per process
+    assert any(a.startswith("-D__") for a in slow[0])  # the SIMD width is among the flags compared
+
+
+def test_proc_cpu_info_reads_the_flags_line_of_this_architecture(monkeypatch, tmp_path):
+    from gpt1_ds import ops
+
+    monkeypatch.setattr(ops, "PROC_CPUINFO", tmp_path / "cpuinfo")
+    (tmp_path / "cpuinfo").write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f\n\nprocessor\t: 1\n")
+    monkeypatch.setattr(ops.platform, "machine", lambda: "x86_64")
+    assert ops.proc_cpu_info() == {"arch": "X86_64", "flags": ["fpu", "sse", "avx2", "avx512f"]}
+    (tmp_path / "cpuinfo").write_text("processor\t: 0\nFeatures\t: fp asimd sve\n")
+    monkeypatch.setattr(ops.platform, "machine", lambda: "aarch64")
+    assert ops.proc_cpu_info() == {"arch": "ARM_8", "flags": ["fp", "asimd", "sve"]}
+    monkeypatch.setattr(ops.platform, "machine", lambda: "ppc64le")  # py-cpuinfo answers there
+    assert ops.proc_cpu_info() is None
+    monkeypatch.setattr(ops, "PROC_CPUINFO", tmp_path / "missing")
+    monkeypatch.setattr(ops.platform, "machine", lambda: "x86_64")
+    assert ops.proc_cpu_info() is None
