@@ -18,8 +18,10 @@ documents of a prepared dataset. Baselines: ``--unigram DATASET``, a unigram mod
 train split (add-one counts), the floor any LM should beat; ``--random-init``, an untrained model of
 the same shape (what pretraining starts from).
 
-``--zero-shot sst2`` (GPT-1 §5, Figure 2 right): each dev sentence followed by " very", then the
-log-probabilities of " negative" and " positive" compared; accuracy against the majority class.
+``--zero-shot sst2 [cola race storycloze]`` (GPT-1 §5, Figure 2 right; ``gpt1_ds.zero_shot``): each
+task's dev file scored by the paper's heuristic (SST-2: each sentence followed by " very", then " negative"
+against " positive"), the files found under ``--task-files`` as ``gpt1_ds.suite`` finds them (default:
+the embedded SST-2).
 
 ``--tasks`` runs lm-evaluation-harness (the ``eval`` extra; ``gpt1_ds.harness``) through its ``hf``
 model on an HF directory of the model, over task definitions written to ``--tasks-dir`` from local
@@ -49,14 +51,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gpt1_ds import harness
+from gpt1_ds import harness, zero_shot
 from gpt1_ds.checkpoint import RunDir, complete_tags
 from gpt1_ds.files import atomic_write_text
 from gpt1_ds.loading import find_tokenizer, fit_vocab, load_model, model_from_checkpoint, resolve_tag
 from gpt1_ds.manifest import read_splits, train_docs
 from gpt1_ds.metrics import Monitor
 from gpt1_ds.model import GPT
-from gpt1_ds.tasks import GLUE, SST2_WORDS, TaskData
+from gpt1_ds.paper_tasks import PAPER_TASKS, find, story_split
+from gpt1_ds.tasks import GLUE
 from gpt1_ds.text import clean_text, iter_documents
 from gpt1_ds.tokenizer import MODEL_NAME, SentencePieceTokenizer, info_file, load_tokenizer
 
@@ -170,55 +173,20 @@ def unigram_nats(tok: SentencePieceTokenizer, dataset: Path, texts: list[str]) -
     return [float(-logp[np.asarray(tok.encode(t), dtype=np.int64)].sum()) for t in texts]
 
 
-# --- GPT-1's zero-shot SST-2 -----------------------------------------------------------------
+# --- GPT-1's zero-shot heuristics --------------------------------------------------------------
 
 
-@torch.no_grad()
-def choice_logprobs(
-    model: GPT,
-    tok: SentencePieceTokenizer,
-    contexts: list[str],
-    choices: tuple[str, ...],
-    batch_size: int = 32,
-) -> np.ndarray:
-    """[N, C]: log p(" " + choice | <eod> context) summed over the choice's tokens. Ours never cross
-    a word start, so ids(context + " " + choice) = ids(context) + ids(choice)."""
-    device = next(model.parameters()).device
-    n_ctx = model.config.n_positions
-    choice_ids = [tok.encode(tok.normalize(c)) for c in choices]  # prepared as the training text was
-    rows = [([tok.eod_id, *tok.encode(tok.normalize(ctx))], c) for ctx in contexts for c in choice_ids]
-    out = []
-    for i in range(0, len(rows), batch_size):
-        group = [(ctx + c)[-(n_ctx + 1) :] for ctx, c in rows[i : i + batch_size]]
-        lengths = [len(c) for _, c in rows[i : i + batch_size]]
-        width = max(len(g) for g in group) - 1
-        x = torch.zeros(len(group), width, dtype=torch.long)
-        y = torch.full((len(group), width), -100, dtype=torch.long)
-        for r, (seq, n) in enumerate(zip(group, lengths, strict=True)):
-            x[r, : len(seq) - 1] = torch.tensor(seq[:-1])
-            y[r, len(seq) - 1 - n : len(seq) - 1] = torch.tensor(seq[-n:])
-        logp = model(x.to(device)).float().log_softmax(-1)  # [B, T, V]
-        picked = logp.gather(-1, y.clamp(min=0).to(device)[..., None])[..., 0]
-        out += picked.masked_fill(y.to(device) < 0, 0).sum(-1).tolist()
-    return np.asarray(out).reshape(len(contexts), len(choices))
-
-
-def zero_shot_sst2(model: GPT, tok: SentencePieceTokenizer, path: Path, limit: int | None = None) -> dict:
-    """GPT-1's SST-2 heuristic over the file ``path`` (``LABEL SENTENCE`` lines)."""
-    examples = TaskData("sst2").read(path)[:limit]
-    labels = np.array([int(e.label) for e in examples])
-    scores = choice_logprobs(model, tok, [f"{e.texts[0]} very" for e in examples], SST2_WORDS)
-    predicted = scores.argmax(1)
-    majority = max(np.mean(labels), 1 - np.mean(labels))
-    accuracy, positive = float(np.mean(predicted == labels)), float(np.mean(predicted == 1))
-    return dict(
-        task="sst2",
-        file=str(path),
-        examples=len(examples),
-        accuracy=accuracy,
-        majority=float(majority),
-        predicted_positive=positive,
-    )
+def zero_shot_paths(tasks: list[str], task_files: Path, scratch: Path) -> dict[str, dict[str, Path]]:
+    """Each zero-shot task's files under ``task_files`` (``paper_tasks.find``); the Story Cloze
+    validation file split as the suite splits it (its dev part scored)."""
+    paths = {}
+    for task in tasks:
+        found = find(task_files, task)
+        if found is None:
+            where = task_files / (PAPER_TASKS[task].splits.get("dev") or PAPER_TASKS[task].splits["train"])
+            raise EvalError(f"--task-files {task_files}: no {task} files (expected e.g. {where})")
+        paths[task] = story_split(found["train"], scratch / task) if task == "storycloze" else found
+    return paths
 
 
 # --- The command -----------------------------------------------------------------------------
@@ -283,7 +251,10 @@ def evaluate_model(
         results["text_seconds"] = time.perf_counter() - start
     if args.zero_shot:
         start = time.perf_counter()
-        results["zero_shot"] = {"sst2": zero_shot_sst2(model, tok, args.sst2_file, args.limit)}
+        results["zero_shot"] = {
+            task: zero_shot.score(task, model, tok, paths, args.limit)
+            for task, paths in args.zero_shot_paths.items()
+        }
         results["zero_shot_seconds"] = time.perf_counter() - start
     return results
 
@@ -302,9 +273,10 @@ def summary(results: dict) -> list[str]:
             f"ppl {r['ppl']:.2f}, {r['bits_per_byte']:.4f} bits/byte{unigram}"
         )
     for name, r in results.get("zero_shot", {}).items():
+        baseline = {k: r[k] for k in ("majority", "chance", "threshold") if k in r}
         lines.append(
-            f"zero-shot {name}: accuracy {r['accuracy']:.4f} on {r['examples']} examples "
-            f"(majority {r['majority']:.4f}, {r['predicted_positive']:.0%} predicted positive)"
+            f"zero-shot {name}: {r['metric']} {r[r['metric']]:.4f} on {r['examples']} examples"
+            + "".join(f", {k} {v:.4f}" for k, v in baseline.items())
         )
     for task, r in results.get("harness", {}).items():
         lines.append(f"harness {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(r.items())))
@@ -313,10 +285,15 @@ def summary(results: dict) -> list[str]:
 
 def scalars(results: dict) -> dict[str, float]:
     """The TensorBoard scalars of one checkpoint's results."""
-    out = {f"zero_shot/{k}_acc": r["accuracy"] for k, r in results.get("zero_shot", {}).items()}
+    out = {zero_shot_tag(k, r["metric"]): r[r["metric"]] for k, r in results.get("zero_shot", {}).items()}
     if "text" in results:
         out["text/bits_per_byte"] = results["text"]["all"]["bits_per_byte"]
     return out
+
+
+def zero_shot_tag(task: str, metric: str) -> str:
+    """The TensorBoard tag of a zero-shot figure: ``zero_shot/sst2_acc``, ``zero_shot/cola_matthews``."""
+    return f"zero_shot/{task}_{'acc' if metric == 'accuracy' else metric}"
 
 
 def every_checkpoint(args: argparse.Namespace, texts: dict[str, str]) -> list[dict]:
@@ -367,12 +344,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also score the texts with an untrained model of this shape",
     )
-    add("--zero-shot", choices=["sst2"], help="GPT-1's zero-shot heuristic")
+    add("--zero-shot", nargs="+", choices=list(zero_shot.HEURISTICS), help="GPT-1's zero-shot heuristics")
     add(
-        "--sst2-file",
+        "--task-files",
         type=Path,
-        default=GLUE / "sst2" / "stsa.binary.dev",
-        help="SST-2 lines: LABEL SENTENCE",
+        default=GLUE,
+        help="where the tasks' releases are (as for gpt1_ds.suite --tasks-dir; default: the embedded SST-2)",
     )
     add(
         "--tasks",
@@ -391,13 +368,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("nothing to evaluate: give --text, --held-out, --zero-shot and/or --tasks")
     if args.all_checkpoints and args.tasks:
         parser.error("--all-checkpoints runs --text and --zero-shot; run --tasks on one checkpoint")
+    scratch = tempfile.TemporaryDirectory(prefix="gpt1_zero_shot_")
     try:
+        args.zero_shot_paths = zero_shot_paths(args.zero_shot or [], args.task_files, Path(scratch.name))
         texts = {str(p): read_text(p, args.lowercase) for p in args.text}
         texts.update(held_out_texts(args.held_out) if args.held_out else {})
         results = every_checkpoint(args, texts) if args.all_checkpoints else one_model(args, texts)
     except (EvalError, FileNotFoundError, ValueError) as e:
         log.error("error: %s", e)
         return 1
+    finally:
+        scratch.cleanup()
     if args.out:
         atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
         log.info("wrote %s", args.out)

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import csv
 import json
+import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from gpt1_ds.files import atomic_write_text
 
 Rows = Iterator[tuple[int | str, dict[str, Any]]]
 
@@ -306,3 +309,33 @@ PAPER_TASKS: dict[str, Spec] = {
     ),
 }
 """The paper's twelve tasks (RACE's middle and high levels scored apart), in its tables' order."""
+
+STORY_SPLIT_SEED = 1234
+"""The seed of the Story Cloze validation file's 90/10 split into train and dev."""
+
+
+def find(tasks_dir: Path, task: str) -> dict[str, Path] | None:
+    """The task's splits under ``tasks_dir`` (or its ``glue_data``), in the release's layout or as
+    gpt1-ds embeds them; None when its training or dev file is missing."""
+    spec = PAPER_TASKS[task]
+    needed = ("train",) if task == "storycloze" else ("train", "dev")
+    for root in (tasks_dir, tasks_dir / "glue_data"):
+        for layout in (spec.splits, spec.embedded):
+            paths = {split: root / rel for split, rel in layout.items()}
+            if layout and all(split in paths and paths[split].exists() for split in needed):
+                return {split: path for split, path in paths.items() if path.exists()}
+    return None
+
+
+def story_split(val_csv: Path, out: Path) -> dict[str, Path]:
+    """The Story Cloze validation file cut into train (90%) and dev (10%) by ``STORY_SPLIT_SEED``."""
+    lines = val_csv.read_text(encoding="utf-8").splitlines(keepends=True)
+    header, rows = lines[0], [r for r in lines[1:] if r.strip()]
+    order = list(range(len(rows)))
+    random.Random(STORY_SPLIT_SEED).shuffle(order)
+    cut = max(1, len(rows) // 10)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"train": out / "train.csv", "dev": out / "dev.csv"}
+    atomic_write_text(paths["dev"], header + "".join(rows[i] for i in sorted(order[:cut])))
+    atomic_write_text(paths["train"], header + "".join(rows[i] for i in sorted(order[cut:])))
+    return paths

@@ -43,7 +43,11 @@ PANELS = (
     Panel("throughput", ("train/tokens_per_sec",), "tokens/s"),
 )
 EVAL_PANELS = (
-    Panel("zero-shot (GPT-1 §5)", ("zero_shot/sst2_acc",), "SST-2 accuracy"),
+    Panel(
+        "zero-shot (GPT-1 §5)",
+        ("zero_shot/sst2_acc", "zero_shot/cola_matthews", "zero_shot/race_acc", "zero_shot/storycloze_acc"),
+        "accuracy (CoLA: Matthews)",
+    ),
     Panel("held-out text", ("text/bits_per_byte",), "bits per byte"),
 )
 """Drawn when a run has them: ``gpt1_ds.evaluate --all-checkpoints`` writes them per checkpoint."""
@@ -107,11 +111,12 @@ def plot(
     for ax in axes[len(panels) :]:
         ax.set_axis_off()
     for ax, panel in zip(axes, panels, strict=False):
+        one_kind = len({t.split("/", 1)[0] for t in panel.tags}) == 1  # then a line is named by its series
         for i, name in enumerate(names):
             for tag in (t for t in panel.tags if t in data[name]):
                 steps, values = data[name][tag]
-                kind = tag.split("/", 1)[0]
-                label = f"{name} ({kind})" if len(panel.tags) > 1 else name
+                kind, series = tag.split("/", 1)
+                label = f"{name} ({series if one_kind else kind})" if len(panel.tags) > 1 else name
                 ax.plot(steps, values, color=f"C{i % 10}", label=label, **STYLES.get(kind, {}))
         ax.set(title=panel.title, xlabel="step", ylabel=panel.ylabel)
         ax.grid(True, alpha=0.3)

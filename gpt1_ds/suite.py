@@ -10,8 +10,10 @@ gpt1-ds embeds them, ``data/glue``). Each task found is fine-tuned with the pape
 classifier dropout 0.1; ``key=value`` overrides every task's settings) in ``OUT/TASK``, one after
 another, and scored on its dev sets after each epoch (MNLI matched and mismatched, RACE middle, high
 and both). ``OUT/suite.json`` and ``OUT/suite.md`` hold, per task: the metric, the last epoch's
-figure (the paper trains a fixed 3 epochs), the best epoch's, the paper's (mostly test-set figures;
-these are dev), examples, steps and minutes. A task whose ``OUT/TASK/suite_result.json`` exists is not
+figure (the paper trains a fixed 3 epochs), the best epoch's, the pretrained model's zero-shot figure
+where the paper has a heuristic for the task (``gpt1_ds.zero_shot``: SST-2, CoLA, RACE, and Story
+Cloze with RACE's; ``--no-zero-shot`` skips them), the paper's (mostly test-set figures; these are
+dev), examples, steps and minutes. A task whose ``OUT/TASK/suite_result.json`` exists is not
 run again, so a stopped suite resumes. The Story Cloze Test has no training file: its validation
 file is split 90/10 into train and dev by a fixed seed (``STORY_SPLIT_SEED``), written to
 ``OUT/storycloze/split/``. A task with fewer training examples than the batch runs with the batch cut
@@ -26,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import random
 import shlex
 import signal
 import subprocess
@@ -35,46 +36,23 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from gpt1_ds import zero_shot
 from gpt1_ds.env import REPO, launched_rank, setup_logging
+from gpt1_ds.evaluate import check_tokenizer
 from gpt1_ds.files import atomic_write_text
-from gpt1_ds.paper_tasks import PAPER_TASKS
+from gpt1_ds.loading import load_model
+from gpt1_ds.paper_tasks import PAPER_TASKS, find, story_split
 from gpt1_ds.runner import PREEMPTED_EXIT
 from gpt1_ds.tasks import TaskData, main_metric
 
 log = logging.getLogger("gpt1_ds.suite")
 
 RESULT_NAME = "suite_result.json"
-STORY_SPLIT_SEED = 1234
 PAPER_BATCH = 32
 EXTRA_DEV = {"mnli": {"mismatched": "dev_mismatched"}, "race": {"middle": "dev/middle", "high": "dev/high"}}
 """Dev sets scored beside a task's ``dev``: name → a split of ``Spec.splits`` (or a sub-folder of dev)."""
-
-
-def find(tasks_dir: Path, task: str) -> dict[str, Path] | None:
-    """The task's splits under ``tasks_dir`` (or its ``glue_data``), in the release's layout or as
-    gpt1-ds embeds them; None when its training or dev file is missing."""
-    spec = PAPER_TASKS[task]
-    needed = ("train",) if task == "storycloze" else ("train", "dev")
-    for root in (tasks_dir, tasks_dir / "glue_data"):
-        for layout in (spec.splits, spec.embedded):
-            paths = {split: root / rel for split, rel in layout.items()}
-            if layout and all(split in paths and paths[split].exists() for split in needed):
-                return {split: path for split, path in paths.items() if path.exists()}
-    return None
-
-
-def story_split(val_csv: Path, out: Path) -> dict[str, Path]:
-    """The Story Cloze validation file cut into train (90%) and dev (10%) by ``STORY_SPLIT_SEED``."""
-    lines = val_csv.read_text(encoding="utf-8").splitlines(keepends=True)
-    header, rows = lines[0], [r for r in lines[1:] if r.strip()]
-    order = list(range(len(rows)))
-    random.Random(STORY_SPLIT_SEED).shuffle(order)
-    cut = max(1, len(rows) // 10)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"train": out / "train.csv", "dev": out / "dev.csv"}
-    atomic_write_text(paths["dev"], header + "".join(rows[i] for i in sorted(order[:cut])))
-    atomic_write_text(paths["train"], header + "".join(rows[i] for i in sorted(order[cut:])))
-    return paths
 
 
 def command(task: str, paths: dict[str, Path], run_dir: Path, args: argparse.Namespace) -> list[str]:
@@ -131,6 +109,7 @@ def run_task(task: str, paths: dict[str, Path], args: argparse.Namespace) -> dic
     run_dir = args.out / task
     if task == "storycloze":
         paths = {**paths, **story_split(paths["train"], run_dir / "split")}
+    unseen = zero_shot_figures(task, paths, args)
     cmd = command(task, paths, run_dir, args)
     log.info("%s: %s", task, shlex.join(cmd))
     start = time.perf_counter()
@@ -150,6 +129,7 @@ def run_task(task: str, paths: dict[str, Path], args: argparse.Namespace) -> dic
         "best": max(h[metric] for h in history),
         "paper": PAPER_TASKS[task].paper,
         "extra": {k: v for k, v in history[-1].items() if "/" in k and k.endswith("/" + metric)},
+        "zero_shot": unseen,
         "train_examples": results["train_examples"],
         "dev_examples": results["dev_examples"],
         "steps": history[-1]["step"],
@@ -161,6 +141,24 @@ def run_task(task: str, paths: dict[str, Path], args: argparse.Namespace) -> dic
     return row
 
 
+def zero_shot_figures(task: str, paths: dict[str, Path], args: argparse.Namespace) -> dict[str, Any] | None:
+    """The pretrained model's zero-shot figures on the task's dev file (``gpt1_ds.zero_shot``), where
+    the task has a heuristic and ``--init`` is a model of ours; None otherwise, or when it cannot be
+    scored (a warning: the table then has no zero-shot figure, the fine-tuning runs)."""
+    if not (args.zero_shot and task in zero_shot.HEURISTICS and args.init != "none" and first_rank()):
+        return None
+    try:
+        model, found = load_model(args.init)
+        tok = check_tokenizer(Path(args.init), model, found)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        figures = zero_shot.score(task, model.to(device), tok, paths)
+    except Exception as e:  # an auxiliary figure: GPT-1's own tokenizer, a missing file, …
+        log.warning("%s: no zero-shot figure (%s: %s)", task, type(e).__name__, e)
+        return None
+    log.info("%s: zero-shot %s %.4f (%s)", task, figures["metric"], figures[figures["metric"]], args.init)
+    return figures
+
+
 def first_rank() -> bool:
     """Whether this process writes the results: under srun the suite runs once per SLURM task."""
     return launched_rank() == 0
@@ -169,19 +167,22 @@ def first_rank() -> bool:
 def table(rows: list[dict[str, Any]]) -> str:
     """The suite as markdown: the user's dev figures beside the paper's (mostly test-set) ones."""
     lines = [
-        "| task | metric | last epoch (dev) | best epoch (dev) | paper | train / dev examples | steps "
-        "| minutes |",
-        "|---|---|---:|---:|---|---|---:|---:|",
+        "| task | metric | last epoch (dev) | best epoch (dev) | zero-shot (dev) | paper "
+        "| train / dev examples | steps | minutes |",
+        "|---|---|---:|---:|---:|---|---|---:|---:|",
     ]
     done = [r for r in rows if "error" not in r]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['task']} | failed: {r['error']} | | | | | | {r['minutes']:.1f} |")
+            lines.append(f"| {r['task']} | failed: {r['error']} | | | | | | | {r['minutes']:.1f} |")
             continue
         extra = "".join(f"; {k.split('/')[0]} {100 * v:.1f}" for k, v in r["extra"].items())
         paper = ", ".join(f"{k} {v}" for k, v in r["paper"].items())
+        unseen = r.get("zero_shot")
+        unseen = f"{100 * unseen[unseen['metric']]:.1f}" if unseen else "—"
         lines.append(
-            f"| {r['task']} | {r['metric']} | {100 * r['last']:.1f}{extra} | {100 * r['best']:.1f} | {paper} "
+            f"| {r['task']} | {r['metric']} | {100 * r['last']:.1f}{extra} | {100 * r['best']:.1f} "
+            f"| {unseen} | {paper} "
             f"| {r['train_examples']} / {r['dev_examples']} | {r['steps']} | {r['minutes']:.1f} |"
         )
     if done:
@@ -208,6 +209,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--index", type=int, help="run only the N-th task found (0-based): a job array's element")
     add("--which", action="store_true", help="print the task of --index, or how many are found")
     add("--gather", action="store_true", help="only write the table of the results so far")
+    add(
+        "--zero-shot",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="score --init with GPT-1's zero-shot heuristic on SST-2, CoLA, RACE and Story Cloze first",
+    )
     add("overrides", nargs="*", help="key=value for every task's fine-tuning (ds.key=value too)")
     args = parser.parse_intermixed_args(argv)
     if not args.tasks_dir.is_dir():

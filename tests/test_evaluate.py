@@ -14,17 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import REPO, SAMPLE_BOOKS
+from test_paper_tasks import write
 from test_train import scalars, train
 
 from data_prep.tokenizer import train as train_tokenizer
-from gpt1_ds.evaluate import (
-    choice_logprobs,
-    main,
-    read_text,
-    sequence_nats,
-    windows,
-    zero_shot_sst2,
-)
+from gpt1_ds.evaluate import main, read_text, sequence_nats, windows
 from gpt1_ds.hf import export_hf, export_hf_tokenizer
 from gpt1_ds.manifest import train_docs
 from gpt1_ds.model import GPT, GPTConfig
@@ -71,27 +65,6 @@ def test_sliding_window_nats_equal_the_sum_of_per_token_losses():
     assert sequence_nats(model, ids, stride=16) > sequence_nats(model, ids, stride=1) * 0.9  # sane scale
 
 
-def test_zero_shot_scores_are_the_words_log_probabilities(prepared):
-    tok = load_tokenizer(prepared / MODEL_NAME)
-    model = tiny_gpt(tok.vocab_size, n_positions=64)
-    scores = choice_logprobs(model, tok, ["a fine film very", "dull"], ("negative", "positive"), batch_size=3)
-    ctx, word = [tok.eod_id, *tok.encode("a fine film very")], tok.encode("positive")
-    assert tok.encode("a fine film very positive") == ctx[1:] + word  # pieces never cross a word start
-    with torch.no_grad():
-        logp = F.log_softmax(model(torch.tensor([ctx + word[:-1]]))[0], -1)
-    expected = sum(logp[len(ctx) - 1 + i, w].item() for i, w in enumerate(word))
-    assert scores.shape == (2, 2) and scores[0, 1] == pytest.approx(expected, rel=1e-5)
-    result = zero_shot_sst2(model, tok, SST2_DEV, limit=100)
-    assert result["examples"] == 100 and 0 <= result["accuracy"] <= 1
-    positive = _positive_share(100)
-    assert result["majority"] == pytest.approx(max(positive, 1 - positive))
-
-
-def _positive_share(limit: int) -> float:
-    labels = [line.split(" ", 1)[0] for line in SST2_DEV.read_text().splitlines()[:limit]]
-    return labels.count("1") / len(labels)
-
-
 def test_text_is_cleaned_as_pretraining_text_and_bad_files_are_named(tmp_path):
     text = read_text(SNARK)
     assert "Project Gutenberg" not in text[:2000] and "\n\n" not in text  # markers gone, one paragraph a line
@@ -118,12 +91,26 @@ def test_cli_errors_name_the_file_and_write_nothing(prepared, tmp_path, caplog):
     )
     assert main([str(model_dir), "--zero-shot", "sst2", "--out", str(out)]) == 1
     assert f"{model_dir}: no tokenizer.model found" in caplog.text
-    bad = tmp_path / "sst2.txt"
-    bad.write_text("1 a good film\nmaybe a bad row\n")
+    bad = tmp_path / "tasks" / "SST-2" / "dev.tsv"
+    bad.parent.mkdir(parents=True)
+    bad.write_text("sentence\tlabel\na good film\t1\nmaybe a bad row\n")
+    (bad.parent / "train.tsv").write_text(bad.read_text())
     export_hf(tiny_gpt(2000, n_positions=64), model_dir)
-    args = [str(model_dir), "--tokenizer", str(tokenizer), "--zero-shot", "sst2", "--sst2-file", str(bad)]
+    args = [
+        str(model_dir),
+        "--tokenizer",
+        str(tokenizer),
+        "--zero-shot",
+        "sst2",
+        "--task-files",
+        str(bad.parents[1]),
+    ]
     assert main([*args, "--out", str(out)]) == 1
-    assert f"{bad}:2" in caplog.text
+    assert f"{bad}:3" in caplog.text
+    assert main([*args[:-3], "race", "--task-files", str(tmp_path), "--out", str(out)]) == 1
+    assert (
+        f"--task-files {tmp_path}: no race files (expected e.g. {tmp_path / 'RACE' / 'dev'})" in caplog.text
+    )
     assert not out.exists()
 
 
@@ -166,20 +153,27 @@ def test_every_checkpoint_is_evaluated_and_plotted_against_its_step(prepared, tm
     run = tmp_path / "run"
     train(prepared, run, "max_steps=4", "checkpoint_interval=2", "keep_checkpoints=3", launcher="python")
     out = tmp_path / "all.json"
-    args = [str(run), "--all-checkpoints", "--zero-shot", "sst2", "--limit", "40", "--text", str(SNARK)]
-    assert main([*args, "--out", str(out)]) == 0
+    tasks = tmp_path / "tasks"  # the embedded SST-2 and a CoLA in its release's layout
+    shutil.copytree(GLUE / "sst2", tasks / "sst2")
+    cola = write(tasks, "cola")
+    (cola.parent / "train.tsv").write_text(cola.read_text())
+    args = [str(run), "--all-checkpoints", "--zero-shot", "sst2", "cola", "--task-files", str(tasks)]
+    assert main([*args, "--limit", "40", "--text", str(SNARK), "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     assert [r["step"] for r in results] == [2, 4]
     accuracy = scalars(run, "zero_shot/sst2_acc")
     assert accuracy == pytest.approx({r["step"]: r["zero_shot"]["sst2"]["accuracy"] for r in results})
+    matthews = scalars(run, "zero_shot/cola_matthews")
+    assert matthews == pytest.approx({r["step"]: r["zero_shot"]["cola"]["matthews"] for r in results})
     bits = scalars(run, "text/bits_per_byte")
     assert bits == pytest.approx({r["step"]: r["text"]["all"]["bits_per_byte"] for r in results})
     assert bits[4] < bits[2]  # the model learns between its two checkpoints
     figure = plot([run], tmp_path / "curves.png").figure
     titled = {ax.get_title(): ax for ax in figure.axes}
     assert list(titled)[:4] == ["loss", "perplexity", "learning rate", "throughput"]
-    (line,) = titled["zero-shot (GPT-1 §5)"].get_lines()
-    assert list(line.get_xdata()) == [2, 4]
+    lines = {line.get_label(): line for line in titled["zero-shot (GPT-1 §5)"].get_lines()}
+    assert set(lines) == {"run (sst2_acc)", "run (cola_matthews)"}
+    assert all(list(line.get_xdata()) == [2, 4] for line in lines.values())
     (line,) = titled["held-out text"].get_lines()
     assert list(line.get_ydata()) == pytest.approx([bits[2], bits[4]])
 

@@ -10,12 +10,14 @@ import sys
 
 import pytest
 from conftest import REPO
+from test_evaluate import tiny_gpt
 from test_paper_tasks import FILES, write, write_race
 
-from gpt1_ds.paper_tasks import PAPER_TASKS
-from gpt1_ds.suite import find, story_split
+from gpt1_ds import zero_shot
+from gpt1_ds.hf import export_hf
+from gpt1_ds.paper_tasks import PAPER_TASKS, find, story_split
 from gpt1_ds.tasks import GLUE, TaskData
-from gpt1_ds.tokenizer import MODEL_NAME
+from gpt1_ds.tokenizer import MODEL_NAME, copy_tokenizer, load_tokenizer
 
 
 def test_tasks_are_found_in_the_release_layouts_glue_data_or_as_embedded(tmp_path):
@@ -56,12 +58,13 @@ def test_the_suite_fine_tunes_each_task_found_writes_the_table_and_resumes(prepa
     race_dev = write_race(tasks)
     shutil.copytree(race_dev, tasks / "RACE" / "train")
     out = tmp_path / "out"
+    pretrained = tmp_path / "pretrained"  # a small random model of ours, with the dataset's tokenizer
+    tok = load_tokenizer(prepared / MODEL_NAME)
+    model = tiny_gpt(tok.vocab_size, n_positions=64)
+    export_hf(model, pretrained)
+    copy_tokenizer(tok.path, pretrained)
     settings = [
-        "--init=none",
-        f"tokenizer={prepared / MODEL_NAME}",
-        "model=tiny",
-        "model_overrides.n_positions=64",
-        "model_overrides.n_layer=1",
+        f"--init={pretrained}",
         "max_train_examples=16",
         "epochs=1",
         "ds.bf16.enabled=false",
@@ -79,8 +82,14 @@ def test_the_suite_fine_tunes_each_task_found_writes_the_table_and_resumes(prepa
     race = table[0]
     assert set(race["extra"]) == {"middle/accuracy", "high/accuracy"} and race["dev_examples"] == 6
     assert table[2]["train_examples"] == 8  # the batch cut to the data
+    # The pretrained model's zero-shot figures, where the paper has a heuristic (RACE, SST-2; not MRPC).
+    for row in table[:2]:
+        expected = zero_shot.score(row["task"], model, tok, find(tasks, row["task"]))
+        assert row["zero_shot"]["accuracy"] == pytest.approx(expected["accuracy"])
+    assert table[2]["zero_shot"] is None
     markdown = (out / "suite.md").read_text()
     assert "| mrpc | f1 |" in markdown and "Average of the 3 tasks run" in markdown
+    assert "zero-shot (dev)" in markdown and f"| {100 * table[1]['zero_shot']['accuracy']:.1f} |" in markdown
     # A second run finds every result and runs nothing.
     before = {r["task"]: (out / r["task"] / "suite_result.json").stat().st_mtime_ns for r in table}
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
