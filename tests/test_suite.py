@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO
@@ -14,6 +15,7 @@ from test_evaluate import tiny_gpt
 from test_paper_tasks import FILES, write, write_race
 
 from gpt1_ds import zero_shot
+from gpt1_ds.env import free_port
 from gpt1_ds.hf import export_hf
 from gpt1_ds.paper_tasks import PAPER_TASKS, find, story_split
 from gpt1_ds.tasks import GLUE, TaskData
@@ -69,10 +71,13 @@ def test_the_suite_fine_tunes_each_task_found_writes_the_table_and_resumes(prepa
         "epochs=1",
         "ds.bf16.enabled=false",
     ]
+    launcher = f"{Path(sys.executable).parent / 'torchrun'} --nproc_per_node 2 --master_port {free_port()}"
     cmd = [sys.executable, "-m", "gpt1_ds.suite", "--tasks-dir", str(tasks), "--out", str(out), *settings]
+    cmd += ["--launcher", launcher]  # each framing (multiple choice, classification, similarity) on 2 ranks
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "suite: 3 tasks found" in done.stderr and "fewer than the batch of 32" in done.stderr
+    assert done.stderr.count("2 ranks (cpu, gloo)") == 3
     table = json.loads((out / "suite.json").read_text())
     assert [r["task"] for r in table] == ["race", "sst2", "mrpc"]  # the paper's order
     for row in table:
