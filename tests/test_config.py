@@ -138,6 +138,24 @@ def test_auto_values_are_filled_and_contradictions_refused():
     assert resolve_ds_config(load_ds_config("ds_configs/zero2_fp16.json"), run, 2, lambda a: 10, "f", "cuda")
 
 
+def test_bf16_auto_is_bf16_where_the_cpu_computes_in_it(monkeypatch, tmp_path, caplog):
+    from gpt1_ds import ds_config, ops
+
+    ds = load_ds_config("ds_configs/zero2.json", {"bf16.enabled": "auto"})
+    run = RunConfig(model="tiny", micro_batch_size=4, epochs=1)
+    monkeypatch.setattr(ops.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(ops, "PROC_CPUINFO", tmp_path / "cpuinfo")
+    for flags, expected in (("avx2 avx512f", False), ("avx2 avx512f avx512_bf16", True), ("amx_bf16", True)):
+        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: fpu {flags}\n")
+        with caplog.at_level(logging.INFO, logger="gpt1_ds.ds_config"):
+            resolved = resolve_ds_config(ds, run, 2, lambda accum: 100, "zero2.json", "cpu")
+        assert resolved["bf16"]["enabled"] is expected, flags
+        assert ds_config.precision(resolved) == ("bf16" if expected else "fp32")
+    assert "bf16.enabled auto: fp32 (the CPU has none of avx512_bf16, amx_bf16, bf16" in caplog.text
+    assert "bf16.enabled auto: bf16 (the CPU computes in bf16 (amx_bf16))" in caplog.text
+    assert ds["bf16"]["enabled"] == "auto"  # the loaded dict is not changed
+
+
 def test_a_warm_up_longer_than_the_run_is_named(caplog):
     ds = load_ds_config("ds_configs/zero1.json", {"scheduler.params.warmup_num_steps": 50})
     run = RunConfig(model="tiny", micro_batch_size=4, max_steps=20)
