@@ -114,20 +114,20 @@ def test_rte_from_a_pretraining_checkpoint(prepared, tmp_path):
         f"--dev={GLUE / 'rte' / 'dev.tsv'}",
         f"--init={pre / 'checkpoints'}",
         "epochs=1",
-        "max_train_examples=320",
+        "max_train_examples=128",
         *(f"{key}={value}" for key, value in RULES.items()),
         port=free_port(),
     )
     results = json.loads((run / "results.json").read_text())
     (h,) = results["history"]
     assert 0 <= h["accuracy"] <= 1 and "f1" in h and h["loss"] > 0
-    assert "epoch 1 (step 10): dev accuracy" in out.stderr
-    assert results["best"]["tag"] == "step00000010"
+    assert "epoch 1 (step 4): dev accuracy" in out.stderr
+    assert results["best"]["tag"] == "step00000004"
     assert "(mean per sequence); truncation shared; classifier dropout mask per example" in out.stderr
     states = torch.load(
-        run / "checkpoints" / "step00000010" / "mp_rank_00_model_states.pt", weights_only=False
+        run / "checkpoints" / "step00000004" / "mp_rank_00_model_states.pt", weights_only=False
     )
-    recorded = ClientState.from_dict(states, "step00000010").config
+    recorded = ClientState.from_dict(states, "step00000004").config
     assert {key: recorded[key] for key in RULES} == RULES  # the checkpoint records the rules it ran with
     # the fine-tuned run carries its tokenizer, and its GPT exports like a pretraining run's
     model, tokenizer = load_model(run / "checkpoints")
@@ -140,7 +140,7 @@ def test_rte_from_a_pretraining_checkpoint(prepared, tmp_path):
         f"--dev={GLUE / 'rte' / 'dev.tsv'}",
         f"--init={pre / 'checkpoints'}",
         "epochs=2",
-        "max_train_examples=320",
+        "max_train_examples=128",
     )
     rules = [f"{key}={value}" for key, value in RULES.items()]
     again = finetune(run, *args, *rules, "micro_batch_size=4", port=free_port(), check=False)
