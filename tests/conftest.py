@@ -6,12 +6,15 @@ import hashlib
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import webdataset as wds
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from gpt1_ds.env import free_port
 from gpt1_ds.manifest import CHECKSUM, FORMAT_VERSION, MANIFEST_NAME, checksum, encode_block, shard_name
 
 REPO = Path(__file__).resolve().parent.parent
@@ -160,3 +163,145 @@ def write_numbered_split(root: Path, sequences_per_shard: list[int], per_sample:
 @pytest.fixture
 def numbered(tmp_path) -> Path:
     return write_numbered_split(tmp_path / "numbered", [37, 3, 100, 61, 12, 45])
+
+
+# --- Training runs as a user launches them -------------------------------------------------
+
+BIN = Path(sys.executable).parent
+# A small model on the test dataset (vocab 2000, sequences of 64), a small global batch.
+SMALL = [
+    "model=tiny",
+    "model_overrides.n_layer=2",
+    "model_overrides.n_embd=64",
+    "model_overrides.n_head=2",
+    "model_overrides.n_inner=256",
+    "model_overrides.n_positions=64",
+    "model_overrides.vocab_size=2000",
+    "micro_batch_size=4",
+    "num_workers=0",
+    "log_interval=1",
+    "eval_interval=1000",
+    "eval_batches=4",
+    "sample_interval=0",
+    "ds.train_batch_size=8",
+    "ds.scheduler.params.warmup_num_steps=5",
+]
+FP32_NO_DROPOUT = [
+    "ds.bf16.enabled=false",
+    "model_overrides.embd_pdrop=0",
+    "model_overrides.attn_pdrop=0",
+    "model_overrides.resid_pdrop=0",
+]
+
+
+def command(launcher: str, port: int, ds_config: str = "ds_configs/zero2.json", ranks: int = 2) -> list[str]:
+    script = ["--deepspeed_config", ds_config]
+    if launcher == "python":
+        return [sys.executable, "-m", "gpt1_ds.train", *script]
+    if launcher == "deepspeed":
+        return [
+            str(BIN / "deepspeed"),
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(port),
+            "gpt1_ds/train.py",
+            *script,
+        ]
+    if launcher == "torchrun":
+        return [
+            str(BIN / "torchrun"),
+            "--nproc_per_node",
+            str(ranks),
+            "--master_port",
+            str(port),
+            "gpt1_ds/train.py",
+            *script,
+        ]
+    if launcher == "mpirun":
+        return [
+            str(BIN / "mpirun"),
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "-np",
+            "2",
+            "-x",
+            f"MASTER_PORT={port}",
+            sys.executable,
+            "-m",
+            "gpt1_ds.train",
+            *script,
+        ]
+    raise ValueError(launcher)
+
+
+def train(
+    data: Path,
+    run_dir: Path,
+    *overrides: str,
+    launcher: str = "torchrun",
+    port: int | None = None,
+    ds_config: str = "ds_configs/zero2.json",
+    check: bool = True,
+    ranks: int = 2,
+    **popen,
+) -> subprocess.CompletedProcess:
+    cmd = [
+        *command(launcher, free_port() if port is None else port, ds_config, ranks),
+        "--data",
+        str(data),
+        "--run-dir",
+        str(run_dir),
+        *SMALL,
+        *overrides,
+    ]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, **popen)
+    if check:
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    return out
+
+
+def scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+SHIPPED_STEPS = 2
+SHIPPED_TAG = f"step{SHIPPED_STEPS:08d}"
+SHIPPED = {
+    "zero0": ("zero0", ()),
+    "zero1": ("zero1", ()),
+    "zero2": ("zero2", ()),
+    "zero3": ("zero3", ()),
+    "zero0_fp32": ("zero0", ("ds.bf16.enabled=false",)),
+    "zero2_padded": ("zero2", ("model_overrides.vocab_multiple=64",)),
+}
+"""name → (ds_configs file, overrides): the shipped configs as they stand, stage 0 in fp32, and a
+table padded to a multiple of 64 rows."""
+
+
+@pytest.fixture(scope="session")
+def shipped_runs(prepared, tmp_path_factory) -> Callable[[str], Path]:
+    """``shipped_runs(name)``: the run directory of a 2-rank, 2-step training run (``SMALL``) with
+    ``SHIPPED[name]``, trained on first use, once per test session (read-only for the tests)."""
+    root = tmp_path_factory.mktemp("shipped_runs")
+    done: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in done:
+            config, overrides = SHIPPED[name]
+            run = root / name
+            out = train(
+                prepared,
+                run,
+                f"max_steps={SHIPPED_STEPS}",
+                *overrides,
+                ds_config=f"ds_configs/{config}.json",
+                port=free_port(),
+            )
+            assert (run / "checkpoints" / SHIPPED_TAG / "COMPLETE").is_file(), out.stderr[-4000:]
+            done[name] = run
+        return done[name]
+
+    return get

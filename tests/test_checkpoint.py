@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
-from test_train import SMALL, scalars
+from conftest import REPO, SMALL, scalars
 
 from gpt1_ds import checkpoint
 from gpt1_ds.env import free_port

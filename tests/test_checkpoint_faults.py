@@ -11,8 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
-from test_train import SMALL, command, scalars, train
+from conftest import REPO, SMALL, command, scalars, train
 
 from gpt1_ds.checkpoint import COMPLETE, LATEST, complete_tags, find_resume
 from gpt1_ds.env import free_port

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
-from test_train import SMALL
+from conftest import REPO, SMALL
 
 from gpt1_ds.env import free_port
 from gpt1_ds.generate import sample

@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, SAMPLE_BOOKS
+from conftest import REPO, SAMPLE_BOOKS, scalars, train
 from test_paper_tasks import write
-from test_train import scalars, train
 
 from data_prep.tokenizer import train as train_tokenizer
 from gpt1_ds.evaluate import main, read_text, sequence_nats, windows

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, train
+from conftest import SHIPPED_STEPS as STEPS
+from conftest import SHIPPED_TAG as TAG
 from safetensors import safe_open
-from test_train import train
 
 from gpt1_ds.checkpoint import CheckpointError
 from gpt1_ds.env import free_port
@@ -26,44 +27,8 @@ from gpt1_ds.tokenizer import load_tokenizer
 transformers = pytest.importorskip("transformers")
 OpenAIGPTLMHeadModel = transformers.OpenAIGPTLMHeadModel
 
-STEPS = 2
-TAG = f"step{STEPS:08d}"
 VOCAB = 2000  # SMALL's model_overrides.vocab_size
 MODEL_STATES = "mp_rank_00_model_states.pt"
-# name → (ds_configs file, overrides): the shipped configs as they stand, and stage 0 in fp32.
-RUNS = {
-    "zero0": ("zero0", ()),
-    "zero1": ("zero1", ()),
-    "zero2": ("zero2", ()),
-    "zero3": ("zero3", ()),
-    "zero0_fp32": ("zero0", ("ds.bf16.enabled=false",)),
-    "zero2_padded": ("zero2", ("model_overrides.vocab_multiple=64",)),
-}
-
-
-@pytest.fixture(scope="module")
-def runs(prepared, tmp_path_factory):
-    """``runs(name)``: the run directory of a 2-rank, 2-step training run, trained on first use."""
-    root = tmp_path_factory.mktemp("export_runs")
-    done: dict[str, Path] = {}
-
-    def get(name: str) -> Path:
-        if name not in done:
-            config, overrides = RUNS[name]
-            run = root / name
-            out = train(
-                prepared,
-                run,
-                f"max_steps={STEPS}",
-                *overrides,
-                ds_config=f"ds_configs/{config}.json",
-                port=free_port(),
-            )
-            assert (run / "checkpoints" / TAG / "COMPLETE").is_file(), out.stderr[-4000:]
-            done[name] = run
-        return done[name]
-
-    return get
 
 
 def export_cli(*args: object, ok: bool = True) -> subprocess.CompletedProcess:
@@ -108,8 +73,8 @@ def copy_checkpoints(run: Path, dest: Path) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["zero0", "zero1", "zero2", "zero3"])
-def test_hf_export_gives_the_logits_of_the_checkpoint(runs, tmp_path, name):
-    run = runs(name)
+def test_hf_export_gives_the_logits_of_the_checkpoint(shipped_runs, tmp_path, name):
+    run = shipped_runs(name)
     hf_dir = tmp_path / "hf"
     out = export_cli(run / "checkpoints", "--out", hf_dir)
     assert TAG in out.stderr
@@ -154,11 +119,11 @@ def test_hf_export_gives_the_logits_of_the_checkpoint(runs, tmp_path, name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["zero0", "zero1", "zero2"])
-def test_consolidated_weights_are_the_fp32_masters_of_the_bf16_module(runs, name):
+def test_consolidated_weights_are_the_fp32_masters_of_the_bf16_module(shipped_runs, name):
     """Stages 0-2 keep the full bf16 module beside the fp32 masters: every module weight is its
     master rounded to bf16, and the masters hold values that bf16 cannot (so they are not the
     module's weights widened)."""
-    run = runs(name)
+    run = shipped_runs(name)
     weights, _ = consolidate(run / "checkpoints")
     module = module_states(run)
     assert set(weights) - {LM_HEAD} == set(module) - {LM_HEAD}
@@ -177,14 +142,14 @@ def test_consolidated_weights_are_the_fp32_masters_of_the_bf16_module(runs, name
 
 
 @pytest.mark.slow
-def test_every_zero_stage_consolidates_to_the_same_weights(runs):
+def test_every_zero_stage_consolidates_to_the_same_weights(shipped_runs):
     """All runs start from the same initialisation and data. Two updates at a warm-up learning
     rate move no weight by more than ~1e-4, while a tensor put in the wrong place or a
     partition taken from the wrong rank is off by the init's scale (0.02) or more."""
-    reference, _ = consolidate(runs("zero2") / "checkpoints")
+    reference, _ = consolidate(shipped_runs("zero2") / "checkpoints")
     keys = sorted(set(reference) - {LM_HEAD})
     for name in ("zero0", "zero1", "zero3"):
-        weights, ckpt = consolidate(runs(name) / "checkpoints")
+        weights, ckpt = consolidate(shipped_runs(name) / "checkpoints")
         assert ckpt.state.step == STEPS
         assert sorted(set(weights) - {LM_HEAD}) == keys, name
         inexact = 0
@@ -196,8 +161,8 @@ def test_every_zero_stage_consolidates_to_the_same_weights(runs):
 
 
 @pytest.mark.slow
-def test_fp32_stage0_exports_the_module_weights_exactly(runs, tmp_path):
-    run = runs("zero0_fp32")
+def test_fp32_stage0_exports_the_module_weights_exactly(shipped_runs, tmp_path):
+    run = shipped_runs("zero0_fp32")
     module = module_states(run)
     assert all(v.dtype == torch.float32 for v in module.values())
     weights, _ = consolidate(run / "checkpoints")
@@ -217,8 +182,8 @@ def test_fp32_stage0_exports_the_module_weights_exactly(runs, tmp_path):
 
 
 @pytest.mark.slow
-def test_safetensors_format_reads_back_identical_weights(runs, tmp_path):
-    run = runs("zero2")
+def test_safetensors_format_reads_back_identical_weights(shipped_runs, tmp_path):
+    run = shipped_runs("zero2")
     out = tmp_path / "st"
     export_cli(run / "checkpoints", "--out", out, "--format", "safetensors")
     assert sorted(p.name for p in out.iterdir()) == [
@@ -240,8 +205,8 @@ def test_safetensors_format_reads_back_identical_weights(runs, tmp_path):
 
 
 @pytest.mark.slow
-def test_load_model_from_a_run_finds_its_tokenizer(runs):
-    run = runs("zero2")
+def test_load_model_from_a_run_finds_its_tokenizer(shipped_runs):
+    run = shipped_runs("zero2")
     reference, _ = model_from_checkpoint(run / "checkpoints")
     for source, tag in (
         (run / "checkpoints", None),
@@ -257,8 +222,8 @@ def test_load_model_from_a_run_finds_its_tokenizer(runs):
 
 
 @pytest.mark.slow
-def test_an_unfinished_newer_save_is_skipped(runs, tmp_path):
-    ckpt = copy_checkpoints(runs("zero2"), tmp_path)
+def test_an_unfinished_newer_save_is_skipped(shipped_runs, tmp_path):
+    ckpt = copy_checkpoints(shipped_runs("zero2"), tmp_path)
     newer = ckpt / f"step{STEPS + 1:08d}"
     shutil.copytree(ckpt / TAG, newer)
     (newer / "COMPLETE").unlink()  # as a save killed half-way leaves it
@@ -269,8 +234,8 @@ def test_an_unfinished_newer_save_is_skipped(runs, tmp_path):
 
 
 @pytest.mark.slow
-def test_incomplete_checkpoint_is_refused(runs, tmp_path):
-    ckpt = copy_checkpoints(runs("zero2"), tmp_path)
+def test_incomplete_checkpoint_is_refused(shipped_runs, tmp_path):
+    ckpt = copy_checkpoints(shipped_runs("zero2"), tmp_path)
     (ckpt / TAG / "COMPLETE").unlink()
     out = export_cli(ckpt / TAG, "--out", tmp_path / "a", ok=False)
     assert "incomplete" in out.stderr and TAG in out.stderr
@@ -283,9 +248,9 @@ def test_incomplete_checkpoint_is_refused(runs, tmp_path):
 
 
 @pytest.mark.slow
-def test_missing_tag_is_an_error_naming_it(runs, tmp_path):
+def test_missing_tag_is_an_error_naming_it(shipped_runs, tmp_path):
     out = export_cli(
-        runs("zero2") / "checkpoints", "--tag", "step00000099", "--out", tmp_path / "hf", ok=False
+        shipped_runs("zero2") / "checkpoints", "--tag", "step00000099", "--out", tmp_path / "hf", ok=False
     )
     assert "step00000099" in out.stderr
     assert not (tmp_path / "hf" / "model.safetensors").exists()
@@ -308,8 +273,8 @@ def truncate(file: Path) -> None:
         ("zero3", "zero_pp_rank_1_mp_rank_00_model_states.pt"),
     ],
 )
-def test_truncated_file_is_an_error_naming_it(runs, tmp_path, name, file):
-    ckpt = copy_checkpoints(runs(name), tmp_path)
+def test_truncated_file_is_an_error_naming_it(shipped_runs, tmp_path, name, file):
+    ckpt = copy_checkpoints(shipped_runs(name), tmp_path)
     assert (ckpt / TAG / file).is_file()
     truncate(ckpt / TAG / file)
     with pytest.raises(CheckpointError, match=file):
@@ -317,8 +282,8 @@ def test_truncated_file_is_an_error_naming_it(runs, tmp_path, name, file):
 
 
 @pytest.mark.slow
-def test_cli_names_a_truncated_optimizer_file(runs, tmp_path):
-    ckpt = copy_checkpoints(runs("zero2"), tmp_path)
+def test_cli_names_a_truncated_optimizer_file(shipped_runs, tmp_path):
+    ckpt = copy_checkpoints(shipped_runs("zero2"), tmp_path)
     file = "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"
     truncate(ckpt / TAG / file)
     out = export_cli(ckpt, "--out", tmp_path / "hf", ok=False)
@@ -341,8 +306,8 @@ class Payload:
     ("name", "file"),
     [("zero0", MODEL_STATES), ("zero2", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt")],
 )
-def test_a_checkpoint_holding_code_is_refused_without_running_it(runs, tmp_path, name, file):
-    ckpt = copy_checkpoints(runs(name), tmp_path)
+def test_a_checkpoint_holding_code_is_refused_without_running_it(shipped_runs, tmp_path, name, file):
+    ckpt = copy_checkpoints(shipped_runs(name), tmp_path)
     marker = tmp_path / "ran"
     states = torch.load(ckpt / TAG / file, map_location="cpu", weights_only=False)
     states["extra"] = Payload(marker)
@@ -357,8 +322,8 @@ def test_a_checkpoint_holding_code_is_refused_without_running_it(runs, tmp_path,
 
 
 @pytest.mark.slow
-def test_checkpoint_whose_head_differs_from_the_table_is_refused(runs, tmp_path):
-    ckpt = copy_checkpoints(runs("zero0_fp32"), tmp_path)
+def test_checkpoint_whose_head_differs_from_the_table_is_refused(shipped_runs, tmp_path):
+    ckpt = copy_checkpoints(shipped_runs("zero0_fp32"), tmp_path)
     path = ckpt / TAG / MODEL_STATES
     states = torch.load(path, map_location="cpu", weights_only=False)
     states["module"][LM_HEAD] = states["module"][TOKENS].clone() + 1e-3
@@ -370,8 +335,8 @@ def test_checkpoint_whose_head_differs_from_the_table_is_refused(runs, tmp_path)
 
 
 @pytest.mark.slow
-def test_pipeline_continues_a_prompt_as_gpt1_ds_generate_does(runs, tmp_path):
-    run = runs("zero2")
+def test_pipeline_continues_a_prompt_as_gpt1_ds_generate_does(shipped_runs, tmp_path):
+    run = shipped_runs("zero2")
     hf_dir = tmp_path / "hf"
     export_cli(run / "checkpoints", "--out", hf_dir)
     prompts = ["It was", "The ship\nsailed"]
@@ -395,9 +360,9 @@ def test_pipeline_continues_a_prompt_as_gpt1_ds_generate_does(runs, tmp_path):
 
 
 @pytest.mark.slow
-def test_an_export_made_before_the_hf_tokenizer_still_loads(runs, tmp_path):
+def test_an_export_made_before_the_hf_tokenizer_still_loads(shipped_runs, tmp_path):
     """Older exports and runs hold gpt1-ds's tokenizer metadata as tokenizer.json."""
-    run = runs("zero2")
+    run = shipped_runs("zero2")
     old = tmp_path / "old_run"
     shutil.copytree(run, old)
     (old / "tokenizer_info.json").rename(old / "tokenizer.json")
@@ -418,8 +383,8 @@ def test_an_export_made_before_the_hf_tokenizer_still_loads(runs, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_padded_table_trains_and_exports_without_its_padding_rows(runs, prepared, tmp_path):
-    run = runs("zero2_padded")
+def test_a_padded_table_trains_and_exports_without_its_padding_rows(shipped_runs, prepared, tmp_path):
+    run = shipped_runs("zero2_padded")
     assert module_states(run)[TOKENS].shape[0] == 2048  # VOCAB rounded up to 64 in training
     ours, _ = model_from_checkpoint(run / "checkpoints")
     assert ours.config.vocab_multiple == 64 and not ours.tokens_embed.weight[VOCAB:].any()
@@ -441,12 +406,12 @@ def test_a_padded_table_trains_and_exports_without_its_padding_rows(runs, prepar
 
 @pytest.mark.slow
 def test_out_holding_a_users_files_is_refused_an_earlier_export_replaced_and_exports_are_the_same_bytes(
-    runs, tmp_path
+    shipped_runs, tmp_path
 ):
     """Nothing of the user's is overwritten unasked: a folder with their files is refused before the
     checkpoint is read (in one line naming --force), an earlier export is replaced, a failed export
     leaves --out as it was, and two exports of one checkpoint are identical, file for file."""
-    ckpt = runs("zero2") / "checkpoints"
+    ckpt = shipped_runs("zero2") / "checkpoints"
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "README.md").write_text("my notes\n")

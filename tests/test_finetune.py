@@ -97,14 +97,10 @@ RULES = {"truncation": "shared", "lm_loss_average": "sequence", "clf_dropout_mas
 
 
 @pytest.mark.slow
-def test_rte_from_a_pretraining_checkpoint(prepared, tmp_path):
-    """Pretrain 4 steps (train.py), then fine-tune RTE from that checkpoint with the rules that are not
-    the defaults; the run reports accuracy and its checkpoint records the rules."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from test_train import train
-
-    pre = tmp_path / "pre"
-    train(prepared, pre, "max_steps=4", port=free_port())
+def test_rte_from_a_pretraining_checkpoint(shipped_runs, tmp_path):
+    """From a 2-step pretraining run (train.py, ZeRO-2), fine-tune RTE with the rules that are not the
+    defaults; the run reports accuracy and its checkpoint records the rules."""
+    pre = shipped_runs("zero2")
     assert (pre / MODEL_NAME).is_file()  # the run keeps its tokenizer: --init needs nothing else
     run = tmp_path / "rte"
     out = finetune(

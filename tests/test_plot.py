@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, scalars, train
 from matplotlib.image import imread
-from test_train import scalars, train
 
 from gpt1_ds.plot import PANELS, plot
 

@@ -12,9 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, SMALL
 from test_data import flip
-from test_train import SMALL
 
 from gpt1_ds import preflight
 from gpt1_ds.checkpoint import COMPLETE, RunDir, tag_for

@@ -13,9 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, SMALL, scalars
 from test_shard import dataset_files
-from test_train import SMALL, scalars
 
 from data_prep.verify import verify
 from gpt1_ds.tasks import GLUE

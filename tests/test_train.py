@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_prepare
+from conftest import BIN, FP32_NO_DROPOUT, REPO, SHIPPED_STEPS, SMALL, command, run_prepare, scalars, train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gpt1_ds import checkpoint
@@ -24,106 +24,6 @@ from gpt1_ds.env import free_port
 from gpt1_ds.runner import PREEMPTED_EXIT
 
 pytestmark = pytest.mark.slow  # every test starts training processes
-
-BIN = Path(sys.executable).parent
-# A small model on the test dataset (vocab 2000, sequences of 64), a small global batch.
-SMALL = [
-    "model=tiny",
-    "model_overrides.n_layer=2",
-    "model_overrides.n_embd=64",
-    "model_overrides.n_head=2",
-    "model_overrides.n_inner=256",
-    "model_overrides.n_positions=64",
-    "model_overrides.vocab_size=2000",
-    "micro_batch_size=4",
-    "num_workers=0",
-    "log_interval=1",
-    "eval_interval=1000",
-    "eval_batches=4",
-    "sample_interval=0",
-    "ds.train_batch_size=8",
-    "ds.scheduler.params.warmup_num_steps=5",
-]
-FP32_NO_DROPOUT = [
-    "ds.bf16.enabled=false",
-    "model_overrides.embd_pdrop=0",
-    "model_overrides.attn_pdrop=0",
-    "model_overrides.resid_pdrop=0",
-]
-
-
-def command(launcher: str, port: int, ds_config: str = "ds_configs/zero2.json", ranks: int = 2) -> list[str]:
-    script = ["--deepspeed_config", ds_config]
-    if launcher == "python":
-        return [sys.executable, "-m", "gpt1_ds.train", *script]
-    if launcher == "deepspeed":
-        return [
-            str(BIN / "deepspeed"),
-            "--num_gpus",
-            "2",
-            "--master_port",
-            str(port),
-            "gpt1_ds/train.py",
-            *script,
-        ]
-    if launcher == "torchrun":
-        return [
-            str(BIN / "torchrun"),
-            "--nproc_per_node",
-            str(ranks),
-            "--master_port",
-            str(port),
-            "gpt1_ds/train.py",
-            *script,
-        ]
-    if launcher == "mpirun":
-        return [
-            str(BIN / "mpirun"),
-            "--allow-run-as-root",
-            "--oversubscribe",
-            "-np",
-            "2",
-            "-x",
-            f"MASTER_PORT={port}",
-            sys.executable,
-            "-m",
-            "gpt1_ds.train",
-            *script,
-        ]
-    raise ValueError(launcher)
-
-
-def train(
-    data: Path,
-    run_dir: Path,
-    *overrides: str,
-    launcher: str = "torchrun",
-    port: int | None = None,
-    ds_config: str = "ds_configs/zero2.json",
-    check: bool = True,
-    ranks: int = 2,
-    **popen,
-) -> subprocess.CompletedProcess:
-    cmd = [
-        *command(launcher, free_port() if port is None else port, ds_config, ranks),
-        "--data",
-        str(data),
-        "--run-dir",
-        str(run_dir),
-        *SMALL,
-        *overrides,
-    ]
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, **popen)
-    if check:
-        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-    return out
-
-
-def scalars(run_dir: Path, tag: str) -> dict[int, float]:
-    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {e.step: e.value for e in acc.Scalars(tag)}
-
 
 SCHEDULE_SCRIPT = textwrap.dedent(
     """
@@ -192,34 +92,35 @@ def test_one_rank_and_two_ranks_and_zero_stages_give_the_same_losses(prepared, t
             assert losses[step] == pytest.approx(value, abs=1e-5), (stage, step)
 
 
-def test_sixteen_ranks_give_one_ranks_losses_and_their_checkpoint_resumes_on_four(prepared, tmp_path):
-    """A step's batch depends on the step alone: 1 rank (micro-batches of 4, accumulated 4 times),
-    2 ranks (automatic micro-batches of 8, 2 loader workers each) and 16 CPU ranks (one sequence each)
-    train a global batch of 16 to the same losses, the loss averaged over the step's tokens; then the
-    16 ranks' ZeRO-2 checkpoint of step 2 resumed by 4 ranks (micro-batches of 4, through
-    DeepSpeed's universal format) trains steps 3 and 4 to the same losses."""
+def test_eight_ranks_give_one_ranks_losses_and_their_checkpoint_resumes_on_four(prepared, tmp_path):
+    """A step's batch depends on the step alone: 1 rank (micro-batches of 4, accumulated twice),
+    2 ranks (micro-batches of 2 accumulated twice, 2 loader workers each) and 8 CPU ranks (one
+    sequence each) train a global batch of 8 to the same losses, the loss averaged over the step's
+    tokens; then the 8 ranks' ZeRO-2 checkpoint of step 2 resumed by 4 ranks (automatic micro-batches
+    of 2, through DeepSpeed's universal format) trains steps 3 and 4 to the same losses."""
     common = [
         "max_steps=4",
-        "ds.train_batch_size=16",
+        "ds.train_batch_size=8",
         "micro_batch_size=auto",
         "ds.optimizer.params.lr=0.01",
         "ds.scheduler.params.warmup_num_steps=1",
         *FP32_NO_DROPOUT,
     ]
     out = train(prepared, tmp_path / "one", *common, "max_micro_batch_size=4", launcher="python")
-    assert "micro-batch 4 × accumulation 4 × 1 ranks = 16 sequences" in out.stderr
+    assert "micro-batch 4 × accumulation 2 × 1 ranks = 8 sequences" in out.stderr
     reference = scalars(tmp_path / "one", "train/loss")
     # large updates: the losses after the resume depend on the weights and moments it restored
     assert sorted(reference) == [1, 2, 3, 4] and reference[1] - reference[4] > 0.15
-    out = train(prepared, tmp_path / "two", *common, "num_workers=2")
-    assert "micro-batch 8 × accumulation 1 × 2 ranks = 16 sequences" in out.stderr
-    out = train(prepared, tmp_path / "sixteen", *common, "checkpoint_interval=2", ranks=16)
-    assert "micro-batch 1 × accumulation 1 × 16 ranks = 16 sequences" in out.stderr
-    saved = tmp_path / "sixteen" / "checkpoints" / "step00000002"
+    out = train(prepared, tmp_path / "two", *common, "max_micro_batch_size=2", "num_workers=2")
+    assert "micro-batch 2 × accumulation 2 × 2 ranks = 8 sequences" in out.stderr
+    out = train(prepared, tmp_path / "eight", *common, "checkpoint_interval=2", ranks=8)
+    assert "micro-batch 1 × accumulation 1 × 8 ranks = 8 sequences" in out.stderr
+    saved = tmp_path / "eight" / "checkpoints" / "step00000002"
     out = train(prepared, tmp_path / "four", *common, f"resume={saved}", ranks=4)
-    assert f"{saved}: written by 16 ranks, loaded by 4 through {saved}/universal" in out.stderr
+    assert "micro-batch 2 × accumulation 1 × 4 ranks = 8 sequences" in out.stderr
+    assert f"{saved}: written by 8 ranks, loaded by 4 through {saved}/universal" in out.stderr
     assert f"resumed from {saved} at step 2" in out.stderr
-    for run, steps in (("two", [1, 2, 3, 4]), ("sixteen", [1, 2, 3, 4]), ("four", [3, 4])):
+    for run, steps in (("two", [1, 2, 3, 4]), ("eight", [1, 2, 3, 4]), ("four", [3, 4])):
         losses = scalars(tmp_path / run, "train/loss")
         assert sorted(losses) == steps, run
         for step in steps:
@@ -544,14 +445,11 @@ def test_loss_falls_on_real_books(prepared, tmp_path):
     assert bits == pytest.approx({step: loss * ratio for step, loss in val.items()}, rel=1e-5)
 
 
-@pytest.mark.parametrize("name", ["zero0", "zero1", "zero3", "zero2_offload"])
-def test_every_shipped_ds_config_trains_as_it_stands(prepared, tmp_path, name):
-    """bf16 as the files say (zero2 runs in the other tests; the offload builds DeepSpeed's CPU Adam)."""
-    run = tmp_path / name
-    train(
-        prepared, run, "max_steps=2", launcher="python", port=free_port(), ds_config=f"ds_configs/{name}.json"
-    )
-    assert sorted(scalars(run, "train/loss")) == [1, 2]
+@pytest.mark.parametrize("name", ["zero0", "zero1", "zero2", "zero3"])
+def test_every_shipped_ds_config_trains_as_it_stands(shipped_runs, name):
+    """bf16 as the files say, on 2 ranks (the offload config: the op build test)."""
+    run = shipped_runs(name)
+    assert sorted(scalars(run, "train/loss")) == list(range(1, SHIPPED_STEPS + 1))
     assert json.loads((run / "ds_config.json").read_text())["bf16"]["enabled"] is True
 
 
@@ -787,6 +685,9 @@ def test_deepspeed_ops_build_once_per_node_past_a_stale_lock(prepared, tmp_path)
     ]
     assert not lock.exists() and any(build_dir.glob("*.so"))
     assert "DeepSpeedCPUAdam" in out.stderr and (tmp_path / "run" / "checkpoints" / "step00000002").is_dir()
+    # ds_configs/zero2_offload.json trains as it stands
+    assert sorted(scalars(tmp_path / "run", "train/loss")) == [1, 2]
+    assert json.loads((tmp_path / "run" / "ds_config.json").read_text())["bf16"]["enabled"] is True
 
 
 def test_a_stalled_rank_ends_the_run_with_76_and_the_resumed_run_matches(prepared, tmp_path):
