@@ -83,6 +83,9 @@ JobRequeue=1
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
 SlurmctldParameters=preempt_send_user_signal
+# Pending jobs tried every 1-2 s (defaults: 30 s and 60 s): a requeued job starts once its
+# begin time (about 10 s after the requeue) has passed, not at the next pass after it.
+SchedulerParameters=bf_interval=1,sched_interval=2
 EOF
     if [ "$nodes" -gt 1 ]; then
         echo "TmpFS=$DIR/tmp/%n" >>"$CONF"

@@ -245,11 +245,11 @@ def test_sbatch_finetune_is_preempted_requeued_and_resumes_to_the_end(slurm_env,
         INIT="none",
         RUN_DIR=str(run),
         OVERRIDES=f"tokenizer={prepared / 'tokenizer.model'} model=tiny model_overrides.vocab_size=2000 "
-        "model_overrides.n_layer=2 max_train_examples=1600 epochs=2 log_interval=5 "
+        "model_overrides.n_layer=2 max_train_examples=800 epochs=2 log_interval=5 "
         "ds.optimizer.params.lr=5e-4 ds.bf16.enabled=false",  # fp32: bf16 is slow on CPUs without AVX-512
     )
     deadline = time.monotonic() + 300
-    while not re.search(r"step (1\d|[2-9]\d)/100 ", read_log(log) if log.exists() else ""):
+    while not re.search(r"step (1\d|[2-4]\d)/50 ", read_log(log) if log.exists() else ""):
         assert time.monotonic() < deadline, "fine-tuning never started"
         time.sleep(0.5)
     subprocess.run(["scancel", "-b", "--signal=USR1", job], env=slurm_env, check=True)
@@ -257,12 +257,12 @@ def test_sbatch_finetune_is_preempted_requeued_and_resumes_to_the_end(slurm_env,
     text = read_log(log)
     assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", text[-3000:]
     saved = int(re.search(r"checkpoint \S*step(\d+) \(signal\)", text).group(1))
-    assert 10 <= saved < 100
+    assert 10 <= saved < 50
     assert f"resumed from {run}/checkpoints/step{saved:08d} at step {saved}" in text
     results = json.loads((run / "results.json").read_text())
     assert [h["epoch"] for h in results["history"]] == [1, 2]
     steps = sorted(scalars(run, "finetune/loss"))
-    assert steps == sorted(set(steps)) and steps[-1] == 100, "a step was trained twice or missing"
+    assert steps == sorted(set(steps)) and steps[-1] == 50, "a step was trained twice or missing"
 
 
 def test_sbatch_finetune_from_a_released_openai_gpt_directory(slurm_env, openai_gpt_dir, tmp_path):
