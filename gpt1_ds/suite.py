@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import signal
 import subprocess
@@ -76,15 +77,40 @@ def command(task: str, paths: dict[str, Path], run_dir: Path, args: argparse.Nam
     n = min([n, *limits])
     batch_set = any(o.startswith(("global_batch_size=", "ds.train_batch_size=")) for o in args.overrides)
     if n < PAPER_BATCH and not batch_set:
+        world = launch_world(args.launcher)
+        cut = max(world, n - n % world)
         log.warning(
-            "%s: %d training examples, fewer than the batch of %d: the batch cut to %d",
+            "%s: %d training examples, fewer than the batch of %d: the batch cut to %d (a multiple of the %d "
+            "ranks)",
             task,
             n,
             PAPER_BATCH,
-            n,
+            cut,
+            world,
         )
-        cmd.append(f"global_batch_size={n}")
+        cmd.append(f"global_batch_size={cut}")
     return [*cmd, *args.overrides]
+
+
+RANK_FLAGS = ("--nproc_per_node", "--nproc-per-node", "--num_gpus", "--num-gpus", "-np", "-n")
+NODE_FLAGS = ("--nnodes", "--num_nodes", "--num-nodes")
+
+
+def launch_world(launcher: str) -> int:
+    """The ranks a task's fine-tuning runs on: the launcher's processes per node (torchrun, deepspeed,
+    mpirun) times its nodes; without a launcher, SLURM's tasks (the suite runs under srun once per
+    task, each its fine-tuning's rank) or 1."""
+    words = shlex.split(launcher)
+    found = {}
+    for i, word in enumerate(words):
+        flag, _, value = word.partition("=")
+        if flag in RANK_FLAGS + NODE_FLAGS:
+            value = value or (words[i + 1] if i + 1 < len(words) else "")
+            if value.isdigit():
+                found["nodes" if flag in NODE_FLAGS else "ranks"] = int(value)
+    if not words:
+        return int(os.environ.get("SLURM_NTASKS", "1"))
+    return found.get("ranks", 1) * found.get("nodes", 1)
 
 
 class Preempted(Exception):

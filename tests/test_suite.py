@@ -18,6 +18,7 @@ from gpt1_ds import zero_shot
 from gpt1_ds.env import free_port
 from gpt1_ds.hf import export_hf
 from gpt1_ds.paper_tasks import PAPER_TASKS, find, story_split
+from gpt1_ds.suite import launch_world
 from gpt1_ds.tasks import GLUE, TaskData
 from gpt1_ds.tokenizer import MODEL_NAME, copy_tokenizer, load_tokenizer
 
@@ -56,7 +57,7 @@ def test_the_suite_fine_tunes_each_task_found_writes_the_table_and_resumes(prepa
     shutil.copytree(GLUE / "sst2", tasks / "sst2")
     dev = write(tasks, "mrpc")
     rows = FILES["mrpc"][1].splitlines()
-    (dev.parent / "train.tsv").write_text("\n".join([rows[0], *rows[1:] * 4]) + "\n")  # 8 pairs: batch cut
+    (dev.parent / "train.tsv").write_text("\n".join([rows[0], *rows[1:] * 4, rows[1]]) + "\n")  # 9 pairs
     race_dev = write_race(tasks)
     shutil.copytree(race_dev, tasks / "RACE" / "train")
     out = tmp_path / "out"
@@ -76,7 +77,11 @@ def test_the_suite_fine_tunes_each_task_found_writes_the_table_and_resumes(prepa
     cmd += ["--launcher", launcher]  # each framing (multiple choice, classification, similarity) on 2 ranks
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert "suite: 3 tasks found" in done.stderr and "fewer than the batch of 32" in done.stderr
+    assert "suite: 3 tasks found" in done.stderr
+    assert (
+        "mrpc: 9 training examples, fewer than the batch of 32: the batch cut to 8 (a multiple of the 2"
+        in done.stderr
+    )
     assert done.stderr.count("2 ranks (cpu, gloo)") == 3
     table = json.loads((out / "suite.json").read_text())
     assert [r["task"] for r in table] == ["race", "sst2", "mrpc"]  # the paper's order
@@ -86,7 +91,7 @@ def test_the_suite_fine_tunes_each_task_found_writes_the_table_and_resumes(prepa
         assert 0 <= row["last"] <= 1 and row["best"] >= row["last"] and row["steps"] > 0
     race = table[0]
     assert set(race["extra"]) == {"middle/accuracy", "high/accuracy"} and race["dev_examples"] == 6
-    assert table[2]["train_examples"] == 8  # the batch cut to the data
+    assert table[2]["train_examples"] == 9 and table[2]["steps"] == 1  # the batch cut to 8 of them
     # The pretrained model's zero-shot figures, where the paper has a heuristic (RACE, SST-2; not MRPC).
     for row in table[:2]:
         expected = zero_shot.score(row["task"], model, tok, find(tasks, row["task"]))
@@ -100,6 +105,16 @@ def test_the_suite_fine_tunes_each_task_found_writes_the_table_and_resumes(prepa
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stderr.count("not run again") == 3
     assert before == {t: (out / t / "suite_result.json").stat().st_mtime_ns for t in before}
+
+
+def test_the_ranks_of_a_launcher_are_counted_for_the_batch_cut(monkeypatch):
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
+    assert launch_world("torchrun --nproc_per_node 2 --master_port 1234") == 2
+    assert launch_world("torchrun --nnodes=2 --nproc-per-node=4") == 8
+    assert launch_world("deepspeed --num_gpus 8 --num_nodes 2") == 16
+    assert launch_world("mpirun -np 3") == 3 and launch_world("") == 1
+    monkeypatch.setenv("SLURM_NTASKS", "4")  # the suite under srun: each task a rank
+    assert launch_world("") == 4
 
 
 def test_a_folder_without_the_tasks_asked_for_is_refused_in_one_line(tmp_path):
