@@ -289,8 +289,10 @@ def main(argv: list[str] | None = None) -> int:
         except Preempted:
             log.warning("%s: preempted; its checkpoint resumes when the suite runs again", task)
             return PREEMPTED_EXIT
-        if first_rank() and args.index is None:  # an array's elements leave the table to --gather
+        if first_rank() and args.index is None:  # the table so far, after each task
             gather(args.out, rows)
+    if first_rank() and args.index is None:  # an array's elements leave the table to --gather
+        gather(args.out, rows)  # with the tasks done before, after the last one run
     return 1 if any("error" in r for r in rows) else 0
 
 

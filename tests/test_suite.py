@@ -102,9 +102,11 @@ def test_the_suite_fine_tunes_each_task_found_writes_the_table_and_resumes(prepa
     assert "zero-shot (dev)" in markdown and f"| {100 * table[1]['zero_shot']['accuracy']:.1f} |" in markdown
     # A second run finds every result and runs nothing.
     before = {r["task"]: (out / r["task"] / "suite_result.json").stat().st_mtime_ns for r in table}
+    (out / "suite.md").unlink()
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stderr.count("not run again") == 3
     assert before == {t: (out / t / "suite_result.json").stat().st_mtime_ns for t in before}
+    assert (out / "suite.md").read_text() == markdown  # the table of the results found
 
 
 def test_the_ranks_of_a_launcher_are_counted_for_the_batch_cut(monkeypatch):
