@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 from gpt1_ds import runner, watchdog
@@ -32,6 +33,7 @@ def test_the_command_alone_lists_every_verb_and_exit_code_without_loading_torch(
     assert loaded.stdout.strip() == "False"
 
 
+@pytest.mark.slow
 def test_a_verb_runs_its_module_with_its_flags_and_exit_code(tmp_path):
     out = gpt1_ds("export", "--help")
     assert out.returncode == 0 and "--format {hf,safetensors}" in out.stdout

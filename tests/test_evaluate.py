@@ -177,6 +177,7 @@ def test_every_checkpoint_is_evaluated_and_plotted_against_its_step(prepared, tm
     assert list(line.get_ydata()) == pytest.approx([bits[2], bits[4]])
 
 
+@pytest.mark.slow
 def test_held_out_split_with_its_baselines(export, prepared, tmp_path):
     out = tmp_path / "held_out.json"
     args = [str(export), "--held-out", str(prepared), "--unigram", str(prepared), "--random-init"]

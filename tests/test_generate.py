@@ -236,6 +236,7 @@ def test_cli_refuses_a_missing_tokenizer_and_a_too_long_prompt(hf_dir, tmp_path)
     assert long in out.stdout and re.search(r"2 new tokens in .* tokens/s", out.stderr)
 
 
+@pytest.mark.slow
 def test_cli_names_a_source_that_does_not_exist_in_one_line(tmp_path):
     out = run_cli(str(tmp_path / "nope"), "--prompt", "Hello", "--device", "cpu")
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]

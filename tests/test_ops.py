@@ -43,6 +43,7 @@ def test_usr1_to_every_process_during_a_cold_build_neither_kills_it_nor_is_lost(
     assert proc.returncode == 0 and out.strip() == "built signals: 1", out
 
 
+@pytest.mark.slow
 def test_quick_cpu_info_gives_deepspeed_the_build_flags_py_cpuinfo_gives(monkeypatch):
     """DeepSpeed's CPU builders derive -march and the SIMD width from py-cpuinfo; answered from
     /proc/cpuinfo they derive the same flags (so a cached build still matches), without a process."""

@@ -15,6 +15,7 @@ def dataset_bytes(out: Path) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_another_dataset_in_out_is_refused_naming_the_difference_until_forced(prepared, tmp_path):
     out = tmp_path / "ds"
     shutil.copytree(prepared, out)
@@ -63,6 +64,7 @@ def bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", range(10))
 def test_a_bad_input_is_one_line_and_exit_2(tmp_path, case):
     import subprocess

@@ -119,6 +119,7 @@ def test_the_ranks_of_a_launcher_are_counted_for_the_batch_cut(monkeypatch):
     assert launch_world("") == 4
 
 
+@pytest.mark.slow
 def test_a_folder_without_the_tasks_asked_for_is_refused_in_one_line(tmp_path):
     cmd = [sys.executable, "-m", "gpt1_ds.suite", "--init=none", "--tasks-dir", str(tmp_path)]
     cmd += ["--out", str(tmp_path / "o"), "--tasks", "mnli"]
