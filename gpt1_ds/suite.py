@@ -26,6 +26,7 @@ Exit codes: 0 every task found ran; 1 a task failed (the others still ran; the t
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -44,9 +45,11 @@ from gpt1_ds.env import REPO, launched_rank, setup_logging
 from gpt1_ds.evaluate import check_tokenizer
 from gpt1_ds.files import atomic_write_text
 from gpt1_ds.loading import load_model
+from gpt1_ds.model import GPT
 from gpt1_ds.paper_tasks import PAPER_TASKS, find, story_split
 from gpt1_ds.runner import PREEMPTED_EXIT
 from gpt1_ds.tasks import TaskData, main_metric
+from gpt1_ds.tokenizer import SentencePieceTokenizer
 
 log = logging.getLogger("gpt1_ds.suite")
 
@@ -101,6 +104,8 @@ def launch_world(launcher: str) -> int:
     mpirun) times its nodes; without a launcher, SLURM's tasks (the suite runs under srun once per
     task, each its fine-tuning's rank) or 1."""
     words = shlex.split(launcher)
+    if not words:
+        return int(os.environ.get("SLURM_NTASKS", "1"))
     found = {}
     for i, word in enumerate(words):
         flag, _, value = word.partition("=")
@@ -108,8 +113,6 @@ def launch_world(launcher: str) -> int:
             value = value or (words[i + 1] if i + 1 < len(words) else "")
             if value.isdigit():
                 found["nodes" if flag in NODE_FLAGS else "ranks"] = int(value)
-    if not words:
-        return int(os.environ.get("SLURM_NTASKS", "1"))
     return found.get("ranks", 1) * found.get("nodes", 1)
 
 
@@ -167,6 +170,14 @@ def run_task(task: str, paths: dict[str, Path], args: argparse.Namespace) -> dic
     return row
 
 
+@functools.cache
+def pretrained(init: str) -> tuple[GPT, SentencePieceTokenizer]:
+    """The ``--init`` model (on the GPU where there is one) and its tokenizer, loaded once per suite."""
+    model, found = load_model(init)
+    tok = check_tokenizer(Path(init), model, found)
+    return model.to("cuda" if torch.cuda.is_available() else "cpu"), tok
+
+
 def zero_shot_figures(task: str, paths: dict[str, Path], args: argparse.Namespace) -> dict[str, Any] | None:
     """The pretrained model's zero-shot figures on the task's dev file (``gpt1_ds.zero_shot``), where
     the task has a heuristic and ``--init`` is a model of ours; None otherwise, or when it cannot be
@@ -174,10 +185,8 @@ def zero_shot_figures(task: str, paths: dict[str, Path], args: argparse.Namespac
     if not (args.zero_shot and task in zero_shot.HEURISTICS and args.init != "none" and first_rank()):
         return None
     try:
-        model, found = load_model(args.init)
-        tok = check_tokenizer(Path(args.init), model, found)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        figures = zero_shot.score(task, model.to(device), tok, paths)
+        model, tok = pretrained(args.init)
+        figures = zero_shot.score(task, model, tok, paths)
     except Exception as e:  # an auxiliary figure: GPT-1's own tokenizer, a missing file, …
         log.warning("%s: no zero-shot figure (%s: %s)", task, type(e).__name__, e)
         return None

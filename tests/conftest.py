@@ -219,20 +219,22 @@ def command(launcher: str, port: int, ds_config: str = "ds_configs/zero2.json", 
             *script,
         ]
     if launcher == "mpirun":
-        return [
-            str(BIN / "mpirun"),
-            "--allow-run-as-root",
-            "--oversubscribe",
-            "-np",
-            "2",
-            "-x",
-            f"MASTER_PORT={port}",
-            sys.executable,
-            "-m",
-            "gpt1_ds.train",
-            *script,
-        ]
+        return [*mpirun(port), sys.executable, "-m", "gpt1_ds.train", *script]
     raise ValueError(launcher)
+
+
+def mpirun(port: int, ranks: int = 2) -> list[str]:
+    """Open MPI's launcher from the venv for ``ranks`` local processes (as root, oversubscribed),
+    passing the rendezvous port."""
+    return [
+        str(BIN / "mpirun"),
+        "--allow-run-as-root",
+        "--oversubscribe",
+        "-np",
+        str(ranks),
+        "-x",
+        f"MASTER_PORT={port}",
+    ]
 
 
 def train(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import BIN, REPO, mpirun
 
 from gpt1_ds.checkpoint import ClientState
 from gpt1_ds.config import FinetuneConfig
@@ -21,8 +21,6 @@ from gpt1_ds.loading import load_model
 from gpt1_ds.model import GPT, GPTConfig
 from gpt1_ds.tasks import GLUE
 from gpt1_ds.tokenizer import MODEL_NAME, load_tokenizer
-
-BIN = Path(sys.executable).parent
 
 
 def test_epoch_batches_are_disjoint_equal_and_reshuffled():
@@ -198,16 +196,7 @@ def test_other_launchers(launcher, prepared, tmp_path):
     ]
     cmd = [sys.executable, *args]
     if launcher == "mpirun":
-        cmd = [
-            str(BIN / "mpirun"),
-            "--allow-run-as-root",
-            "--oversubscribe",
-            "-np",
-            "2",
-            "-x",
-            f"MASTER_PORT={free_port()}",
-            *cmd,
-        ]
+        cmd = [*mpirun(free_port()), *cmd]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
     ranks = 1 if launcher == "python" else 2
