@@ -23,6 +23,8 @@ it the run; held, it reaches the run's handler once the build is done.
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import logging
 import platform
 import signal
@@ -100,6 +102,43 @@ def quick_cpu_info() -> None:
 
     get_cpu_info.quick = True  # type: ignore[attr-defined]
     cpuinfo.get_cpu_info = get_cpu_info
+
+
+MUON = "deepspeed.runtime.zero.muon.original_muon"
+"""DeepSpeed's Muon optimizer, which ZeRO imports to check any optimizer it is given."""
+
+
+def compile_on_first_call(fn: Any = None, **kwargs: Any) -> Any:
+    """``torch.compile(fn, **kwargs)`` made on ``fn``'s first call: ``torch.compile`` defers the
+    compilation itself to the first call too, but imports torch's compiler at once."""
+    if fn is None:  # @torch.compile(mode=...)
+        return functools.partial(compile_on_first_call, **kwargs)
+    compiled = None
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kw: Any) -> Any:
+        nonlocal compiled
+        if compiled is None:
+            compiled = torch.compile(fn, **kwargs)
+        return compiled(*args, **kw)
+
+    return call
+
+
+def defer_muon_compile() -> None:
+    """Import ``MUON`` with ``compile_on_first_call`` for its ``@torch.compile`` decorations:
+    decorating imports torch's inductor, about 1.5 s of every process's start-up, for an
+    optimizer that no run here uses."""
+    if MUON in sys.modules:
+        return
+    real = torch.compile
+    torch.compile = compile_on_first_call  # type: ignore[assignment]
+    try:
+        importlib.import_module(MUON)
+    except ImportError:  # a DeepSpeed without Muon
+        pass
+    finally:
+        torch.compile = real
 
 
 def _builder(name: str) -> Any:

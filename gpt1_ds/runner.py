@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from gpt1_ds import checkpoint, distributed, ds_config, watchdog
+from gpt1_ds import checkpoint, distributed, ds_config, ops, watchdog
 from gpt1_ds.checkpoint import ClientState, RunDir, dropout_seed
 from gpt1_ds.config import (
     Settings,
@@ -185,6 +185,7 @@ def build_engine(model: torch.nn.Module, ds_cfg: dict[str, Any]) -> tuple[Any, A
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    ops.defer_muon_compile()
     weight_decay = ds_cfg.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
     # DeepSpeed makes GPU LOCAL_RANK current unless told the device: with one GPU bound per task
     # that is not the one to use (``distributed.device_index``).

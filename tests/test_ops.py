@@ -79,3 +79,41 @@ def test_proc_cpu_info_reads_the_flags_line_of_this_architecture(monkeypatch, tm
     monkeypatch.setattr(ops, "PROC_CPUINFO", tmp_path / "missing")
     monkeypatch.setattr(ops.platform, "machine", lambda: "x86_64")
     assert ops.proc_cpu_info() is None
+
+
+def test_compile_on_first_call_compiles_once_when_first_called(monkeypatch):
+    import torch
+
+    from gpt1_ds import ops
+
+    compiled = []
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(kw) or real(fn, **kw))
+
+    def double(x: torch.Tensor) -> torch.Tensor:
+        return 2 * x
+
+    deferred = ops.compile_on_first_call(backend="eager")(double)
+    assert deferred.__name__ == "double" and compiled == []
+    x = torch.arange(3.0)
+    assert torch.equal(deferred(x), 2 * x) and torch.equal(deferred(x + 1), 2 * x + 2)
+    assert compiled == [{"backend": "eager"}]
+
+
+@pytest.mark.slow
+def test_deepspeeds_muon_imports_without_torchs_compiler_and_keeps_torch_compile():
+    """ZeRO imports DeepSpeed's Muon optimizer to check any optimizer; its ``@torch.compile``
+    decorations would import inductor at start-up."""
+    code = """
+import sys, torch
+real = torch.compile
+from gpt1_ds import ops
+ops.defer_muon_compile()
+from deepspeed.runtime.zero.muon import original_muon
+assert torch.compile is real, "torch.compile restored"
+assert "torch._inductor.compile_fx" not in sys.modules, "inductor imported"
+assert original_muon.zeropower_via_newtonschulz5.__wrapped__.__name__ == "zeropower_via_newtonschulz5"
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0 and out.stdout.split()[-1:] == ["ok"], out.stderr[-3000:]
