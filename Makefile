@@ -102,8 +102,12 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# The tests run in TEST_WORKERS processes (pytest-xdist), a test file to each in turn: most tests
+# wait on processes they start, which leaves a core idle in a run of one (TEST_WORKERS=0: one).
+TEST_WORKERS ?= 2
+
 test: setup lint
-	$(PY) -m pytest --durations=25
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 test-fast: setup lint
 	$(PY) -m pytest -m "not slow"

@@ -141,6 +141,13 @@ net_down() {
 
 running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
+# alive PID: running, not a zombie (a container's init may not reap the daemons at once)
+alive() {
+    local state
+    state=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
+    [[ $state != Z* ]]
+}
+
 start_slurmds() {
     local nodes=$1 i
     if [ "$nodes" -eq 1 ]; then
@@ -192,17 +199,20 @@ up() {
 }
 
 down() {
-    local pidfile pid
+    local pidfile pids=() pid
     for pidfile in "$DIR"/run/slurmd*.pid "$DIR/run/slurmctld.pid" "$DIR/run/munged.pid"; do
         [ -f "$pidfile" ] || continue
-        if running "$pidfile"; then
-            pid=$(cat "$pidfile")
-            kill "$pid" 2>/dev/null || true
-            for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-            kill -9 "$pid" 2>/dev/null || true
-        fi
+        running "$pidfile" && pids+=("$(cat "$pidfile")")
         rm -f "$pidfile"
     done
+    # All stopped at once (each takes seconds to save its state), killed after 5 s.
+    ((${#pids[@]})) && { kill "${pids[@]}" 2>/dev/null || true; }
+    for _ in $(seq 1 50); do
+        for pid in "${pids[@]}"; do alive "$pid" && break; pid=; done
+        [ -z "${pid:-}" ] && break
+        sleep 0.1
+    done
+    ((${#pids[@]})) && { kill -9 "${pids[@]}" 2>/dev/null || true; }
     if [ "$(cat "$DIR/nodes" 2>/dev/null || echo 1)" -gt 1 ]; then
         net_down
     fi

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -12,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
+from filelock import FileLock
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gpt1_ds.env import free_port
@@ -71,12 +74,25 @@ def run_prepare(
     return result
 
 
+def made_once(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], object]) -> Path:
+    """The directory ``name``, made by ``make(directory)`` once per test run: under pytest-xdist
+    (``make test``) by the first worker that asks, while the others wait on a file lock."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's directory, above each worker's own
+    out, done = root / name, root / f"{name}.done"
+    with FileLock(root / f"{name}.lock"):
+        if not done.exists():
+            shutil.rmtree(out, ignore_errors=True)  # what a failed attempt left
+            make(out)
+            done.touch()
+    return out
+
+
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory) -> Path:
     """A dataset prepared once from three real books (read-only for the tests)."""
-    out = tmp_path_factory.mktemp("prepared")
-    run_prepare(out)
-    return out
+    return made_once(tmp_path_factory, "prepared", run_prepare)
 
 
 @pytest.fixture(scope="session")
@@ -86,10 +102,12 @@ def openai_dir(tmp_path_factory) -> Path:
     layout of Hugging Face's ``openai-gpt`` files (read-only for the tests)."""
     from gpt1_ds.openai_bpe import learn_bpe, read_text, write_openai_files
 
-    out = tmp_path_factory.mktemp("openai_bpe")
-    vocab, merges = learn_bpe([read_text(SAMPLE_BOOKS[0])], num_merges=1000)
-    write_openai_files(out, vocab, merges)
-    return out
+    def make(out: Path) -> None:
+        out.mkdir()
+        vocab, merges = learn_bpe([read_text(SAMPLE_BOOKS[0])], num_merges=1000)
+        write_openai_files(out, vocab, merges)
+
+    return made_once(tmp_path_factory, "openai_bpe", make)
 
 
 OPENAI_GPT_SHAPE = dict(n_positions=64, n_embd=64, n_layer=2, n_head=4)
@@ -101,21 +119,21 @@ def openai_gpt_dir(openai_dir, tmp_path_factory) -> Path:
     """An ``openai-gpt``-format directory, as ``from_pretrained("openai-gpt")`` caches it: the
     tokenizer files of ``openai_dir`` and random weights saved by transformers'
     ``OpenAIGPTLMHeadModel.save_pretrained`` (config.json, model.safetensors)."""
-    import shutil
-
     import torch
     import transformers
 
-    out = tmp_path_factory.mktemp("openai-gpt")
     from gpt1_ds.openai_bpe import MERGES_NAME, VOCAB_NAME
 
-    for name in (VOCAB_NAME, MERGES_NAME):
-        shutil.copyfile(openai_dir / name, out / name)
-    vocab = len(json.loads((out / VOCAB_NAME).read_text(encoding="utf-8")))
-    torch.manual_seed(0)
-    config = transformers.OpenAIGPTConfig(vocab_size=vocab, **OPENAI_GPT_SHAPE)
-    transformers.OpenAIGPTLMHeadModel(config).save_pretrained(out)
-    return out
+    def make(out: Path) -> None:
+        out.mkdir()
+        for name in (VOCAB_NAME, MERGES_NAME):
+            shutil.copyfile(openai_dir / name, out / name)
+        vocab = len(json.loads((out / VOCAB_NAME).read_text(encoding="utf-8")))
+        torch.manual_seed(0)
+        config = transformers.OpenAIGPTConfig(vocab_size=vocab, **OPENAI_GPT_SHAPE)
+        transformers.OpenAIGPTLMHeadModel(config).save_pretrained(out)
+
+    return made_once(tmp_path_factory, "openai-gpt", make)
 
 
 SEQ = 8  # sequence length of the numbered test shards
@@ -286,24 +304,18 @@ table padded to a multiple of 64 rows."""
 @pytest.fixture(scope="session")
 def shipped_runs(prepared, tmp_path_factory) -> Callable[[str], Path]:
     """``shipped_runs(name)``: the run directory of a 2-rank, 2-step training run (``SMALL``) with
-    ``SHIPPED[name]``, trained on first use, once per test session (read-only for the tests)."""
-    root = tmp_path_factory.mktemp("shipped_runs")
-    done: dict[str, Path] = {}
+    ``SHIPPED[name]``, trained on first use, once per test run (read-only for the tests)."""
 
-    def get(name: str) -> Path:
-        if name not in done:
-            config, overrides = SHIPPED[name]
-            run = root / name
-            out = train(
-                prepared,
-                run,
-                f"max_steps={SHIPPED_STEPS}",
-                *overrides,
-                ds_config=f"ds_configs/{config}.json",
-                port=free_port(),
-            )
-            assert (run / "checkpoints" / SHIPPED_TAG / "COMPLETE").is_file(), out.stderr[-4000:]
-            done[name] = run
-        return done[name]
+    def make(run: Path) -> None:
+        config, overrides = SHIPPED[run.name.removeprefix("shipped_")]
+        out = train(
+            prepared,
+            run,
+            f"max_steps={SHIPPED_STEPS}",
+            *overrides,
+            ds_config=f"ds_configs/{config}.json",
+            port=free_port(),
+        )
+        assert (run / "checkpoints" / SHIPPED_TAG / "COMPLETE").is_file(), out.stderr[-4000:]
 
-    return get
+    return lambda name: made_once(tmp_path_factory, f"shipped_{name}", make)

@@ -666,10 +666,16 @@ def test_samples_of_a_model_larger_than_its_tokenizer_never_end_the_run(prepared
 
 
 def test_deepspeed_ops_build_once_per_node_past_a_stale_lock(prepared, tmp_path):
-    """Two ranks, optimiser offload (DeepSpeed's CPU Adam, compiled on first use) into an empty
-    extension cache that holds the lock of a build killed long ago: without its removal every
-    rank would wait on it for ever. The node's first rank builds; the other loads its build."""
+    """Two ranks, optimiser offload (DeepSpeed's CPU Adam, compiled on first use) into an
+    extension cache without it that holds the lock of a build killed long ago: without its removal
+    every rank would wait on it for ever. The node's first rank builds; the other loads its build.
+    (The shared-memory collectives, which every CPU run loads, are the usual cache's, linked.)"""
+    from torch.utils.cpp_extension import _get_build_directory
+
     ext = tmp_path / "torch_extensions"
+    ext.mkdir()
+    shm_comm = Path(_get_build_directory("deepspeed_shm_comm", False))
+    (ext / shm_comm.name).symlink_to(shm_comm)
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(ext)}
     where = "from torch.utils.cpp_extension import _get_build_directory as d; print(d('cpu_adam', False))"
     build_dir = Path(
