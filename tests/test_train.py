@@ -15,7 +15,18 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BIN, FP32_NO_DROPOUT, REPO, SHIPPED_STEPS, SMALL, command, run_prepare, scalars, train
+from conftest import (
+    BIN,
+    FP32_NO_DROPOUT,
+    REPO,
+    SHIPPED_STEPS,
+    SMALL,
+    command,
+    made_once,
+    run_prepare,
+    scalars,
+    train,
+)
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gpt1_ds import checkpoint
@@ -261,11 +272,19 @@ def wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int = 1, timeout:
         time.sleep(0.1)
 
 
-def test_kill_9_then_resume_auto_matches_the_uninterrupted_run(prepared, tmp_path):
-    steps = ["max_steps=12", "checkpoint_interval=4", "ds.bf16.enabled=false"]
-    train(prepared, tmp_path / "straight", *steps, port=free_port())
-    reference = scalars(tmp_path / "straight", "train/loss")
+INTERRUPTED = ["max_steps=12", "checkpoint_interval=4", "ds.bf16.enabled=false"]
+"""The runs the kill and stall tests interrupt: 2 ranks, 12 steps in fp32, a checkpoint every 4."""
 
+
+@pytest.fixture(scope="session")
+def uninterrupted(prepared, tmp_path_factory) -> dict[int, float]:
+    """The losses of an ``INTERRUPTED`` run that nothing interrupts (trained once per test run)."""
+    run = made_once(tmp_path_factory, "uninterrupted", lambda run: train(prepared, run, *INTERRUPTED))
+    return scalars(run, "train/loss")
+
+
+def test_kill_9_then_resume_auto_matches_the_uninterrupted_run(prepared, tmp_path, uninterrupted):
+    steps, reference = INTERRUPTED, uninterrupted
     run = tmp_path / "killed"
     cmd = [
         *command("torchrun", free_port()),
@@ -697,13 +716,11 @@ def test_deepspeed_ops_build_once_per_node_past_a_stale_lock(prepared, tmp_path)
     assert json.loads((tmp_path / "run" / "ds_config.json").read_text())["bf16"]["enabled"] is True
 
 
-def test_a_stalled_rank_ends_the_run_with_76_and_the_resumed_run_matches(prepared, tmp_path):
+def test_a_stalled_rank_ends_the_run_with_76_and_the_resumed_run_matches(prepared, tmp_path, uninterrupted):
     """Rank 1 sleeps inside step 6 (rank 0 waits in the step's all-reduce): a watchdog ends the
     run within the stall timeout, with the rank's stacks, saving nothing; the next run resumes
     from step 4 and gives the uninterrupted run's losses."""
-    steps = ["max_steps=10", "checkpoint_interval=4", "ds.bf16.enabled=false", "stall_timeout=8"]
-    train(prepared, tmp_path / "straight", *steps, port=free_port())
-    reference = scalars(tmp_path / "straight", "train/loss")
+    steps, reference = [*INTERRUPTED, "stall_timeout=8"], uninterrupted
 
     run = tmp_path / "stalled"
     env = {**os.environ, "GPT1_DS_STALL": "1:6:900"}
@@ -723,8 +740,8 @@ def test_a_stalled_rank_ends_the_run_with_76_and_the_resumed_run_matches(prepare
     out = train(prepared, run, *steps, port=free_port(), env=env)  # a resumed run does not stall
     assert "resumed from" in out.stderr and not (run / "HUNG").exists()
     losses = scalars(run, "train/loss")
-    assert sorted(losses) == list(range(1, 11))
-    for step in range(1, 11):
+    assert sorted(losses) == list(range(1, 13))
+    for step in range(1, 13):
         assert losses[step] == pytest.approx(reference[step], abs=1e-5), step
 
 
