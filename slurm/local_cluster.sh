@@ -141,11 +141,14 @@ net_down() {
 
 running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
-# alive PID: running, not a zombie (a container's init may not reap the daemons at once)
-alive() {
-    local state
-    state=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
-    [[ $state != Z* ]]
+# any_alive PID...: one of them runs and is not a zombie (a container's init may not reap the
+# daemons at once)
+any_alive() {
+    local pid state
+    for pid; do
+        state=$(ps -o stat= -p "$pid" 2>/dev/null) && [[ $state != Z* ]] && return 0
+    done
+    return 1
 }
 
 start_slurmds() {
@@ -199,7 +202,7 @@ up() {
 }
 
 down() {
-    local pidfile pids=() pid
+    local pidfile pids=()
     for pidfile in "$DIR"/run/slurmd*.pid "$DIR/run/slurmctld.pid" "$DIR/run/munged.pid"; do
         [ -f "$pidfile" ] || continue
         running "$pidfile" && pids+=("$(cat "$pidfile")")
@@ -207,11 +210,7 @@ down() {
     done
     # All stopped at once (each takes seconds to save its state), killed after 5 s.
     ((${#pids[@]})) && { kill "${pids[@]}" 2>/dev/null || true; }
-    for _ in $(seq 1 50); do
-        for pid in "${pids[@]}"; do alive "$pid" && break; pid=; done
-        [ -z "${pid:-}" ] && break
-        sleep 0.1
-    done
+    for _ in $(seq 1 50); do any_alive "${pids[@]}" || break; sleep 0.1; done
     ((${#pids[@]})) && { kill -9 "${pids[@]}" 2>/dev/null || true; }
     if [ "$(cat "$DIR/nodes" 2>/dev/null || echo 1)" -gt 1 ]; then
         net_down

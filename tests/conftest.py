@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -306,8 +307,8 @@ def shipped_runs(prepared, tmp_path_factory) -> Callable[[str], Path]:
     """``shipped_runs(name)``: the run directory of a 2-rank, 2-step training run (``SMALL``) with
     ``SHIPPED[name]``, trained on first use, once per test run (read-only for the tests)."""
 
-    def make(run: Path) -> None:
-        config, overrides = SHIPPED[run.name.removeprefix("shipped_")]
+    def make(name: str, run: Path) -> None:
+        config, overrides = SHIPPED[name]
         out = train(
             prepared,
             run,
@@ -318,4 +319,4 @@ def shipped_runs(prepared, tmp_path_factory) -> Callable[[str], Path]:
         )
         assert (run / "checkpoints" / SHIPPED_TAG / "COMPLETE").is_file(), out.stderr[-4000:]
 
-    return lambda name: made_once(tmp_path_factory, f"shipped_{name}", make)
+    return lambda name: made_once(tmp_path_factory, f"shipped_{name}", functools.partial(make, name))
