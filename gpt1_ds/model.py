@@ -97,6 +97,15 @@ class GPTConfig:
         """Rows of the token table: ``vocab_size`` rounded up to ``vocab_multiple``."""
         return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
+    def num_parameters(self, exclude_positions: bool = False) -> int:
+        """``GPT(self).num_parameters(exclude_positions)`` from the shapes, without building the model:
+        the tied token table once, per block two LayerNorms, attention's QKV and output projections
+        and the MLP's two layers, all with biases."""
+        d, f = self.n_embd, self.n_inner
+        block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * f + f) + (f * d + d)
+        positions = 0 if exclude_positions else self.n_positions * d
+        return self.padded_vocab_size * d + positions + self.n_layer * block
+
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> GPTConfig:
         """A preset (``gpt1`` or ``tiny``) with optional field overrides."""

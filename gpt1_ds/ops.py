@@ -141,6 +141,32 @@ def defer_muon_compile() -> None:
         torch.compile = real
 
 
+DYNAMO_WRAPPED = ("add_param_group", "zero_grad", "state_dict", "load_state_dict")
+"""The methods of ``torch.optim.Optimizer`` that torch wraps with ``torch._disable_dynamo``."""
+
+
+def eager_optimizer_methods() -> list[str]:
+    """Let ``DYNAMO_WRAPPED`` run as they are written; the names changed.
+
+    torch wraps them so that code it compiles does not trace into them, and makes the wrapper
+    (``torch._dynamo.disable``) on the first call, importing its compiler: about 1.7 s of every
+    rank's start-up, since every optimizer's constructor calls ``add_param_group``. A run that
+    compiles no code calling the optimizer never uses the wrapper: here it is cached as the method
+    itself, in the attribute where ``torch._compile._disable_dynamo`` caches the one it makes.
+    Methods wrapped some other way (another torch) are left as they are."""
+    import torch._compile
+
+    changed = []
+    for name in DYNAMO_WRAPPED:
+        method = getattr(torch.optim.Optimizer, name)
+        code, fn = getattr(method, "__code__", None), getattr(method, "__wrapped__", None)
+        ours = code is not None and code.co_filename == torch._compile.__file__ and code.co_name == "inner"
+        if ours and fn is not None and getattr(fn, "__dynamo_disable", None) is None:
+            setattr(fn, "__dynamo_disable", fn)
+            changed.append(name)
+    return changed
+
+
 def _builder(name: str) -> Any:
     from deepspeed.accelerator import get_accelerator
 

@@ -186,6 +186,8 @@ def build_engine(model: torch.nn.Module, ds_cfg: dict[str, Any]) -> tuple[Any, A
     from deepspeed.accelerator import get_accelerator
 
     ops.defer_muon_compile()
+    if not (ds_cfg.get("compile") or {}).get("deepcompile"):  # DeepCompile compiles more than the module
+        ops.eager_optimizer_methods()
     weight_decay = ds_cfg.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
     # DeepSpeed makes GPU LOCAL_RANK current unless told the device: with one GPU bound per task
     # that is not the one to use (``distributed.device_index``).

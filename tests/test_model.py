@@ -27,6 +27,23 @@ def test_gpt1_preset_has_paper_parameter_count():
     assert model.num_parameters(exclude_positions=True) == 116_534_784 - 512 * 768
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        GPTConfig.from_preset("gpt1"),
+        GPTConfig.from_preset("tiny", vocab_size=2001, vocab_multiple=64, n_inner=300, n_layer=3),
+        GPTConfig.from_preset("tiny", n_embd=96, n_head=3, n_positions=17),
+    ],
+    ids=["gpt1", "padded", "narrow"],
+)
+def test_the_configs_parameter_count_is_the_models(config):
+    """GPTConfig.num_parameters (the training loop's MFU, which builds no model) counts what GPT has."""
+    with torch.device("meta"):
+        model = GPT(config)
+    for exclude in (False, True):
+        assert config.num_parameters(exclude) == model.num_parameters(exclude_positions=exclude)
+
+
 def test_gpt1_preset_matches_paper_shape():
     c = GPTConfig.from_preset("gpt1")
     assert (c.n_layer, c.n_embd, c.n_head, c.n_inner) == (12, 768, 12, 3072)

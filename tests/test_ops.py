@@ -1,46 +1,105 @@
-"""gpt1_ds.ops: an op's build survives the preemption signal SLURM sends every process of a step."""
+"""gpt1_ds.ops: a cold op build, past a stale lock, made once per node and surviving the preemption
+signal SLURM sends every process of a step; the CPU flags and the deferred compiles."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, SMALL, scalars, train
 
-BUILD = """
-import signal, sys, time
-got = []
-signal.signal(signal.SIGUSR1, lambda *_: got.append(time.time()))
-from gpt1_ds import ops
-print("building", flush=True)
-failed = ops.load("shm_comm")
-print("built" if failed is None else f"failed: {failed}", "signals:", len(got), flush=True)
-"""
+from gpt1_ds.env import free_port
+from gpt1_ds.runner import PREEMPTED_EXIT
+
+
+def launch_as_srun(cmd: list[str], ranks: int, env: dict[str, str], logs: Path) -> list[subprocess.Popen]:
+    """``ranks`` processes of ``cmd`` with the variables srun's tasks are given (here as
+    RANK, WORLD_SIZE, LOCAL_RANK), in one process group of their own, as a job step's; stderr into
+    ``logs/rank{N}.log``."""
+    port = str(free_port())
+    procs: list[subprocess.Popen] = []
+    for rank in range(ranks):
+        rank_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(ranks)}
+        rank_env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1")
+        group = procs[0].pid if procs else 0  # 0: a new group, the first rank its leader
+        with open(logs / f"rank{rank}.log", "w") as err:
+            procs.append(
+                subprocess.Popen(
+                    cmd, cwd=REPO, env=rank_env, stdout=subprocess.DEVNULL, stderr=err, process_group=group
+                )
+            )
+    return procs
+
+
+def building(lock: Path, stale: float) -> bool:
+    """Whether a build holds ``lock`` (a lock newer than the stale one)."""
+    try:
+        return lock.stat().st_mtime > stale + 60
+    except FileNotFoundError:
+        return False
 
 
 @pytest.mark.slow
-def test_usr1_to_every_process_during_a_cold_build_neither_kills_it_nor_is_lost(tmp_path):
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "DS_ACCELERATOR": "cpu"}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", BUILD],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
+def test_a_cold_build_past_a_stale_lock_is_made_once_and_a_usr1_during_it_is_kept(prepared, tmp_path):
+    """Two ranks, optimiser offload (DeepSpeed's CPU Adam, compiled on first use) into an extension
+    cache without it that holds the lock of a build killed long ago: without its removal every rank
+    would wait on it for ever. The node's first rank builds; the other loads its build. USR1 sent
+    during the build to every process of the ranks (as slurmstepd signals every process of a job
+    step, the compilers too) neither kills the build nor is lost: the run saves after its first step
+    and exits preempted; resumed, ds_configs/zero2_offload.json trains as it stands. (The
+    shared-memory collectives, which every CPU run loads, are the usual cache's, linked.)"""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    ext = tmp_path / "torch_extensions"
+    ext.mkdir()
+    shm_comm = Path(_get_build_directory("deepspeed_shm_comm", False))
+    (ext / shm_comm.name).symlink_to(shm_comm)
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(ext)}
+    where = "from torch.utils.cpp_extension import _get_build_directory as d; print(d('cpu_adam', False))"
+    build_dir = Path(
+        subprocess.run([sys.executable, "-c", where], env=env, capture_output=True, text=True).stdout.strip()
     )
-    assert proc.stdout.readline().strip() == "building"
-    deadline = time.time() + 60  # the compilers are running: ninja under the build directory's lock
-    while not list((tmp_path / "ext").rglob("lock")) and time.time() < deadline:
-        time.sleep(0.1)
-    time.sleep(1)
-    os.killpg(proc.pid, signal.SIGUSR1)  # as slurmstepd signals every process of the step
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0 and out.strip() == "built signals: 1", out
+    build_dir.mkdir(parents=True, exist_ok=True)
+    lock = build_dir / "lock"
+    lock.touch()
+    stale = time.time() - 7200
+    os.utime(lock, (stale, stale))
+    run = tmp_path / "run"
+    config = "ds_configs/zero2_offload.json"
+    cmd = [sys.executable, "-m", "gpt1_ds.train", "--deepspeed_config", config, "--data", str(prepared)]
+    ranks = launch_as_srun([*cmd, "--run-dir", str(run), *SMALL, "max_steps=2"], 2, env, tmp_path)
+    logs = [tmp_path / f"rank{r}.log" for r in range(2)]
+    try:
+        deadline = time.time() + 300
+        while not building(lock, stale):  # the compilers run under the new lock
+            alive = all(p.poll() is None for p in ranks)
+            assert alive and time.time() < deadline, logs[0].read_text()[-3000:]
+            time.sleep(0.1)
+        time.sleep(1)
+        os.killpg(ranks[0].pid, signal.SIGUSR1)
+        codes = [p.wait(timeout=600) for p in ranks]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(ranks[0].pid, signal.SIGKILL)
+    err = logs[0].read_text()
+    assert codes == [PREEMPTED_EXIT] * 2, err[-3000:]
+    assert re.search(rf"removing {re.escape(str(lock))}: a build of cpu_adam killed 12\d min ago", err)
+    assert re.search(r"\[rank 0\] INFO DeepSpeed op cpu_adam: loaded in \d+\.\d s", err), err[-3000:]
+    assert not lock.exists() and any(build_dir.glob("*.so"))
+    assert "DeepSpeedCPUAdam" in err and (run / "checkpoints" / "step00000001" / "COMPLETE").is_file()
+    # resumed: ds_configs/zero2_offload.json trains as it stands
+    out = train(prepared, run, "max_steps=2", ds_config=config, env=env)
+    assert "resumed from" in out.stderr and "at step 1" in out.stderr
+    assert sorted(scalars(run, "train/loss")) == [1, 2]
+    assert json.loads((run / "ds_config.json").read_text())["bf16"]["enabled"] is True
 
 
 @pytest.mark.slow

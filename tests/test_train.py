@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -83,22 +85,39 @@ def test_schedule_read_back_from_the_engine(tmp_path):
     assert sorted(decay) == [0.0, 0.01]  # parameter groups: biases and gains not decayed
 
 
-def test_one_rank_and_two_ranks_and_zero_stages_give_the_same_losses(prepared, tmp_path):
-    common = ["max_steps=4", *FP32_NO_DROPOUT]
-    train(prepared, tmp_path / "one", *common, launcher="python")
-    reference = scalars(tmp_path / "one", "train/loss")
-    assert sorted(reference) == [1, 2, 3, 4]
+FP32_RUN = ["max_steps=4", "ds.optimizer.params.lr=0.01", *FP32_NO_DROPOUT]
+"""Four steps in fp32 without dropout, at a learning rate whose updates move the loss: the settings
+of the runs that ranks, ZeRO stages, the chunked loss, the compiled model and torch's AdamW are
+compared in."""
+
+
+@pytest.fixture(scope="session")
+def fp32_runs(prepared, tmp_path_factory) -> Callable[[str, int], Path]:
+    """``fp32_runs(launcher, stage)``: the run directory of ``FP32_RUN`` with
+    ``ds_configs/zero{stage}.json`` launched by ``launcher`` (``python``: one rank, ``torchrun``:
+    two), trained on first use, once per test run (read-only for the tests)."""
+
+    def make(launcher: str, stage: int, run: Path) -> None:
+        train(prepared, run, *FP32_RUN, launcher=launcher, ds_config=f"ds_configs/zero{stage}.json")
+
+    def run(launcher: str, stage: int) -> Path:
+        name = f"fp32_{launcher}_zero{stage}"
+        return made_once(tmp_path_factory, name, functools.partial(make, launcher, stage))
+
+    return run
+
+
+def fp32_losses(run: Path) -> dict[int, float]:
+    """The four steps' losses of an ``FP32_RUN``, checked to have moved."""
+    losses = scalars(run, "train/loss")
+    assert sorted(losses) == [1, 2, 3, 4] and losses[1] - losses[4] > 0.05, losses
+    return losses
+
+
+def test_one_rank_and_two_ranks_and_zero_stages_give_the_same_losses(fp32_runs):
+    reference = fp32_losses(fp32_runs("python", 2))
     for stage in (0, 1, 2, 3):
-        run = tmp_path / f"zero{stage}"
-        train(
-            prepared,
-            run,
-            *common,
-            launcher="torchrun",
-            port=free_port(),
-            ds_config=f"ds_configs/zero{stage}.json",
-        )
-        losses = scalars(run, "train/loss")
+        losses = scalars(fp32_runs("torchrun", stage), "train/loss")
         for step, value in reference.items():
             assert losses[step] == pytest.approx(value, abs=1e-5), (stage, step)
 
@@ -158,56 +177,43 @@ def test_padded_sequences_weigh_their_tokens_whatever_the_micro_batch(tmp_path):
         assert runs[1][step] == pytest.approx(value, abs=1e-5), step
 
 
-def test_the_chunked_loss_trains_to_the_same_losses_under_zero3(prepared, tmp_path):
+def test_the_chunked_loss_trains_to_the_same_losses_under_zero3(prepared, fp32_runs, tmp_path):
     """loss_chunk_size under DeepSpeed: ZeRO-3 gathers the tied head's weight for each chunk
     and again for its recomputation in the backward pass."""
-    common = ["max_steps=4", "ds.optimizer.params.lr=0.01", *FP32_NO_DROPOUT]
-    runs = {}
-    for chunk in (0, 100):
-        run = tmp_path / f"chunk{chunk}"
-        out = train(prepared, run, *common, f"loss_chunk_size={chunk}", ds_config="ds_configs/zero3.json")
-        assert ("loss in chunks of 100 positions" in out.stderr) == (chunk == 100)
-        runs[chunk] = scalars(run, "train/loss")
-    assert sorted(runs[0]) == [1, 2, 3, 4] and runs[0][1] - runs[0][4] > 0.05
-    for step, value in runs[0].items():
-        assert runs[100][step] == pytest.approx(value, abs=1e-5), step
+    whole = fp32_runs("torchrun", 3)
+    assert "loss_chunk_size: 0\n" in (whole / "config.yaml").read_text()
+    reference = fp32_losses(whole)
+    run = tmp_path / "chunk100"
+    out = train(prepared, run, *FP32_RUN, "loss_chunk_size=100", ds_config="ds_configs/zero3.json")
+    assert "loss in chunks of 100 positions" in out.stderr
+    losses = scalars(run, "train/loss")
+    for step, value in reference.items():
+        assert losses[step] == pytest.approx(value, abs=1e-5), step
 
 
 @pytest.mark.parametrize("stage", [1, 2])
-def test_a_compiled_model_trains_to_the_eager_losses(prepared, tmp_path, stage):
+def test_a_compiled_model_trains_to_the_eager_losses(prepared, fp32_runs, tmp_path, stage):
     """compile=true: engine.compile() (inductor) under ZeRO-1 and -2, fp32: the same losses."""
-    common = ["max_steps=4", "ds.optimizer.params.lr=0.01", *FP32_NO_DROPOUT]
+    eager = fp32_runs("python", stage)
+    assert "compile: false\n" in (eager / "config.yaml").read_text()
+    reference = fp32_losses(eager)
+    run = tmp_path / "compiled"
     ds_config = f"ds_configs/zero{stage}.json"
-    runs = {}
-    for compiled in ("false", "true"):
-        run = tmp_path / f"compile_{compiled}"
-        out = train(prepared, run, *common, f"compile={compiled}", launcher="python", ds_config=ds_config)
-        assert ("model compiled (torch.compile, inductor)" in out.stderr) == (compiled == "true")
-        runs[compiled] = scalars(run, "train/loss")
-    assert sorted(runs["false"]) == [1, 2, 3, 4] and runs["false"][1] - runs["false"][4] > 0.05
-    for step, value in runs["false"].items():
-        assert runs["true"][step] == pytest.approx(value, abs=1e-5), step
+    out = train(prepared, run, *FP32_RUN, "compile=true", launcher="python", ds_config=ds_config)
+    assert "model compiled (torch.compile, inductor)" in out.stderr
+    losses = scalars(run, "train/loss")
+    for step, value in reference.items():
+        assert losses[step] == pytest.approx(value, abs=1e-5), step
 
 
-def test_torchs_fused_adamw_the_fallback_for_fused_adam_gives_the_same_losses(prepared, tmp_path):
+def test_torchs_fused_adamw_the_fallback_for_fused_adam_gives_the_same_losses(prepared, fp32_runs, tmp_path):
     """What runs where DeepSpeed's CUDA FusedAdam cannot be built (ds_config.adam_fallback)."""
-    common = ["max_steps=6", "ds.optimizer.params.lr=2e-3", *FP32_NO_DROPOUT]
-    train(prepared, tmp_path / "fused_adam", *common, launcher="python")
-    out = train(
-        prepared,
-        tmp_path / "torch",
-        *common,
-        "ds.optimizer.params.torch_adam=true",
-        "ds.optimizer.params.fused=true",
-        launcher="python",
-    )
+    reference = fp32_losses(fp32_runs("python", 2))
+    run = tmp_path / "torch"
+    torch_adam = ("ds.optimizer.params.torch_adam=true", "ds.optimizer.params.fused=true")
+    out = train(prepared, run, *FP32_RUN, *torch_adam, launcher="python")
     assert "optimizer AdamW" in out.stderr
-    reference, losses = (
-        scalars(tmp_path / "fused_adam", "train/loss"),
-        scalars(tmp_path / "torch", "train/loss"),
-    )
-    assert sorted(losses) == sorted(reference) == [1, 2, 3, 4, 5, 6]
-    assert reference[1] - reference[6] > 0.05  # the updates move the loss: they are compared
+    losses = scalars(run, "train/loss")
     for step, value in reference.items():
         assert losses[step] == pytest.approx(value, abs=1e-4), step
 
@@ -682,38 +688,6 @@ def test_samples_of_a_model_larger_than_its_tokenizer_never_end_the_run(prepared
     )
     assert len(re.findall(r"step \d sample: ", out.stderr)) == 2 and "no sample" not in out.stderr
     assert sorted(scalars(run, "train/loss")) == [1, 2, 3, 4]
-
-
-def test_deepspeed_ops_build_once_per_node_past_a_stale_lock(prepared, tmp_path):
-    """Two ranks, optimiser offload (DeepSpeed's CPU Adam, compiled on first use) into an
-    extension cache without it that holds the lock of a build killed long ago: without its removal
-    every rank would wait on it for ever. The node's first rank builds; the other loads its build.
-    (The shared-memory collectives, which every CPU run loads, are the usual cache's, linked.)"""
-    from torch.utils.cpp_extension import _get_build_directory
-
-    ext = tmp_path / "torch_extensions"
-    ext.mkdir()
-    shm_comm = Path(_get_build_directory("deepspeed_shm_comm", False))
-    (ext / shm_comm.name).symlink_to(shm_comm)
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(ext)}
-    where = "from torch.utils.cpp_extension import _get_build_directory as d; print(d('cpu_adam', False))"
-    build_dir = Path(
-        subprocess.run([sys.executable, "-c", where], env=env, capture_output=True, text=True).stdout.strip()
-    )
-    build_dir.mkdir(parents=True, exist_ok=True)
-    lock = build_dir / "lock"
-    lock.touch()
-    os.utime(lock, (time.time() - 7200, time.time() - 7200))
-    out = train(prepared, tmp_path / "run", "max_steps=2", ds_config="ds_configs/zero2_offload.json", env=env)
-    assert re.search(rf"removing {re.escape(str(lock))}: a build of cpu_adam killed 12\d min ago", out.stderr)
-    assert re.search(r"\[rank 0\] INFO DeepSpeed op cpu_adam: loaded in \d+\.\d s", out.stderr), out.stderr[
-        -3000:
-    ]
-    assert not lock.exists() and any(build_dir.glob("*.so"))
-    assert "DeepSpeedCPUAdam" in out.stderr and (tmp_path / "run" / "checkpoints" / "step00000002").is_dir()
-    # ds_configs/zero2_offload.json trains as it stands
-    assert sorted(scalars(tmp_path / "run", "train/loss")) == [1, 2]
-    assert json.loads((tmp_path / "run" / "ds_config.json").read_text())["bf16"]["enabled"] is True
 
 
 def test_a_stalled_rank_ends_the_run_with_76_and_the_resumed_run_matches(prepared, tmp_path, uninterrupted):
