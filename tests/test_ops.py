@@ -176,3 +176,68 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 0 and out.stdout.split()[-1:] == ["ok"], out.stderr[-3000:]
+
+
+ENGINE = """
+import os, sys
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+import deepspeed, torch
+from gpt1_ds import ops
+from gpt1_ds.config import RunConfig
+from gpt1_ds.ds_config import load_ds_config, resolve_ds_config
+from gpt1_ds.model import GPT, GPTConfig
+from gpt1_ds.runner import build_engine
+deepspeed.init_distributed(dist_backend="gloo")
+run = RunConfig(model="tiny", micro_batch_size=2, max_steps=10)
+ds = resolve_ds_config(load_ds_config(sys.argv[2]), run, 2, lambda a: 10**6, sys.argv[2], "cpu")
+ds.update(train_batch_size=2, gradient_accumulation_steps=1)
+engine, scheduler = build_engine(GPT(GPTConfig.from_preset("tiny", n_layer=1)), ds)
+losses = []
+for _ in range(3):
+    ids = torch.randint(0, 100, (2, 17))
+    _, loss = engine(ids[:, :-1], ids[:, 1:])
+    engine.backward(loss)
+    engine.step()
+    losses.append(loss.item())
+engine.save_checkpoint(sys.argv[3], tag="t")
+engine.load_checkpoint(sys.argv[3], tag="t")
+compiler = "torch._dynamo" in sys.modules
+print("steps", len(losses), "again", ops.eager_optimizer_methods(), "compiler", compiler)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config, compiler", [("zero2", False), ("zero3", True)])
+def test_an_engine_trains_saves_and_loads_without_torchs_compiler(tmp_path, config, compiler):
+    """ZeRO-0/1/2 ranks never import torch._dynamo (about 1.7 s of start-up): the optimizer's
+    dynamo-disabled methods run as written (set once, by build_engine). ZeRO-3 imports it to register
+    its hooks (DeepSpeed's own ``torch.compiler.disable``)."""
+    ckpt = tmp_path / "ckpt"
+    cmd = [sys.executable, "-c", ENGINE, str(free_port()), f"ds_configs/{config}.json", str(ckpt)]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-6:] == ["steps", "3", "again", "[]", "compiler", str(compiler)], out.stdout
+
+
+def test_eager_optimizer_methods_keep_what_the_methods_do():
+    import torch
+
+    from gpt1_ds import ops
+
+    ops.eager_optimizer_methods()
+    for name in ops.DYNAMO_WRAPPED:  # torch's wrapper, now holding the method itself
+        method = getattr(torch.optim.Optimizer, name)
+        assert getattr(method.__wrapped__, "__dynamo_disable") is method.__wrapped__
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([p], lr=0.5, momentum=0.9)
+    p.grad = torch.ones(3)
+    opt.step()
+    saved = opt.state_dict()
+    opt.zero_grad()
+    assert p.grad is None and torch.equal(p.detach(), torch.full((3,), 0.5))
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 0.1})
+    assert [g["lr"] for g in opt.param_groups] == [0.5, 0.1]
+    fresh = torch.optim.SGD([torch.nn.Parameter(torch.ones(3))], lr=0.1, momentum=0.9)
+    fresh.load_state_dict(saved)
+    assert fresh.param_groups[0]["lr"] == 0.5
+    assert torch.equal(fresh.state_dict()["state"][0]["momentum_buffer"], torch.ones(3))
