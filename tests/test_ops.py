@@ -224,10 +224,9 @@ def test_eager_optimizer_methods_keep_what_the_methods_do():
 
     from gpt1_ds import ops
 
-    ops.eager_optimizer_methods()
-    for name in ops.DYNAMO_WRAPPED:  # torch's wrapper, now holding the method itself
-        method = getattr(torch.optim.Optimizer, name)
-        assert getattr(method.__wrapped__, "__dynamo_disable") is method.__wrapped__
+    # Those torch wrapped already in this process (a test compiled something) stay as they are.
+    assert set(ops.eager_optimizer_methods()) <= set(ops.DYNAMO_WRAPPED)
+    assert ops.eager_optimizer_methods() == []
     p = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.SGD([p], lr=0.5, momentum=0.9)
     p.grad = torch.ones(3)
