@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import webdataset as wds
 from tqdm import tqdm
 
 from data_prep.common import (
@@ -160,6 +159,8 @@ def build_shard(
     plan: ShardPlan, docs_dir: Path, out_dir: Path, tok: Tokenizer, args: Namespace, bar: tqdm
 ) -> dict:
     """Tokenize, pack and write one shard (temporary name, renamed when complete)."""
+    import webdataset as wds  # it imports torch (1.7 s): here, so that a refusal or --help does not
+
     parts = []
     for piece in plan.pieces:  # a shard holds at most one piece of each document
         lines = (docs_dir / f"{piece.doc}.txt").read_text(encoding="utf-8").split("\n")
