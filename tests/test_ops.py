@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SMALL, scalars, train
+from conftest import ONE_RANK_ENGINE, REPO, SMALL, scalars, train
 
 from gpt1_ds.env import free_port
 from gpt1_ds.runner import PREEMPTED_EXIT
@@ -178,20 +178,10 @@ print("ok")
     assert out.returncode == 0 and out.stdout.split()[-1:] == ["ok"], out.stderr[-3000:]
 
 
-ENGINE = """
-import os, sys
-os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
-import deepspeed, torch
+ENGINE = (
+    ONE_RANK_ENGINE
+    + """
 from gpt1_ds import ops
-from gpt1_ds.config import RunConfig
-from gpt1_ds.ds_config import load_ds_config, resolve_ds_config
-from gpt1_ds.model import GPT, GPTConfig
-from gpt1_ds.runner import build_engine
-deepspeed.init_distributed(dist_backend="gloo")
-run = RunConfig(model="tiny", micro_batch_size=2, max_steps=10)
-ds = resolve_ds_config(load_ds_config(sys.argv[2]), run, 2, lambda a: 10**6, sys.argv[2], "cpu")
-ds.update(train_batch_size=2, gradient_accumulation_steps=1)
-engine, scheduler = build_engine(GPT(GPTConfig.from_preset("tiny", n_layer=1)), ds)
 losses = []
 for _ in range(3):
     ids = torch.randint(0, 100, (2, 17))
@@ -199,11 +189,12 @@ for _ in range(3):
     engine.backward(loss)
     engine.step()
     losses.append(loss.item())
-engine.save_checkpoint(sys.argv[3], tag="t")
-engine.load_checkpoint(sys.argv[3], tag="t")
+engine.save_checkpoint(sys.argv[5], tag="t")
+engine.load_checkpoint(sys.argv[5], tag="t")
 compiler = "torch._dynamo" in sys.modules
 print("steps", len(losses), "again", ops.eager_optimizer_methods(), "compiler", compiler)
 """
+)
 
 
 @pytest.mark.slow
@@ -213,7 +204,7 @@ def test_an_engine_trains_saves_and_loads_without_torchs_compiler(tmp_path, conf
     dynamo-disabled methods run as written (set once, by build_engine). ZeRO-3 imports it to register
     its hooks (DeepSpeed's own ``torch.compiler.disable``)."""
     ckpt = tmp_path / "ckpt"
-    cmd = [sys.executable, "-c", ENGINE, str(free_port()), f"ds_configs/{config}.json", str(ckpt)]
+    cmd = [sys.executable, "-c", ENGINE, str(free_port()), f"ds_configs/{config}.json", "2", "10", str(ckpt)]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split()[-6:] == ["steps", "3", "again", "[]", "compiler", str(compiler)], out.stdout

@@ -20,6 +20,7 @@ import pytest
 from conftest import (
     BIN,
     FP32_NO_DROPOUT,
+    ONE_RANK_ENGINE,
     REPO,
     SHIPPED_STEPS,
     SMALL,
@@ -38,23 +39,8 @@ from gpt1_ds.runner import PREEMPTED_EXIT
 
 pytestmark = pytest.mark.slow  # every test starts training processes
 
-SCHEDULE_SCRIPT = textwrap.dedent(
+SCHEDULE_SCRIPT = ONE_RANK_ENGINE + textwrap.dedent(
     """
-    import json, os, sys
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=sys.argv[1])
-    import deepspeed
-    from gpt1_ds.config import RunConfig
-    from gpt1_ds.ds_config import load_ds_config, resolve_ds_config
-    from gpt1_ds.model import GPT, GPTConfig
-    from gpt1_ds.runner import build_engine
-    deepspeed.init_distributed(dist_backend="gloo")
-    run = RunConfig(model="tiny", micro_batch_size=8, max_steps=4000)
-    ds = resolve_ds_config(load_ds_config("ds_configs/zero2.json"), run, 8, lambda a: 10**6, "zero2.json",
-                           "cpu")
-    ds["train_batch_size"] = 8; ds["gradient_accumulation_steps"] = 1
-    model = GPT(GPTConfig.from_preset("tiny", n_layer=1))
-    engine, sched = build_engine(model, ds)
     opt = engine.optimizer
     lrs = []  # lrs[s]: the learning rate of update s (from 0)
     for step in range(4000):
@@ -70,9 +56,8 @@ SCHEDULE_SCRIPT = textwrap.dedent(
 def test_schedule_read_back_from_the_engine(tmp_path):
     script = tmp_path / "schedule.py"
     script.write_text(SCHEDULE_SCRIPT)
-    out = subprocess.run(
-        [sys.executable, str(script), str(free_port())], cwd=REPO, capture_output=True, text=True, timeout=300
-    )
+    cmd = [sys.executable, str(script), str(free_port()), "ds_configs/zero2.json", "8", "4000"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     line = next(x for x in out.stdout.splitlines() if x.startswith("LRS"))
     lrs, decay = (json.loads(p) for p in line.split(" ", 2)[1:])
