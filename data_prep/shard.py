@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import shutil
 import sys
+import tarfile
 from argparse import ArgumentParser, Namespace
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -155,12 +157,20 @@ def pack(stream: np.ndarray, seq_len: int, pad_id: int) -> np.ndarray:
     return padded[index]
 
 
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """One sample's member, ``KEY.EXT``, as ``webdataset.TarWriter`` writes it (read-only, a fixed
+    time and owner: byte-identical shards). Written with the standard library, so that data
+    preparation does not import webdataset, which imports torch (1.7 s a process)."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o444
+    info.uname = info.gname = "gpt1-ds"
+    tar.addfile(info, io.BytesIO(data))
+
+
 def build_shard(
     plan: ShardPlan, docs_dir: Path, out_dir: Path, tok: Tokenizer, args: Namespace, bar: tqdm
 ) -> dict:
     """Tokenize, pack and write one shard (temporary name, renamed when complete)."""
-    import webdataset as wds  # it imports torch (1.7 s): here, so that a refusal or --help does not
-
     parts = []
     for piece in plan.pieces:  # a shard holds at most one piece of each document
         lines = (docs_dir / f"{piece.doc}.txt").read_text(encoding="utf-8").split("\n")
@@ -178,10 +188,10 @@ def build_shard(
     starts = range(0, len(sequences), k)
     final = out_dir / plan.name
     sums = []
-    with atomic_writer(final) as f, wds.TarWriter(f, mtime=TAR_MTIME, user="gpt1-ds", group="gpt1-ds") as w:
+    with atomic_writer(final) as f, tarfile.open(fileobj=f, mode="w|") as tar:
         for i, start in enumerate(starts):
             block = encode_block(sequences[start : start + k])
-            w.write({"__key__": f"{plan.index:06d}-{i:06d}", SAMPLE_EXT: block})
+            add_member(tar, f"{plan.index:06d}-{i:06d}.{SAMPLE_EXT}", block)
             sums.append(checksum(block))
     entry = {
         "name": plan.name,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ from conftest import REPO, SAMPLE_BOOKS, run_prepare
 
 from data_prep.shard import encode_in_parts, pack
 from data_prep.verify import verify
-from gpt1_ds.manifest import CHECKSUM, MANIFEST_NAME, decode_block, read_manifest
+from gpt1_ds.manifest import CHECKSUM, MANIFEST_NAME, SAMPLE_EXT, decode_block, read_manifest
 from gpt1_ds.tokenizer import MODEL_NAME, load_tokenizer
 
 
@@ -98,6 +99,39 @@ def test_two_runs_and_two_mpi_ranks_give_identical_bytes(prepared, tmp_path):
             read_manifest(tmp_path / "mpi" / split)["total_tokens"]
             == read_manifest(prepared / split)["total_tokens"]
         )
+
+
+def test_the_shards_are_what_webdatasets_writer_writes_and_its_reader_reads(prepared):
+    """Written with the standard library, a shard is byte for byte the tar ``webdataset.TarWriter``
+    makes of its samples, and ``webdataset.WebDataset`` reads them back."""
+    import webdataset as wds
+
+    shard = prepared / "train" / read_manifest(prepared / "train")["shards"][0]["name"]
+    with tarfile.open(shard) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar]
+    samples = [{"__key__": name.removesuffix(f".{SAMPLE_EXT}"), SAMPLE_EXT: data} for name, data in members]
+    assert len(samples) > 1 and all(name.endswith(f".{SAMPLE_EXT}") for name, _ in members)
+    rewritten = io.BytesIO()
+    with wds.TarWriter(rewritten, mtime=0, user="gpt1-ds", group="gpt1-ds") as writer:
+        for sample in samples:
+            writer.write(dict(sample))
+    assert rewritten.getvalue() == shard.read_bytes()
+    read = [
+        {k: s[k] for k in ("__key__", SAMPLE_EXT)} for s in wds.WebDataset(str(shard), shardshuffle=False)
+    ]
+    assert read == samples
+
+
+@pytest.mark.slow
+def test_preparing_a_dataset_imports_neither_torch_nor_webdataset(tmp_path, monkeypatch):
+    """Data preparation (MPI ranks on CPU nodes) needs neither: each import of torch costs seconds."""
+    monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")  # python -X importtime: every module, on stderr
+    out = run_prepare(tmp_path / "ds")
+    imported = {
+        line.rsplit("|", 1)[1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")
+    }
+    assert "data_prep.shard" in imported and "sentencepiece" in imported
+    assert not {m.split(".")[0] for m in imported} & {"torch", "webdataset"}
 
 
 @pytest.mark.slow
