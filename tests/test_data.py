@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import re
 import sys
@@ -421,6 +422,9 @@ def test_padding_targets_are_ignored(prepared):
 
 
 def _rank_main(rank: int, world: int, port: int, source: str, out_dir: str) -> None:
+    # Loader workers forked, as in a rank a launcher starts (a process started by spawn would
+    # spawn them too, each importing torch again).
+    multiprocessing.set_start_method("fork", force=True)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     kw = dict(batch_size=4, rank=rank, world_size=world, seed=11, num_workers=2, shuffle_window=8)
