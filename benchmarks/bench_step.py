@@ -222,11 +222,10 @@ def host_loop(spec: str, first: int, last: int, log_interval: int, count: Path |
             opt.zero_grad(set_to_none=True)
 
     else:
-        import deepspeed
-
+        from gpt1_ds import distributed
         from gpt1_ds.runner import build_engine
 
-        deepspeed.init_distributed(verbose=False)
+        distributed.init()  # as gpt1_ds.train starts its ranks
         ds_over = {k[3:]: v for k, v in parse_overrides(list(row.overrides)).items() if k.startswith("ds.")}
         other = [o for o in row.overrides if not o.startswith("ds.") and o != "compile=true"]
         if other:

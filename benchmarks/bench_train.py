@@ -126,8 +126,10 @@ def build_variant(preset: str, variant: str, batch: int, seq_len: int, batches: 
 
     import deepspeed
 
+    from gpt1_ds import distributed
+
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-    deepspeed.init_distributed(verbose=False)
+    distributed.init()  # as gpt1_ds.train starts its ranks
     stage = variant.split("-z")[1][0]
     ds = load_ds_config(REPO / "ds_configs" / f"zero{stage}.json")
     ds["train_batch_size"] = batch

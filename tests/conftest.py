@@ -291,12 +291,13 @@ def scalars(run_dir: Path, tag: str) -> dict[int, float]:
 ONE_RANK_ENGINE = """
 import json, os, sys
 os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
-import deepspeed, torch
+import torch
+from gpt1_ds import distributed
 from gpt1_ds.config import RunConfig
 from gpt1_ds.ds_config import load_ds_config, resolve_ds_config
 from gpt1_ds.model import GPT, GPTConfig
 from gpt1_ds.runner import build_engine
-deepspeed.init_distributed(dist_backend="gloo")
+distributed.init()
 config, batch, max_steps = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 run = RunConfig(model="tiny", micro_batch_size=batch, max_steps=max_steps)
 ds = resolve_ds_config(load_ds_config(config), run, batch, lambda a: 10**6, config, "cpu")

@@ -48,7 +48,9 @@ def building(lock: Path, stale: float) -> bool:
 
 
 @pytest.mark.slow
-def test_a_cold_build_past_a_stale_lock_is_made_once_and_a_usr1_during_it_is_kept(prepared, tmp_path):
+def test_a_cold_build_past_a_stale_lock_is_made_once_and_a_usr1_during_it_is_kept(
+    prepared, tmp_path, monkeypatch
+):
     """Two ranks, optimiser offload (DeepSpeed's CPU Adam, compiled on first use) into an extension
     cache without it that holds the lock of a build killed long ago: without its removal every rank
     would wait on it for ever. The node's first rank builds; the other loads its build. USR1 sent
@@ -62,11 +64,9 @@ def test_a_cold_build_past_a_stale_lock_is_made_once_and_a_usr1_during_it_is_kep
     ext.mkdir()
     shm_comm = Path(_get_build_directory("deepspeed_shm_comm", False))
     (ext / shm_comm.name).symlink_to(shm_comm)
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(ext)}
-    where = "from torch.utils.cpp_extension import _get_build_directory as d; print(d('cpu_adam', False))"
-    build_dir = Path(
-        subprocess.run([sys.executable, "-c", where], env=env, capture_output=True, text=True).stdout.strip()
-    )
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(ext))
+    env = dict(os.environ)
+    build_dir = Path(_get_build_directory("cpu_adam", False))
     build_dir.mkdir(parents=True, exist_ok=True)
     lock = build_dir / "lock"
     lock.touch()
