@@ -176,7 +176,7 @@ def main() -> None:
         return step(self)
 
     train.Pretraining.train_step = counted_step
-    distributed.exit_now(train.main(argv))
+    distributed.run_rank(lambda: train.main(argv), together=(0, train.runner.PREEMPTED_EXIT))
 
 
 if __name__ == "__main__":

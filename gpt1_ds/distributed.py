@@ -16,7 +16,8 @@ import re
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping
+import traceback
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import NamedTuple, NoReturn
 
@@ -81,7 +82,12 @@ def init(timeout: float | None = None) -> tuple[int, int, int]:
             f"port {where} is in use (another run on this machine?): give this one another port: "
             "deepspeed --master_port N, torchrun --master-port N, or MASTER_PORT=N"
         ) from None
-    local = int(os.environ.get("LOCAL_RANK", os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")))
+    if "OMPI_COMM_WORLD_LOCAL_RANK" in os.environ:
+        # DeepSpeed's MPI discovery numbers a node's ranks in world order, Open MPI by its mapping
+        # (8 ranks on 2 cores: world rank 1 is local rank 2), and DeepSpeed's engine refuses to
+        # start where the two differ: Open MPI's number, which binds the rank, is the one kept.
+        os.environ["LOCAL_RANK"] = os.environ["OMPI_COMM_WORLD_LOCAL_RANK"]
+    local = int(os.environ.get("LOCAL_RANK", "0"))
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), local
 
 
@@ -184,18 +190,26 @@ def check_placements(places: list[Placement]) -> str:
     return "ranks → hosts → devices: " + ", ".join(shown) + more
 
 
-def exit_now(code: int) -> NoReturn:
-    """Exit a finished training process without the interpreter's teardown.
+def run_rank(main: Callable[[], int], together: tuple[int, ...] = (0,)) -> NoReturn:
+    """Run a rank's ``main`` and exit with its code, without the interpreter's teardown.
 
-    Called after the process group is destroyed and every file is closed. Tearing down the
-    communication and DeepSpeed's C++ objects at interpreter exit sometimes aborts a rank
-    ("terminate called without an active exception"), which turns a finished run into a
-    failed one; ``os._exit`` skips that teardown (MPI, if mpi4py started it, is finalised first).
+    Tearing down the communication and DeepSpeed's C++ objects at interpreter exit sometimes
+    aborts a rank ("terminate called without an active exception"), which turns a finished run
+    into a failed one; ``os._exit`` skips that teardown. MPI (if mpi4py started it) is finalised
+    for the codes in ``together``, with which every rank ends at once (or mpirun calls the exit
+    abnormal); for any other code, or an exception (printed, code 1), it is not: finalising waits
+    for every rank, and the others may be waiting in a collective for this one. mpirun ends the job
+    at the first rank that exits so, with its code (as torchrun and srun do).
     """
+    try:
+        code = main()
+    except Exception:  # any: printed, and the job ended rather than left hanging
+        traceback.print_exc()
+        code = 1
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    mpi = sys.modules.get("mpi4py.MPI")  # under mpirun: MPI wants its finalize, or it calls the exit abnormal
-    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+    mpi = sys.modules.get("mpi4py.MPI")
+    if code in together and mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
         mpi.Finalize()
     os._exit(code)

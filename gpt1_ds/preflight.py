@@ -581,6 +581,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from gpt1_ds.distributed import exit_now
+    from gpt1_ds.distributed import run_rank
 
-    exit_now(main())
+    run_rank(main)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
+from conftest import REPO, mpirun
 
 from gpt1_ds.distributed import BindingError, Placement, check_placements, device_index, thread_share
+from gpt1_ds.env import free_port
 
 # (what the launcher binds, local rank, GPUs the process sees, its environment) → device index
 BINDINGS = [
@@ -71,3 +76,26 @@ def test_ranks_sharing_a_hosts_cores_split_them_and_bound_ranks_keep_theirs() ->
     assert thread_share(mixed, 0) == 16
     crowded = [Placement(r, "h", "cpu", "", 0, frozenset({0, 1, 2})) for r in range(8)]
     assert thread_share(crowded, 5) == 1  # never 0
+
+
+RANK_1_FAILS = """
+import time
+from mpi4py import MPI
+from gpt1_ds.distributed import run_rank
+
+def main():
+    if MPI.COMM_WORLD.Get_rank() == 1:
+        raise RuntimeError("rank 1 fails")
+    time.sleep(300)  # as a rank waiting in a collective for rank 1
+    return 0
+
+run_rank(main)
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_that_fails_ends_the_mpirun_job_at_once_with_its_code_and_traceback():
+    """Not left hanging: MPI's finalize in the failed rank would wait for the other rank."""
+    cmd = [*mpirun(free_port()), sys.executable, "-c", RANK_1_FAILS]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "RuntimeError: rank 1 fails" in out.stderr, out.stderr[-3000:]
