@@ -238,7 +238,7 @@ def command(launcher: str, port: int, ds_config: str = "ds_configs/zero2.json", 
             *script,
         ]
     if launcher == "mpirun":
-        return [*mpirun(port), sys.executable, "-m", "gpt1_ds.train", *script]
+        return [*mpirun(port, ranks), sys.executable, "-m", "gpt1_ds.train", *script]
     raise ValueError(launcher)
 
 
@@ -260,7 +260,7 @@ def train(
     data: Path,
     run_dir: Path,
     *overrides: str,
-    launcher: str = "torchrun",
+    launcher: str = "mpirun",
     port: int | None = None,
     ds_config: str = "ds_configs/zero2.json",
     check: bool = True,

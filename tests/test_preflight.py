@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SMALL
+from conftest import REPO, SMALL, mpirun
 from test_data import flip
 
 from gpt1_ds import preflight
@@ -111,14 +111,14 @@ def test_a_failed_check_skips_the_training_rows(tmp_path):
 
 @pytest.mark.slow
 def test_the_checks_on_two_ranks_name_the_rank_and_shard_that_cannot_be_read(prepared, tmp_path):
-    """Real ranks (torchrun), a real fault: one byte of shard 1 flipped. Rank r reads a member of
+    """Real ranks (mpirun), a real fault: one byte of shard 1 flipped. Rank r reads a member of
     shard r, so rank 1 fails the dataset check and rank 0 reports it; the other rows pass."""
     data = tmp_path / "data"
     shutil.copytree(prepared, data)
     flip(data / "train" / "shard-000001.tar", 512 + 40, 0x01)  # inside member 0's bytes
     run = tmp_path / "run"
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port"]
-    cmd += [str(free_port()), "-m", "gpt1_ds.preflight", "check", "--data", str(data), "--run-dir", str(run)]
+    cmd = [*mpirun(free_port()), sys.executable, "-m", "gpt1_ds.preflight", "check", "--data", str(data)]
+    cmd += ["--run-dir", str(run)]
     out = subprocess.run([*cmd, *SMALL], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0, out.stderr[-3000:]
     rows = {r["check"]: r for r in json.loads((run / "preflight" / preflight.CHECKS).read_text())}

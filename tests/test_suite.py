@@ -4,13 +4,13 @@ a stopped suite resumes without running a finished task again."""
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, mpirun
 from test_evaluate import tiny_gpt
 from test_paper_tasks import FILES, write, write_race
 
@@ -72,7 +72,7 @@ def test_the_suite_fine_tunes_each_task_found_writes_the_table_and_resumes(prepa
         "epochs=1",
         "ds.bf16.enabled=false",
     ]
-    launcher = f"{Path(sys.executable).parent / 'torchrun'} --nproc_per_node 2 --master_port {free_port()}"
+    launcher = shlex.join([*mpirun(free_port()), sys.executable])
     cmd = [sys.executable, "-m", "gpt1_ds.suite", "--tasks-dir", str(tasks), "--out", str(out), *settings]
     cmd += ["--launcher", launcher]  # each framing (multiple choice, classification, similarity) on 2 ranks
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)

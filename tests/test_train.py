@@ -79,7 +79,7 @@ compared in."""
 @pytest.fixture(scope="session")
 def fp32_runs(prepared, tmp_path_factory) -> Callable[[str, int], Path]:
     """``fp32_runs(launcher, stage)``: the run directory of ``FP32_RUN`` with
-    ``ds_configs/zero{stage}.json`` launched by ``launcher`` (``python``: one rank, ``torchrun``:
+    ``ds_configs/zero{stage}.json`` launched by ``launcher`` (``python``: one rank, ``mpirun``:
     two), trained on first use, once per test run (read-only for the tests)."""
 
     def make(launcher: str, stage: int, run: Path) -> None:
@@ -102,7 +102,7 @@ def fp32_losses(run: Path) -> dict[int, float]:
 def test_one_rank_and_two_ranks_and_zero_stages_give_the_same_losses(fp32_runs):
     reference = fp32_losses(fp32_runs("python", 2))
     for stage in (0, 1, 2, 3):
-        losses = scalars(fp32_runs("torchrun", stage), "train/loss")
+        losses = scalars(fp32_runs("mpirun", stage), "train/loss")
         for step, value in reference.items():
             assert losses[step] == pytest.approx(value, abs=1e-5), (stage, step)
 
@@ -165,7 +165,7 @@ def test_padded_sequences_weigh_their_tokens_whatever_the_micro_batch(tmp_path):
 def test_the_chunked_loss_trains_to_the_same_losses_under_zero3(prepared, fp32_runs, tmp_path):
     """loss_chunk_size under DeepSpeed: ZeRO-3 gathers the tied head's weight for each chunk
     and again for its recomputation in the backward pass."""
-    whole = fp32_runs("torchrun", 3)
+    whole = fp32_runs("mpirun", 3)
     assert "loss_chunk_size: 0\n" in (whole / "config.yaml").read_text()
     reference = fp32_losses(whole)
     run = tmp_path / "chunk100"
@@ -325,7 +325,7 @@ def test_sigusr1_saves_and_exits_preempted_then_resumes(prepared, tmp_path):
     assert max(scalars(run, "train/loss")) == saved + 3
 
 
-@pytest.mark.parametrize("launcher", ["deepspeed", "mpirun"])
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
 def test_launchers_run_two_ranks(prepared, tmp_path, launcher):
     out = train(prepared, tmp_path / launcher, "max_steps=2", launcher=launcher, port=free_port())
     text = out.stderr + out.stdout
@@ -692,7 +692,7 @@ def test_a_stalled_rank_ends_the_run_with_76_and_the_resumed_run_matches(prepare
     # The first watchdog to fire ends the job (the launcher then stops the other rank).
     assert idle and max(idle.values()) < 8 + 5 + 1, out.stderr[-3000:]  # timeout + watch period + a tick
     assert "Most recent call first" in out.stderr or "Current thread" in out.stderr  # the stack dump
-    assert len(re.findall(r"exitcode\s*:\s*76", out.stderr)) >= 1, out.stderr[-3000:]
+    assert out.returncode == 76, out.stderr[-3000:]  # the launcher passes the rank's code on
     assert (run / "HUNG").read_text().startswith("rank ")
     assert checkpoint.complete_tags(run / "checkpoints") == ["step00000004"]  # nothing half-done
 
