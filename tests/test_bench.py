@@ -198,7 +198,7 @@ def test_gpu_check_dry_run_runs_every_step_and_returns_few_files(tmp_path: Path)
     assert train["vs plain/DDP"] > 0 and train["loop's clock"] > 0 and train["collectives/step"] >= 1
     assert train["syncs/step"] >= 1  # DeepSpeed's gradient clipping reads the norm on the host
     assert host["plain@1"]["syncs/step"] == 0
-    assert 0 < host["plain@1"]["start-up (s)"] < train["start-up (s)"] < 300  # DeepSpeed starts slower
+    assert all(0 < r["start-up (s)"] < 300 for r in host.values())  # which starts sooner: the figures' to say
     train_log = (tmp_path / "train.txt").read_text()
     assert "done: 20 steps" in train_log and re.search(r"step 20/20 \| .* ms/step", train_log)
     assert len(list(tmp_path.iterdir())) <= 8  # what the GPU machine sends back
