@@ -176,7 +176,7 @@ def main() -> None:
         return step(self)
 
     train.Pretraining.train_step = counted_step
-    distributed.run_rank(lambda: train.main(argv), together=(0, train.runner.PREEMPTED_EXIT))
+    distributed.run_rank(lambda: train.main(argv))
 
 
 if __name__ == "__main__":

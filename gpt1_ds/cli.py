@@ -44,7 +44,7 @@ EXIT_CODES = {
     75: "preempted (SIGUSR1 or SIGTERM): a checkpoint was saved; rerun with resume=auto (EX_TEMPFAIL)",
     76: "hung: a rank stalled or a collective timed out; the run directory's HUNG file says which",
 }
-"""Every exit code a gpt1-ds command ends with (``runner.PREEMPTED_EXIT``, ``SETUP_ERROR_EXIT``,
+"""Every exit code a gpt1-ds command ends with (``distributed.PREEMPTED_EXIT``, ``runner.SETUP_ERROR_EXIT``,
 ``watchdog.HUNG_EXIT``); the README's table is this one."""
 
 

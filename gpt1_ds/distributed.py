@@ -190,7 +190,11 @@ def check_placements(places: list[Placement]) -> str:
     return "ranks → hosts → devices: " + ", ".join(shown) + more
 
 
-def run_rank(main: Callable[[], int], together: tuple[int, ...] = (0,)) -> NoReturn:
+PREEMPTED_EXIT = 75
+"""A run preempted (SIGUSR1 or SIGTERM) after its checkpoint: every rank exits with it together."""
+
+
+def run_rank(main: Callable[[], int], together: tuple[int, ...] = (0, PREEMPTED_EXIT)) -> NoReturn:
     """Run a rank's ``main`` and exit with its code, without the interpreter's teardown.
 
     Tearing down the communication and DeepSpeed's C++ objects at interpreter exit sometimes

@@ -336,4 +336,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    distributed.run_rank(main, together=(0, runner.PREEMPTED_EXIT))
+    distributed.run_rank(main)

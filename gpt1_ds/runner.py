@@ -41,6 +41,7 @@ from gpt1_ds.config import (
     Settings,
     settings_help,
 )
+from gpt1_ds.distributed import PREEMPTED_EXIT
 from gpt1_ds.env import (
     REPO,
     check_versions,
@@ -58,7 +59,6 @@ from gpt1_ds.tokenizer import Tokenizer, copy_tokenizer
 
 log = logging.getLogger(__name__)
 
-PREEMPTED_EXIT = 75
 SETUP_ERROR_EXIT = 2
 """A run refused before its first step (bad config, data, model or checkpoint): the error is logged
 on every rank that found it, without a traceback."""

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import REPO, SAMPLE_BOOKS, run_prepare
 
-from data_prep.shard import encode_in_parts, pack
+from data_prep.shard import TAR_MTIME, encode_in_parts, pack
 from data_prep.verify import verify
 from gpt1_ds.manifest import CHECKSUM, MANIFEST_NAME, SAMPLE_EXT, decode_block, read_manifest
 from gpt1_ds.tokenizer import MODEL_NAME, load_tokenizer
@@ -112,7 +112,7 @@ def test_the_shards_are_what_webdatasets_writer_writes_and_its_reader_reads(prep
     samples = [{"__key__": name.removesuffix(f".{SAMPLE_EXT}"), SAMPLE_EXT: data} for name, data in members]
     assert len(samples) > 1 and all(name.endswith(f".{SAMPLE_EXT}") for name, _ in members)
     rewritten = io.BytesIO()
-    with wds.TarWriter(rewritten, mtime=0, user="gpt1-ds", group="gpt1-ds") as writer:
+    with wds.TarWriter(rewritten, mtime=TAR_MTIME, user="gpt1-ds", group="gpt1-ds") as writer:
         for sample in samples:
             writer.write(dict(sample))
     assert rewritten.getvalue() == shard.read_bytes()
